@@ -1,0 +1,3 @@
+from vmctl.cli import main
+
+main()

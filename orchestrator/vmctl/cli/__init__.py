@@ -1,0 +1,77 @@
+"""The `vmctl` command line: thin verbs over library modules.
+
+Each verb group lives in its own file and registers itself on `app`. This
+file owns the one place where a `VmctlError` becomes a red line and a hint
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vmctl import __version__, ui
+from vmctl.errors import VmctlError
+
+app = typer.Typer(
+    name="vmctl",
+    help="Run coding agents against local models without trusting either.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """Sandboxed local models (`serve`), ephemeral agent VMs (`up`), sandboxed clients (`run`)."""
+
+
+def _register() -> None:
+    # Imported for their side effect of adding verbs to `app`.
+    from vmctl.cli import common, doctor, models, run, sandbox, serve, vm  # noqa: F401
+
+
+def report(e: VmctlError) -> None:
+    """Render a user-fixable error: one line, then details and a hint."""
+    ui.err.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+    if e.details:
+        ui.err.print(e.details, markup=False, highlight=False)
+    if e.hint:
+        ui.err.print(f"[cyan]hint:[/] {e.hint}", markup=True, highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning `VmctlError` into one clear line."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except VmctlError as e:
+        report(e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        ui.err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,55 @@
+"""The guest contract, read from the one JSON file both sides use.
+
+`data/guest-contract.json` is read here by the host and by
+`nixos-modules/guest.nix` (`builtins.fromJSON`) for the NixOS guest, and
+the micro image's init is rendered from it: one source, no copies.
+docs/guest-contract.md explains each field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+
+@cache
+def raw() -> dict[str, Any]:
+    """The contract as parsed JSON."""
+    text = resources.files("vmctl").joinpath("data/guest-contract.json").read_text()
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+@dataclass(frozen=True)
+class FwCfgFile:
+    name: str
+    dest: str
+    owner: str
+    mode: str
+
+
+def fw_cfg_files() -> list[FwCfgFile]:
+    return [FwCfgFile(**f) for f in raw()["fw_cfg"]["files"]]
+
+
+def fw_cfg(key: str) -> FwCfgFile:
+    """The fw_cfg entry whose name ends with `key` (e.g. 'opencode.json')."""
+    for f in fw_cfg_files():
+        if f.name == raw()["fw_cfg"]["prefix"] + key:
+            return f
+    raise KeyError(key)
+
+
+def ready_marker() -> str:
+    return str(raw()["console"]["ready_marker"])
+
+
+def workspace_tag() -> str:
+    return str(raw()["workspace"]["tag"])
+
+
+def workspace_mountpoint() -> str:
+    return str(raw()["workspace"]["mountpoint"])

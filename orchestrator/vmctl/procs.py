@@ -1,0 +1,110 @@
+"""Processes vmctl started, identified so that only they are ever signalled.
+
+A pid alone is not an identity: after a crash the number may belong to a
+stranger. vmctl records (pid, start time) when it starts a process and
+signals it only while both still match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+def start_time(pid: int) -> str | None:
+    """An opaque token that changes when `pid` is reused; None if gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        # Field 22 (starttime) counts from after the parenthesised comm.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        return fields[19].decode() if len(fields) > 19 else None
+    try:
+        out = subprocess.run(
+            ["/bin/ps", "-o", "lstart=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return out or None
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """A process vmctl started: its pid and start-time token."""
+
+    pid: int
+    start: str
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        token = start_time(pid)
+        return cls(pid, token or "")
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "start": self.start}
+
+    @classmethod
+    def from_json(cls, data: object) -> ProcessRef:
+        if not isinstance(data, dict):
+            raise ValueError("process record is not an object")
+        pid, start = data.get("pid"), data.get("start")
+        if not isinstance(pid, int) or pid <= 1 or not isinstance(start, str):
+            raise ValueError("process record has no valid pid/start")
+        return cls(pid, start)
+
+    def alive(self) -> bool:
+        """True while the very process we started still runs (not a zombie)."""
+        token = start_time(self.pid)
+        if token is None or token != self.start:
+            return False
+        if sys.platform.startswith("linux"):
+            try:
+                with open(f"/proc/{self.pid}/stat", "rb") as f:
+                    stat = f.read()
+                if stat[stat.rfind(b")") + 2 :].split()[0] == b"Z":
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def signal(self, sig: int) -> bool:
+        """Send `sig` only if the process is still ours; True if sent."""
+        if not self.alive():
+            return False
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, then SIGKILL: the last rung of every shutdown ladder."""
+        if not self.signal(signal.SIGTERM):
+            return
+        if wait_gone(self, timeout):
+            return
+        self.signal(signal.SIGKILL)
+        wait_gone(self, 5.0)
+
+
+def wait_gone(ref: ProcessRef, timeout: float) -> bool:
+    """Wait until `ref` exits (reaping it if it is our child)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(ref.pid, os.WNOHANG)
+        if not ref.alive():
+            return True
+        time.sleep(0.05)
+    return not ref.alive()

