@@ -4,7 +4,7 @@ The layout (below `home()`, default platformdirs' user state folder,
 overridable with VMCTL_HOME)::
 
     servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
-    instances/NAME/    instance.json, qmp.sock, console.sock, console.log,
+    instances/NAME/    instance.json, qmp.sock, console.sock, exec.sock, console.log,
                        audit.jsonl, overlay.qcow2, fwcfg/
     clients/NAME/      a host client's private config and data
     images/            built guest images, by content key
@@ -124,6 +124,11 @@ class InstancePaths:
     @property
     def console(self) -> Path:
         return check_socket_path(self.root / "console.sock")
+
+    @property
+    def exec(self) -> Path:
+        """Host end of the guest's `org.vmctl.exec` virtio-serial port."""
+        return check_socket_path(self.root / "exec.sock")
 
     @property
     def console_log(self) -> Path:
