@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install the pinned agent clients (opencode, Claude Code) into vmctl's own
+# npm prefix, never into the user's global npm. Idempotent: when the pinned
+# versions are already there it returns at once. Prints the prefix on stdout
+# (its bin/ holds `opencode` and `claude`); progress goes to stderr.
+#
+#   VMCTL_TOOLS   tools folder (default ~/.cache/vmctl/tools); prefix is $VMCTL_TOOLS/npm
+#   VMCTL_AGENTS  which to install (default "opencode claude")
+set -euo pipefail
+
+OPENCODE_VERSION=1.18.33
+# The version the project's field notes were checked against.
+CLAUDE_VERSION=2.1.197
+
+prefix="${VMCTL_TOOLS:-$HOME/.cache/vmctl/tools}/npm"
+agents="${VMCTL_AGENTS:-opencode claude}"
+
+installed_version() {
+    # $1: package name. Prints the installed version, or nothing.
+    local pj="$prefix/lib/node_modules/$1/package.json"
+    [ -f "$pj" ] || return 0
+    node -e 'process.stdout.write(require(process.argv[1]).version || "")' "$pj" 2>/dev/null || true
+}
+
+if ! command -v npm >/dev/null 2>&1; then
+    echo "install-agents: npm not found (install Node.js 18+ first)" >&2
+    exit 1
+fi
+
+mkdir -p "$prefix"
+wanted=()
+for agent in $agents; do
+    case "$agent" in
+        opencode) pkg=opencode-ai; ver=$OPENCODE_VERSION ;;
+        claude) pkg=@anthropic-ai/claude-code; ver=$CLAUDE_VERSION ;;
+        *) echo "install-agents: unknown agent '$agent' (opencode, claude)" >&2; exit 2 ;;
+    esac
+    if [ "$(installed_version "$pkg")" = "$ver" ] && [ -x "$prefix/bin/$agent" ]; then
+        echo "install-agents: $pkg@$ver already installed" >&2
+    else
+        wanted+=("$pkg@$ver")
+    fi
+done
+
+if [ "${#wanted[@]}" -gt 0 ]; then
+    echo "install-agents: installing ${wanted[*]} into $prefix" >&2
+    # --ignore-scripts is not used: both packages pick their native binary in
+    # postinstall. No audit/fund calls: registry traffic only.
+    npm install --global --prefix "$prefix" --no-audit --no-fund --loglevel=error \
+        "${wanted[@]}" >&2
+fi
+
+echo "$prefix"
