@@ -39,6 +39,27 @@ def _root(
     """Sandboxed local models (`serve`), ephemeral agent VMs (`up`), sandboxed clients (`run`)."""
 
 
+_passthrough: list[str] = []
+
+
+def passthrough() -> list[str]:
+    """Arguments after the first `--`, verbatim (for llama-server, QEMU, a client).
+
+    They are split off before click parses anything, so an optional
+    positional argument can never swallow them.
+    """
+    return list(_passthrough)
+
+
+def _split(argv: list[str]) -> list[str]:
+    if "--" in argv:
+        i = argv.index("--")
+        _passthrough[:] = argv[i + 1 :]
+        return argv[:i]
+    _passthrough.clear()
+    return argv
+
+
 def _register() -> None:
     # Imported for their side effect of adding verbs to `app`.
     from vmctl.cli import common, doctor, models, run, sandbox, serve, vm  # noqa: F401
@@ -56,8 +77,9 @@ def report(e: VmctlError) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning `VmctlError` into one clear line."""
     _register()
+    args = _split(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, prog_name="vmctl", standalone_mode=False)
     except VmctlError as e:
         report(e)
         sys.exit(e.exit_code)
