@@ -1,0 +1,324 @@
+"""One renderer of agent configuration, for guests and host clients alike.
+
+The guest (fw_cfg files) and `vmctl run` (a client's private state folder)
+both describe the same thing: one local OpenAI/Anthropic-compatible
+endpoint and the model(s) it serves. Rendering it in one place keeps the
+rules in one place: a local provider only, the small model local too (no
+session titles to a hosted service), autoupdate and sharing off. Output is
+deterministic (sorted keys, trailing newline) so tests and the Nix smoke
+test compare exact bytes.
+
+    python -m vmctl.agents --base-url http://10.0.2.2:8080/v1 --model ID --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from vmctl import contract
+from vmctl.errors import ConfigError
+
+GUEST_BASE_URL = "http://10.0.2.2:8080/v1"
+#: What clients send when the endpoint has no key (they all insist on one).
+DUMMY_API_KEY = "vmctl-local"
+#: The name `llm keys set` stores the key under, when there is one.
+LLM_KEY_NAME = "vmctl"
+OPENCODE_SCHEMA = "https://opencode.ai/config.json"
+PROVIDER = "llama"
+#: Below this context, opencode's default request (~7.7k tokens: system
+#: prompt plus ten tool schemas) does not fit: title requests are switched
+#: off and the build agent gets a short prompt and no tools.
+TINY_CONTEXT = 16384
+TINY_PROMPT = "You are a concise assistant. Answer the user directly."
+#: opencode's switches for network use vmctl never wants (field notes).
+OPENCODE_ENV = {
+    "OPENCODE_DISABLE_AUTOUPDATE": "1",
+    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+    "OPENCODE_DISABLE_MODELS_FETCH": "1",
+    # An opencode.json in the workspace would override vmctl's provider.
+    "OPENCODE_DISABLE_PROJECT_CONFIG": "1",
+    "OPENCODE_DISABLE_SHARE": "1",
+}
+
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+/@-]{0,127}$")
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+_ENV_VALUE_RE = re.compile(r"^[^\n\r\"'\\`$\x00]*$")
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """The endpoint as the agent sees it.
+
+    `base_url` ends with `/v1` (what OpenAI clients want); `context` is the
+    model's context length when known, which decides how much of a
+    client's default request must be trimmed for it to fit.
+    """
+
+    base_url: str
+    models: tuple[str, ...]
+    api_key: str | None = None
+    context: int | None = None
+
+    def __post_init__(self) -> None:
+        check_base_url(self.base_url)
+        if not self.models:
+            raise ConfigError("no model to configure", "pass --model or start `vmctl serve`")
+        for m in self.models:
+            if not _MODEL_RE.match(m):
+                raise ConfigError(f"invalid model id {m!r}", "use letters, digits and ._:+/@-")
+        if self.api_key is not None and not (
+            _KEY_RE.match(self.api_key) and _ENV_VALUE_RE.match(self.api_key)
+        ):
+            raise ConfigError("invalid API key", "use printable ASCII without spaces or quotes")
+        if self.context is not None and self.context < 256:
+            raise ConfigError(f"context {self.context} is too small", "use at least 256 tokens")
+
+    @property
+    def model(self) -> str:
+        """The default model: the first one served."""
+        return self.models[0]
+
+    @property
+    def key(self) -> str:
+        """The key clients send: the real one, or a dummy they accept."""
+        return self.api_key or DUMMY_API_KEY
+
+    @property
+    def origin(self) -> str:
+        """`scheme://host:port` without `/v1` (Anthropic clients add it)."""
+        return self.base_url[: -len("/v1")]
+
+    @property
+    def tiny(self) -> bool:
+        return self.context is not None and self.context < TINY_CONTEXT
+
+
+def check_base_url(url: str) -> str:
+    """Refuse anything but `http(s)://host[:port]/.../v1` with no odd characters."""
+    parts = urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not url.endswith("/v1")
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or not _ENV_VALUE_RE.match(url)
+        or any(c.isspace() for c in url)
+    ):
+        raise ConfigError(f"invalid endpoint URL {url!r}", "use e.g. http://127.0.0.1:8080/v1")
+    return url
+
+
+def _get_json(url: str, api_key: str | None, timeout: float) -> Any:
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read(1 << 20))
+
+
+def discover(
+    base_url: str, *, api_key: str | None = None, timeout: float = 2.0
+) -> tuple[tuple[str, ...], int | None]:
+    """Models served at `base_url` (GET /v1/models) and their context length.
+
+    Bounded by `timeout`; on any failure the answer is `((), None)` so that
+    callers fall back to what the user named. The context is the smallest
+    `meta.n_ctx_train` llama-server reports, if any.
+    """
+    try:
+        data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
+    except (OSError, ValueError, urllib.error.URLError):
+        return (), None
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return (), None
+    ids: list[str] = []
+    contexts: list[int] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        mid = entry.get("id")
+        if isinstance(mid, str) and _MODEL_RE.match(mid) and mid not in ids:
+            ids.append(mid)
+        meta = entry.get("meta")
+        n_ctx = meta.get("n_ctx_train") if isinstance(meta, dict) else None
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
+            contexts.append(n_ctx)
+    return tuple(ids), (min(contexts) if contexts else None)
+
+
+def discover_models(
+    base_url: str, timeout: float = 2.0, *, api_key: str | None = None
+) -> tuple[str, ...]:
+    """The model ids served at `base_url`, or () when it cannot be asked."""
+    return discover(base_url, api_key=api_key, timeout=timeout)[0]
+
+
+def endpoint(
+    base_url: str,
+    *,
+    probe_url: str | None = None,
+    models: tuple[str, ...] = (),
+    api_key: str | None = None,
+    context: int | None = None,
+    timeout: float = 2.0,
+) -> AgentEndpoint:
+    """The endpoint an agent sees at `base_url`, learnt from `probe_url`.
+
+    A guest reaches the model at 10.0.2.2 while the host asks 127.0.0.1,
+    hence two URLs. Served models win over `models` (the user's guess);
+    the user's `context` wins over the model's training context.
+    """
+    served, trained = discover(probe_url or base_url, api_key=api_key, timeout=timeout)
+    return AgentEndpoint(base_url, served or models, api_key, context or trained)
+
+
+def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
+    """opencode.json: the local provider only, every model local."""
+    models: dict[str, Any] = {}
+    for m in ep.models:
+        entry: dict[str, Any] = {"name": m, "tool_call": True}
+        if ep.context is not None:
+            entry["limit"] = {"context": ep.context, "output": _output_limit(ep.context)}
+        models[m] = entry
+    config: dict[str, Any] = {
+        "$schema": OPENCODE_SCHEMA,
+        "autoupdate": False,
+        "enabled_providers": [PROVIDER],
+        "model": f"{PROVIDER}/{ep.model}",
+        "provider": {
+            PROVIDER: {
+                "models": models,
+                "name": "Local model (vmctl)",
+                "npm": "@ai-sdk/openai-compatible",
+                "options": {"apiKey": ep.key, "baseURL": ep.base_url},
+            }
+        },
+        "share": "disabled",
+        "small_model": f"{PROVIDER}/{ep.model}",
+    }
+    if ep.tiny:
+        config["agent"] = {
+            "build": {"prompt": TINY_PROMPT, "tools": {"*": False}},
+            "title": {"disable": True},
+        }
+    return config
+
+
+def _output_limit(context: int) -> int:
+    """Room for the answer: 1/16 of the context, 256..8192 tokens."""
+    return max(256, min(8192, context // 16))
+
+
+def opencode_json(ep: AgentEndpoint) -> str:
+    return json.dumps(opencode_config(ep), indent=2, sort_keys=True) + "\n"
+
+
+def llm_models_yaml(ep: AgentEndpoint) -> str:
+    """simonw llm's extra-openai-models.yaml, one entry per served model."""
+    entries: list[dict[str, Any]] = []
+    for m in ep.models:
+        entry: dict[str, Any] = {
+            "model_id": m,
+            "model_name": m,
+            "api_base": ep.base_url,
+            "can_stream": True,
+        }
+        if ep.api_key:
+            entry["api_key_name"] = LLM_KEY_NAME
+        entries.append(entry)
+    text: str = yaml.safe_dump(entries, sort_keys=True, default_flow_style=False)
+    return text
+
+
+def llm_default_model(ep: AgentEndpoint) -> str:
+    return ep.model + "\n"
+
+
+def agent_env(ep: AgentEndpoint) -> dict[str, str]:
+    """Variables that point OpenAI, Anthropic and opencode clients at `ep`."""
+    env = {
+        "OPENAI_BASE_URL": ep.base_url,
+        "OPENAI_API_KEY": ep.key,
+        # Claude Code appends /v1/messages itself.
+        "ANTHROPIC_BASE_URL": ep.origin,
+        "ANTHROPIC_API_KEY": ep.key,
+        "ANTHROPIC_MODEL": ep.model,
+        "ANTHROPIC_SMALL_FAST_MODEL": ep.model,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        **OPENCODE_ENV,
+    }
+    return env
+
+
+def env_file(ep: AgentEndpoint) -> str:
+    """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`."""
+    lines = []
+    for key, value in sorted(agent_env(ep).items()):
+        if not _ENV_VALUE_RE.match(value):
+            raise ConfigError(f"unsafe value for {key}", "remove quotes, newlines and '$'")
+        lines.append(f"{key}={value}\n")
+    return "".join(lines)
+
+
+def guest_files(ep: AgentEndpoint) -> dict[str, bytes]:
+    """The fw_cfg payloads, keyed by the contract's names (`opt/vmctl/...`)."""
+    prefix = contract.raw()["fw_cfg"]["prefix"]
+    rendered = {
+        "opencode.json": opencode_json(ep),
+        "llm-models.yaml": llm_models_yaml(ep),
+        "llm-default-model.txt": llm_default_model(ep),
+        "env": env_file(ep),
+    }
+    files: dict[str, bytes] = {}
+    for f in contract.fw_cfg_files():
+        short = f.name.removeprefix(prefix)
+        if short not in rendered:
+            raise KeyError(f"no renderer for fw_cfg file {f.name}")
+        files[f.name] = rendered[short].encode()
+    return files
+
+
+def with_base_url(ep: AgentEndpoint, base_url: str) -> AgentEndpoint:
+    """The same models and key, seen at another address (host vs guest)."""
+    return replace(ep, base_url=base_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the guest files into a folder (the Nix smoke test's expectations)."""
+    p = argparse.ArgumentParser(prog="python -m vmctl.agents", description=main.__doc__)
+    p.add_argument("--base-url", default=GUEST_BASE_URL)
+    p.add_argument("--model", action="append", required=True, help="repeat for several")
+    p.add_argument("--api-key")
+    p.add_argument("--context", type=int)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    try:
+        ep = AgentEndpoint(a.base_url, tuple(a.model), a.api_key, a.context)
+        files = guest_files(ep)
+    except ConfigError as e:
+        print(f"error: {e.message} ({e.hint})", file=sys.stderr)
+        return 2
+    prefix = contract.raw()["fw_cfg"]["prefix"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (a.out / name.removeprefix(prefix)).write_bytes(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
