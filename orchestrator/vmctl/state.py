@@ -51,6 +51,7 @@ def read_json(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict[
     if not isinstance(data, dict):
         raise StateError(f"{path} does not hold a JSON object")
     for key, typ in required.items():
-        if not isinstance(data.get(key), typ) or isinstance(data.get(key), bool) and typ is int:
+        value = data.get(key)
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
             raise StateError(f"{path}: field {key!r} is missing or has the wrong type")
     return data

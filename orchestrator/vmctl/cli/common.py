@@ -1,1 +1,121 @@
-"""Placeholder until its verbs land."""
+"""`vmctl ls` and `vmctl logs`: verbs that span servers and guest instances."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmctl import paths, server
+from vmctl.cli import app
+from vmctl.errors import NotFoundError
+
+
+def _instances() -> list[Any]:
+    try:
+        from vmctl.instance import list_instances
+    except ImportError:
+        return []
+    return list(list_instances())
+
+
+@app.command("ls")
+def ls(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
+    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers."),
+) -> None:
+    """List model servers and guest instances (dead ones are reaped on the way)."""
+    servers = server.list_servers(include_stopped=all_)
+    instances = _instances()
+    if as_json:
+        out = {
+            "servers": [s.to_json() for s in servers],
+            "instances": [i.to_json() for i in instances],
+        }
+        print(json.dumps(out, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("KIND", "NAME", "STATE", "ENDPOINT / POLICY", "MODEL / WORKSPACE", "PID"):
+        table.add_column(col)
+    for s in servers:
+        state = "running" if s.running else "stopped"
+        sandbox = "" if s.sandbox else " (NO SANDBOX)"
+        table.add_row("server", s.name, state, s.url + "/v1" + sandbox, s.alias, str(s.pid))
+    for i in instances:
+        d = i.to_json()
+        table.add_row(
+            "vm",
+            str(d.get("name")),
+            str(d.get("state", "running")),
+            f"net={d.get('net', '?')}",
+            str(d.get("workspace", "")),
+            str(d.get("pid", "")),
+        )
+    if not servers and not instances:
+        print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
+        return
+    Console().print(table)
+
+
+def _log_files(name: str) -> list[Path]:
+    """The audit (and console) logs of a server or instance called `name`."""
+    found: list[Path] = []
+    sp = paths.server(name)
+    if sp.audit.exists():
+        found.append(sp.audit)
+    ip = paths.instance(name)
+    for path in (ip.audit, ip.console_log):
+        if path.exists():
+            found.append(path)
+    if not found:
+        raise NotFoundError(f"no logs for {name!r}", "see `vmctl ls --all`")
+    return found
+
+
+def _render(line: str, raw: bool) -> str:
+    if raw:
+        return line.rstrip("\n")
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return line.rstrip("\n")
+    if not isinstance(r, dict) or "method" not in r:
+        return json.dumps(r)
+    tokens = ""
+    if "prompt_tokens" in r or "completion_tokens" in r:
+        tokens = f" tokens={r.get('prompt_tokens', '?')}+{r.get('completion_tokens', '?')}"
+    return (
+        f"{r.get('time', '')} {r.get('peer', '')} {r['method']} {r.get('path', '')} "
+        f"{r.get('status', '')} in={r.get('bytes_in', 0)} out={r.get('bytes_out', 0)} "
+        f"{r.get('duration_ms', 0)}ms{tokens}"
+    )
+
+
+@app.command()
+def logs(
+    name: str = typer.Argument(..., help="Server or instance name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    as_json: bool = typer.Option(False, "--json", help="Raw JSON lines."),
+) -> None:
+    """Show the audit log of a server (one line per request) or an instance."""
+    files = _log_files(name)
+    handles = [f.open(encoding="utf-8", errors="replace") for f in files]
+    try:
+        for h in handles:
+            for line in h:
+                print(_render(line, as_json), flush=True)
+        while follow:
+            time.sleep(0.3)
+            for h in handles:
+                for line in h:
+                    print(_render(line, as_json), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for h in handles:
+            h.close()

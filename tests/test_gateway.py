@@ -1,0 +1,172 @@
+"""The gateway against a stand-in upstream on a UNIX socket.
+
+These tests fake the peer, not the code: a small aiohttp app plays
+llama-server on a UNIX socket so auth, streaming, hop-by-hop headers and
+audit lines can be checked exactly and fast. The real llama-server path is
+covered in test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from vmctl.gateway import Gateway, GatewayConfig, authorized, token_usage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def upstream_app(sock: Path) -> web.AppRunner:
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(3):
+                await resp.write(f'data: {{"i": {i}, "t": {time.monotonic()}}}\n\n'.encode())
+                await asyncio.sleep(0.3)
+            usage = {"prompt_tokens": 7, "completion_tokens": 3}
+            await resp.write(f"data: {json.dumps({'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+            return resp
+        seen = {
+            k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-api-key")
+        }
+        return web.json_response(
+            {
+                "model": body.get("model"),
+                "seen": seen,
+                "usage": {"input_tokens": 5, "output_tokens": 2},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock)).start()
+    return runner
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    sock = tmp_path / "up.sock"
+    runner = await upstream_app(sock)
+    port = free_port()
+    audit = tmp_path / "audit.jsonl"
+    gw = Gateway(GatewayConfig("127.0.0.1", port, sock, audit, api_key="sekrit", alias="m1"))
+    await gw.start()
+    yield f"http://127.0.0.1:{port}", audit
+    await gw.close()
+    await runner.cleanup()
+
+
+def audit_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_api_key_enforced_for_bearer_and_x_api_key(gateway: tuple[str, Path]) -> None:
+    url, audit = gateway
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/chat/completions", json={"model": "m1"}) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "authentication_error"
+        headers = {"Authorization": "Bearer sekrit"}
+        async with s.post(f"{url}/v1/chat/completions", json={}, headers=headers) as r:
+            assert r.status == 200
+            # The key is stripped before reaching the model server.
+            assert (await r.json())["seen"] == {}
+        async with s.post(f"{url}/v1/messages", json={}, headers={"x-api-key": "sekrit"}) as r:
+            assert r.status == 200
+        async with s.post(f"{url}/v1/messages", json={}, headers={"x-api-key": "wrong"}) as r:
+            assert r.status == 401
+        async with s.get(f"{url}/health") as r:
+            assert r.status == 200
+    statuses = [(line["path"], line["status"]) for line in audit_lines(audit)]
+    assert statuses == [
+        ("/v1/chat/completions", 401),
+        ("/v1/chat/completions", 200),
+        ("/v1/messages", 200),
+        ("/v1/messages", 401),
+        ("/health", 200),
+    ]
+
+
+async def test_streaming_is_not_buffered_and_audited(gateway: tuple[str, Path]) -> None:
+    url, audit = gateway
+    arrivals = []
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer sekrit"}) as s:
+        payload = {"model": "m1", "stream": True}
+        async with s.post(f"{url}/v1/chat/completions", json=payload) as r:
+            assert r.status == 200
+            async for _chunk in r.content.iter_any():
+                arrivals.append(time.monotonic())
+    # Three events 0.3 s apart upstream must arrive spread out, not at once.
+    assert arrivals[-1] - arrivals[0] >= 0.5
+    (line,) = audit_lines(audit)
+    assert line["model"] == "m1" and line["status"] == 200
+    assert line["prompt_tokens"] == 7 and line["completion_tokens"] == 3
+    assert int(str(line["bytes_out"])) > 0 and int(str(line["bytes_in"])) > 0
+
+
+async def test_model_server_down_is_502(tmp_path: Path) -> None:
+    port = free_port()
+    gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "none.sock", tmp_path / "a.jsonl"))
+    await gw.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{port}/v1/models") as r,
+        ):
+            assert r.status == 502
+    finally:
+        await gw.close()
+
+
+async def test_port_in_use_raises(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "x.sock", tmp_path / "a.jsonl"))
+        with pytest.raises(OSError):
+            await gw.start()
+
+
+def test_token_usage_reads_openai_anthropic_and_timings() -> None:
+    assert token_usage(b'{"usage": {"prompt_tokens": 4, "completion_tokens": 9}}') == {
+        "prompt_tokens": 4,
+        "completion_tokens": 9,
+    }
+    assert token_usage(b'data: {"usage":{"input_tokens":3,"output_tokens":1}}') == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+    }
+    assert token_usage(b"no usage here") == {}
+
+
+def test_authorized_compares_in_constant_time_semantics() -> None:
+    class Req:
+        path = "/v1/models"
+        headers: ClassVar[dict[str, str]] = {"Authorization": "bearer k"}
+
+    assert authorized(Req(), "k")  # type: ignore[arg-type]
+    assert not authorized(Req(), "kk")  # type: ignore[arg-type]
+    assert authorized(Req(), None)  # type: ignore[arg-type]
