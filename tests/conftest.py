@@ -83,3 +83,73 @@ def workspace(tmp_path: Path) -> Iterator[Path]:
     ws = tmp_path / "ws"
     ws.mkdir()
     yield ws
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServedModel:
+    """A detached `vmctl serve` of the embedded model, as clients see it."""
+
+    def __init__(self, home: Path, name: str, info: dict[str, object]):
+        self.home = home
+        self.name = name
+        self.url = str(info["url"])
+        self.base_url = str(info["base_url"])
+        self.alias = str(info["model"])
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.audit = home / "servers" / name / "audit.jsonl"
+
+    def audit_lines(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.audit.exists():
+            return []
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def env(self) -> dict[str, str]:
+        """An environment whose vmctl sees this server (`vmctl ls`, `vmctl run`)."""
+        return {**os.environ, "VMCTL_HOME": str(self.home)}
+
+
+def vmctl_cmd(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "vmctl", *args]
+
+
+@pytest.fixture(scope="session")
+def vmctl_server(
+    tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smollm2: Path
+) -> Iterator[ServedModel]:
+    """The embedded SmolLM2 served by a real, sandboxed `vmctl serve --detach`.
+
+    One server for the whole session: loading is cheap but 2 cores are not.
+    """
+    import json
+    import subprocess
+
+    home = tmp_path_factory.mktemp("srv")
+    env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
+    name = "t-serve"
+    port = free_port()
+    out = subprocess.run(
+        vmctl_cmd("serve", "--detach", "--json", "--port", str(port), "--name", name),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"
+    served = ServedModel(home, name, json.loads(out.stdout.strip().splitlines()[-1]))
+    try:
+        yield served
+    finally:
+        subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
