@@ -54,9 +54,10 @@ def models(
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("MODEL", "CACHED", "SIZE", "SOURCE", "DESCRIPTION"):
-        table.add_column(col, no_wrap=True, overflow="ellipsis")
-    for r in rows:
-        mark = "[green]yes[/]" if r.cached else "[dim]no[/]"
-        table.add_row(r.name, mark, _size(r.size), r.source, r.description)
+    cells = [(r.name, "yes" if r.cached else "no", _size(r.size), r.source) for r in rows]
+    for i, col in enumerate(("MODEL", "CACHED", "SIZE", "SOURCE")):
+        table.add_column(col, no_wrap=True, min_width=max(len(c[i]) for c in cells))
+    table.add_column("DESCRIPTION", no_wrap=True, overflow="ellipsis")
+    for r, c in zip(rows, cells, strict=True):
+        table.add_row(*c, r.description, style=None if r.cached else "dim")
     Console().print(table)
