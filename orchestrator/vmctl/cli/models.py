@@ -56,8 +56,8 @@ def models(
     table = Table(box=None, pad_edge=False)
     cells = [(r.name, "yes" if r.cached else "no", _size(r.size), r.source) for r in rows]
     for i, col in enumerate(("MODEL", "CACHED", "SIZE", "SOURCE")):
-        table.add_column(col, no_wrap=True, min_width=max(len(c[i]) for c in cells))
-    table.add_column("DESCRIPTION", no_wrap=True, overflow="ellipsis")
+        table.add_column(col, no_wrap=True, min_width=max(len(c[i]) for c in cells), ratio=None)
+    table.add_column("DESCRIPTION", overflow="fold", ratio=1)
     for r, c in zip(rows, cells, strict=True):
         table.add_row(*c, r.description, style=None if r.cached else "dim")
     Console().print(table)
