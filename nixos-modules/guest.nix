@@ -1,0 +1,404 @@
+# The vmctl agent guest: a disposable NixOS that implements the guest
+# contract (orchestrator/vmctl/data/guest-contract.json, read below: the
+# user, console markers, 9p tags, fw_cfg files and kernel command-line keys
+# come from that file only, never from copies here).
+#
+# vmctl boots it by direct kernel boot from the manifest this module
+# builds (`system.build.vmctlManifest`): tmpfs root, the host's /nix/store
+# shared read-only over 9p (as nixpkgs' qemu-vm module does), the workspace
+# over 9p, agent configuration through fw_cfg, commands through a
+# virtio-serial port.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+
+let
+  inherit (lib) mkDefault mkOption types;
+
+  cfg = config.vmctl.guest;
+  contract = builtins.fromJSON (builtins.readFile ../orchestrator/vmctl/data/guest-contract.json);
+  user = contract.user;
+  cpu = pkgs.stdenv.hostPlatform.parsed.cpu.name;
+  consoleDev =
+    contract.console.log_device.${cpu}
+      or (throw "vmctl.guest: no console device for ${cpu} in guest-contract.json");
+  ws = contract.workspace;
+  net = contract.network;
+  cmdline = contract.kernel_cmdline;
+  execPort = "/dev/virtio-ports/${contract.console.exec_port}";
+  execDevice = "${utils.escapeSystemdPath execPort}.device";
+  workspaceMount = "${utils.escapeSystemdPath ws.mountpoint}.mount";
+  guestIp = lib.splitString "/" net.guest_address;
+  fwCfgDest =
+    key:
+    (lib.findFirst (f: f.name == contract.fw_cfg.prefix + key) (throw "vmctl.guest: no fw_cfg ${key}")
+      contract.fw_cfg.files
+    ).dest;
+  envFile = fwCfgDest "env";
+
+  # Print a contract marker where the host reads it: the log console and
+  # the kernel log.
+  marker = name: ''
+    echo ${lib.escapeShellArg name} > /dev/${consoleDev}
+    echo ${lib.escapeShellArg "vmctl: ${name}"} > /dev/kmsg
+  '';
+
+  # `copy NAME DEST OWNER MODE`, one line per fw_cfg file of the contract.
+  fwCfgCopies = lib.concatMapStrings (
+    f: "copy ${lib.escapeShellArgs [ f.name f.dest f.owner f.mode ]}\n"
+  ) contract.fw_cfg.files;
+
+  manifest = {
+    format = "vmctl-image/1";
+    name = cfg.name;
+    system = pkgs.stdenv.hostPlatform.system;
+    kernel = "${config.system.build.kernel}/${config.system.boot.loader.kernelFile}";
+    initrd = "${config.system.build.initialRamdisk}/${config.system.boot.loader.initrdFile}";
+    cmdline = toString (
+      [ "init=${config.system.build.toplevel}/init" ] ++ config.boot.kernelParams
+    );
+    shares = [
+      {
+        tag = contract.store.tag;
+        path = builtins.storeDir;
+        readonly = true;
+      }
+    ];
+    contract = contract.version;
+    features = lib.unique cfg.features;
+  };
+in
+{
+  options.vmctl.guest = {
+    contract = mkOption {
+      type = types.attrs;
+      readOnly = true;
+      default = contract;
+      defaultText = lib.literalMD "the parsed `guest-contract.json`";
+      description = "The guest contract shared with vmctl's Python side (read-only).";
+    };
+
+    name = mkOption {
+      type = types.strMatching "[a-z0-9][a-z0-9._-]*";
+      default = "nixos-agent";
+      description = "The image name written into the manifest (`name`).";
+    };
+
+    features = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "opencode" ];
+      description = "Agents this image provides, listed in the manifest (`features`).";
+    };
+
+    rootSize = mkOption {
+      type = types.str;
+      default = "50%";
+      example = "2G";
+      description = "Size of the tmpfs root (the guest's only writable layer besides the workspace).";
+    };
+
+    storeMsize = mkOption {
+      type = types.ints.positive;
+      default = 262144;
+      description = "9p msize, in bytes, for the read-only host /nix/store share.";
+    };
+
+    ssh.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Run sshd in the guest. Off by default: vmctl drives the guest over the exec port.";
+    };
+
+    exec = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Run the vmctl exec agent on the `${contract.console.exec_port}` virtio-serial port.";
+      };
+      user = mkOption {
+        type = types.str;
+        default = user.name;
+        defaultText = lib.literalExpression ''"${user.name}"'';
+        description = "The user commands sent by `vmctl exec` run as.";
+      };
+    };
+
+    agent = {
+      environment = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        description = "Environment for agent sessions: login shells and the exec agent.";
+      };
+      packages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+        description = "Packages on PATH for agent sessions: login shells and the exec agent.";
+      };
+    };
+  };
+
+  config = {
+    assertions = [
+      {
+        assertion = config.networking.firewall.enable;
+        message = "vmctl.guest: networking.firewall.enable must stay true in an agent guest.";
+      }
+      {
+        assertion = lib.elem cfg.exec.user [
+          "root"
+          user.name
+        ];
+        message = "vmctl.guest.exec.user must be \"${user.name}\" or \"root\", not \"${cfg.exec.user}\".";
+      }
+      {
+        assertion = cfg.ssh.enable || !config.services.openssh.enable;
+        message = "services.openssh.enable is set: enable sshd with vmctl.guest.ssh.enable instead.";
+      }
+    ];
+
+    # Direct kernel boot; the host's store over 9p; a throwaway root.
+    boot.loader.grub.enable = false;
+    boot.initrd.availableKernelModules = [
+      "virtio_pci"
+      "virtio_mmio"
+      "9p"
+      "9pnet_virtio"
+    ];
+    boot.initrd.kernelModules = [ "virtio_console" ];
+    boot.kernelModules = [ "qemu_fw_cfg" ];
+    boot.kernelParams = [ "console=${consoleDev}" ];
+
+    fileSystems."/" = {
+      device = "tmpfs";
+      fsType = "tmpfs";
+      options = [
+        "mode=0755"
+        "size=${cfg.rootSize}"
+      ];
+    };
+    fileSystems.${contract.store.mountpoint} = {
+      device = contract.store.tag;
+      fsType = "9p";
+      neededForBoot = true;
+      options = [
+        "trans=virtio"
+        "version=9p2000.L"
+        "msize=${toString cfg.storeMsize}"
+        "cache=loose"
+        "ro"
+      ];
+    };
+    fileSystems."/nix/store" = {
+      device = contract.store.mountpoint;
+      options = [ "bind" ];
+      neededForBoot = true;
+    };
+
+    # The workspace is a mount unit rather than a `fileSystems` entry: test
+    # VMs (qemu-vm.nix) replace `fileSystems` wholesale, and the guest must
+    # boot without it (`vmctl.workspace=none`).
+    systemd.mounts = [
+      {
+        what = ws.tag;
+        where = ws.mountpoint;
+        type = ws.fstype;
+        options = "${ws.options},nosuid,nodev";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "modprobe@9pnet_virtio.service" ];
+        after = [ "modprobe@9pnet_virtio.service" ];
+        unitConfig.ConditionKernelCommandLine = "!${cmdline.workspace}=none";
+      }
+    ];
+
+    users.mutableUsers = false;
+    users.allowNoPasswordLogin = true; # nobody logs in: autologin and the exec port only
+    users.groups.${user.name}.gid = user.gid;
+    users.users.${user.name} = {
+      isNormalUser = true;
+      uid = user.uid;
+      group = user.name;
+      home = user.home;
+      createHome = true;
+    };
+    services.getty.autologinUser = user.name;
+
+    # Static address; a route and DNS only with vmctl.net=full.
+    networking.usePredictableInterfaceNames = false;
+    networking.useDHCP = false;
+    networking.interfaces.eth0.ipv4.addresses = [
+      {
+        address = lib.head guestIp;
+        prefixLength = lib.toInt (lib.last guestIp);
+      }
+    ];
+    networking.firewall.enable = true;
+    services.openssh.enable = cfg.ssh.enable;
+
+    systemd.services.vmctl-booted = {
+      description = "vmctl: boot marker";
+      wantedBy = [ "sysinit.target" ];
+      after = [ "systemd-journald.service" ];
+      unitConfig.DefaultDependencies = false;
+      serviceConfig.Type = "oneshot";
+      script = marker contract.console.boot_marker;
+    };
+
+    systemd.services.vmctl-cmdline = {
+      description = "vmctl: apply ${cmdline.instance} and ${cmdline.net}";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-setup.service" ];
+      path = [
+        pkgs.iproute2
+        pkgs.openresolv
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        for arg in $(cat /proc/cmdline); do
+          case "$arg" in
+            ${cmdline.instance}=*) instance=''${arg#*=} ;;
+            ${cmdline.net}=*) net=''${arg#*=} ;;
+          esac
+        done
+        case "''${instance:-}" in
+          *[!a-z0-9._-]*|"") ;;
+          *) echo "vmctl-$instance" > /proc/sys/kernel/hostname ;;
+        esac
+        if [ "''${net:-}" = full ]; then
+          ip route replace default via ${net.model_host} dev eth0
+          echo "nameserver ${net.dns or "10.0.2.3"}" | resolvconf -m 0 -a eth0.vmctl
+        fi
+      '';
+    };
+
+    systemd.services.vmctl-fw-cfg = {
+      description = "vmctl: install the files injected through fw_cfg";
+      wantedBy = [ "multi-user.target" ];
+      after = [
+        "systemd-modules-load.service"
+        "systemd-tmpfiles-setup.service"
+        "local-fs.target"
+      ];
+      path = [
+        pkgs.coreutils
+        pkgs.kmod
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        modprobe qemu_fw_cfg || true
+        base=/sys/firmware/qemu_fw_cfg/by_name
+        # Missing ancestors of DIR are created owned by OWNER.
+        mkparents() {
+          dir=$1 owner=$2 todo=
+          while [ ! -d "$dir" ]; do todo="$dir $todo"; dir=$(dirname "$dir"); done
+          for d in $todo; do install -d -o "$owner" -g "$(id -gn "$owner")" -m 0755 "$d"; done
+        }
+        copy() {
+          src=$base/$1/raw
+          if [ ! -r "$src" ]; then echo "vmctl: fw_cfg $1 not given"; return 0; fi
+          mkparents "$(dirname "$2")" "$3"
+          install -o "$3" -g "$(id -gn "$3")" -m "$4" "$src" "$2"
+          echo "vmctl: $1 -> $2"
+        }
+        ${fwCfgCopies}
+      '';
+    };
+
+    services.udev.extraRules = ''
+      SUBSYSTEM=="virtio-ports", ATTR{name}=="${contract.console.exec_port}", OWNER="${cfg.exec.user}", MODE="0600", TAG+="systemd"
+    '';
+
+    systemd.services.vmctl-exec-agent = lib.mkIf cfg.exec.enable {
+      description = "vmctl: exec agent on ${execPort}";
+      wantedBy = [ "multi-user.target" ];
+      bindsTo = [ execDevice ];
+      after = [
+        execDevice
+        "vmctl-fw-cfg.service"
+      ];
+      path = [
+        pkgs.coreutils
+        pkgs.util-linux
+        pkgs.bash
+      ]
+      ++ cfg.agent.packages;
+      environment = cfg.agent.environment // {
+        HOME = if cfg.exec.user == "root" then "/root" else user.home;
+      };
+      # The env file comes through fw_cfg: read it like the micro guest.
+      script = ''
+        set -a
+        if [ -r ${envFile} ]; then . ${envFile}; fi
+        set +a
+        exec ${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execPort}
+      '';
+      serviceConfig = {
+        User = cfg.exec.user;
+        Restart = "always";
+        RestartSec = 1;
+      };
+    };
+
+    systemd.services.vmctl-ready = {
+      description = "vmctl: ready marker";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ workspaceMount ];
+      after = [
+        workspaceMount
+        "vmctl-fw-cfg.service"
+        "vmctl-cmdline.service"
+      ]
+      ++ lib.optional cfg.exec.enable "vmctl-exec-agent.service";
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = marker contract.console.ready_marker;
+    };
+
+    # Stopped early in shutdown: the host learns the guest is going down.
+    systemd.services.vmctl-poweroff = {
+      description = "vmctl: poweroff marker";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "vmctl-ready.service" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = "${pkgs.coreutils}/bin/true";
+        ExecStop = pkgs.writeShellScript "vmctl-poweroff-marker" (marker contract.console.poweroff_marker);
+      };
+    };
+
+    environment.sessionVariables = cfg.agent.environment;
+    environment.systemPackages = cfg.agent.packages;
+    environment.extraInit = ''
+      if [ -r ${envFile} ]; then set -a; . ${envFile}; set +a; fi
+    '';
+
+    # A small closure: no docs, no X, no Nix daemon, no bootloader switching.
+    documentation.enable = mkDefault false;
+    documentation.man.enable = mkDefault false;
+    documentation.nixos.enable = mkDefault false;
+    environment.defaultPackages = mkDefault [ ];
+    programs.command-not-found.enable = mkDefault false;
+    fonts.fontconfig.enable = mkDefault false;
+    services.xserver.enable = false;
+    services.udisks2.enable = mkDefault false;
+    boot.enableContainers = mkDefault false;
+    nix.enable = mkDefault false;
+    system.switch.enable = mkDefault false;
+    system.stateVersion = mkDefault lib.trivial.release;
+
+    system.build.vmctlManifest = pkgs.writeText "vmctl-manifest.json" (builtins.toJSON manifest);
+  };
+}
