@@ -1,0 +1,241 @@
+"""Bring the model endpoint into a sandbox that has no network.
+
+On Linux a sandboxed client lives in its own network namespace with only a
+loopback device, so it cannot reach the model at 127.0.0.1:8080 on the
+host. vmctl bridges just that one endpoint in, over a UNIX socket:
+
+    client -> 127.0.0.1:PORT (inside) -> ep.sock -> HostRelay -> endpoint
+
+`HostRelay` runs in the vmctl process on the host and forwards each
+connection on the socket to the endpoint, logging one JSON line per
+connection. Inside the sandbox this file runs as a script (stdlib only, so
+it needs nothing but the interpreter and its standard library)::
+
+    python3 -I -S bridge.py --listen 127.0.0.1:PORT --socket ep.sock -- CLIENT ARGS...
+
+It listens, then runs the client as its child and exits with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+BUFSIZE = 65536
+CONNECT_TIMEOUT = 5.0
+
+
+def _pump(src: socket.socket, dst: socket.socket, seen: Callable[[bytes], None]) -> None:
+    """Copy src to dst until EOF, then half-close dst so the peer sees EOF."""
+    try:
+        while True:
+            data = src.recv(BUFSIZE)
+            if not data:
+                break
+            seen(data)
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def splice(a: socket.socket, b: socket.socket, seen: Callable[[bytes], None]) -> int:
+    """Forward both ways until both sides are done; returns bytes sent b->a."""
+    down = [0]
+
+    def count(data: bytes) -> None:
+        down[0] += len(data)
+
+    t = threading.Thread(target=_pump, args=(b, a, count), daemon=True)
+    t.start()
+    _pump(a, b, seen)
+    t.join()
+    for s in (a, b):
+        with contextlib.suppress(OSError):
+            s.close()
+    return down[0]
+
+
+class _Acceptor:
+    """Accept loop in a daemon thread; each connection handled in its own thread."""
+
+    def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], None]):
+        self.listener = listener
+        self.handle = handle
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.listener.close()
+
+
+class HostRelay:
+    """UNIX socket -> TCP endpoint, one JSON log line per connection.
+
+    The log line names the first request line seen (`POST /v1/messages`),
+    the bytes each way and whether the endpoint was reached.
+    """
+
+    def __init__(self, socket_path: Path, host: str, port: int, log: Path | None = None):
+        self.socket_path = socket_path
+        self.target = (host, port)
+        self.log = log
+        self._lock = threading.Lock()
+        self._acceptor: _Acceptor | None = None
+
+    def start(self) -> HostRelay:
+        self.socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            listener.bind(str(self.socket_path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self._acceptor = _Acceptor(listener, self._handle)
+        self._acceptor.start()
+        return self
+
+    def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        self.socket_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> HostRelay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _handle(self, conn: socket.socket) -> None:
+        started = time.time()
+        first = bytearray()
+        up = [0]
+
+        def seen(data: bytes) -> None:
+            up[0] += len(data)
+            if b"\n" not in first and len(first) < 4096:
+                first.extend(data[:4096])
+
+        try:
+            upstream = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
+            upstream.settimeout(None)
+        except OSError as e:
+            conn.close()
+            self._write({"time": started, "error": str(e)})
+            return
+        down = splice(conn, upstream, seen)
+        line = bytes(first).split(b"\r\n", 1)[0].decode("latin-1")
+        parts = line.split(" ")
+        self._write(
+            {
+                "time": started,
+                "method": parts[0] if len(parts) == 3 else None,
+                "path": parts[1] if len(parts) == 3 else None,
+                "bytes_up": up[0],
+                "bytes_down": down,
+            }
+        )
+
+    def _write(self, record: dict[str, object]) -> None:
+        if self.log is None:
+            return
+        with self._lock, self.log.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_log(path: Path) -> list[dict[str, object]]:
+    """The relay's log lines (tests and `vmctl run --verbose` read them)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _listen_tcp(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, int(port)))
+    listener.listen(64)
+    return listener
+
+
+def _to_socket(path: str) -> Callable[[socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(path)
+        except OSError:
+            conn.close()
+            upstream.close()
+            return
+        splice(conn, upstream, lambda _data: None)
+
+    return handle
+
+
+def run_child(argv: list[str], stderr: TextIO = sys.stderr) -> int:
+    """Run the client, passing on terminal signals; its exit status, shell-style."""
+    try:
+        child = subprocess.Popen(argv)
+    except OSError as e:
+        print(f"vmctl bridge: cannot run {argv[0]}: {e.strerror}", file=stderr)
+        return 127
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    code = child.wait()
+    return 128 - code if code < 0 else code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--" not in args:
+        print("usage: bridge.py --listen HOST:PORT --socket PATH -- CMD...", file=sys.stderr)
+        return 2
+    i = args.index("--")
+    p = argparse.ArgumentParser(prog="bridge.py")
+    p.add_argument("--listen", required=True)
+    p.add_argument("--socket", required=True)
+    a = p.parse_args(args[:i])
+    cmd = args[i + 1 :]
+    if not cmd:
+        print("vmctl bridge: no command after --", file=sys.stderr)
+        return 2
+    try:
+        listener = _listen_tcp(a.listen)
+    except (OSError, ValueError) as e:
+        print(f"vmctl bridge: cannot listen on {a.listen}: {e}", file=sys.stderr)
+        return 1
+    _Acceptor(listener, _to_socket(a.socket)).start()
+    return run_child(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
