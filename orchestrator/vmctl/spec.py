@@ -91,12 +91,13 @@ def parse_spec(spec: str) -> ModelSpec:
     if not spec or len(spec) > _MAX_SPEC or "\0" in spec or not spec.isprintable():
         raise ModelError(f"invalid model spec {spec[:80]!r}", _HINT)
     if _looks_like_path(spec):
-        path = Path(spec).expanduser()
         try:
-            if not path.exists():
-                raise ModelError(f"no such model file: {path}", _HINT)
-        except (OSError, ValueError) as e:
+            path = Path(spec).expanduser()
+            exists = path.exists()
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: ~nosuchuser
             raise ModelError(f"cannot read model path {spec!r}", _HINT) from e
+        if not exists:
+            raise ModelError(f"no such model file: {path}", _HINT)
         return PathSpec(path.absolute())
     if ":" in spec:
         repo, _, rest = spec.partition(":")
