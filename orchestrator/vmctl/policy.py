@@ -108,6 +108,14 @@ class Policy:
     def rules(self, platform: str) -> Rules:
         return self.common.merged(self.linux if platform == "linux" else self.darwin)
 
+    def placeholders(self, platform: str) -> set[str]:
+        """The placeholders this policy uses on `platform` (what a context must give)."""
+        r = self.rules(platform)
+        entries = [e for k in (*LIST_KEYS, *DARWIN_KEYS) for e in getattr(r, k)]
+        entries += [v for _, v in r.setenv] + ([self.cwd] if self.cwd else [])
+        found = (PLACEHOLDER_RE.match(e.removeprefix("?")) for e in entries)
+        return {m.group(1) for m in found if m}
+
 
 @dataclass(frozen=True)
 class Link:
@@ -391,7 +399,7 @@ class _Resolver:
             self.links.setdefault(link.path, link)
         real = Path(os.path.realpath(raw))
         check_path_text(str(real))
-        if not real.exists():
+        if optional and not real.exists():
             self.optional.add(real)
         return real
 

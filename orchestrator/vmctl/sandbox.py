@@ -151,12 +151,18 @@ def sandboxed_command(
     env: Mapping[str, str] = {},
     platform: str | None = None,
     profile_dir: Path | None = None,
+    render_only: bool = False,
 ) -> SandboxedCommand:
-    """Render `argv` under `profile`; off this platform it is render-only."""
+    """Render `argv` under `profile`.
+
+    Off this platform, or with `render_only`, paths need not exist and the
+    command is only for display (`vmctl sandbox show`).
+    """
     key = _platform(platform)
-    native = key == policy.current_platform()
-    res = policy.resolve(policy.load(profile), ctx, key, strict=native)
-    cmd = BACKENDS[key].command(res, _argv0(res, argv), profile_dir or _profile_dir())
+    strict = key == policy.current_platform() and not render_only
+    res = policy.resolve(policy.load(profile), ctx, key, strict=strict)
+    argv = _argv0(res, argv) if strict else list(argv)
+    cmd = BACKENDS[key].command(res, argv, profile_dir or _profile_dir())
     full_env = clean_env(res.env, {**res.setenv, **env})
     return SandboxedCommand(cmd.argv, full_env, cmd.files, cmd.cwd, res)
 

@@ -83,7 +83,7 @@ def render(res: Resolved) -> SeatbeltProfile:
     sock = res.endpoint_socket
     context = {
         "name": res.policy.name,
-        "read": [p(x) for x in (*res.read, *res.exec)],
+        "read": list(dict.fromkeys(p(x) for x in (*res.read, *res.exec))),
         "write": [p(x) for x in res.write],
         "metadata": list(dict.fromkeys(metadata)),
         "exec": exec_rules,
