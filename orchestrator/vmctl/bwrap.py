@@ -125,6 +125,11 @@ def render(res: Resolved, cmd: list[str], bwrap: Path) -> list[str]:
         if within(link.path, placed) or link.path == Path("/tmp"):
             continue
         argv += ["--symlink", _arg(link.target), _arg(link.path)]
+    # Last, once every mount point and link exists: nothing but the policy's
+    # write binds stays writable (a private /tmp and /dev when it asks).
+    argv += ["--remount-ro", "/"]
+    if not res.policy.private_tmp:
+        argv += ["--remount-ro", "/tmp", "--remount-ro", "/dev"]
     if res.cwd is not None:
         argv += ["--chdir", _arg(res.cwd)]
     return [*argv, "--", *cmd]

@@ -42,7 +42,16 @@ DARWIN_KEYS = (
     "xpc_services",
     "sysctl",
 )
-TOP_KEYS = ("description", "cwd", "fork", "network", "setenv", *LIST_KEYS, *PLATFORMS)
+TOP_KEYS = (
+    "description",
+    "cwd",
+    "fork",
+    "private_tmp",
+    "network",
+    "setenv",
+    *LIST_KEYS,
+    *PLATFORMS,
+)
 PLACEHOLDERS = (
     "binary", "binary_dir", "model", "cache", "runtime", "workspace", "state", "home",
     "endpoint_socket", "darwin_user_temp", "darwin_user_cache",
@@ -100,6 +109,7 @@ class Policy:
     network: str
     kill_on_outbound: bool
     fork: bool
+    private_tmp: bool  # Linux: a writable, private, in-memory /tmp (and /dev)
     cwd: str | None
     common: Rules
     linux: Rules
@@ -227,8 +237,9 @@ def load_file(path: Path) -> Policy:
     if kill and mode == "connect":
         raise _err(path, "kill_on_outbound contradicts network.mode = connect")
     desc, fork, cwd = data.get("description", ""), data.get("fork", True), data.get("cwd")
-    if not isinstance(desc, str) or not isinstance(fork, bool):
-        raise _err(path, "description must be a string and fork a boolean")
+    private_tmp = data.get("private_tmp", False)
+    if not isinstance(desc, str) or not isinstance(fork, bool) or not isinstance(private_tmp, bool):
+        raise _err(path, "description must be a string, fork and private_tmp booleans")
     if cwd is not None:
         if not isinstance(cwd, str):
             raise _err(path, "cwd must be a path string")
@@ -244,7 +255,7 @@ def load_file(path: Path) -> Policy:
     common = _rules(path, top, "", (*LIST_KEYS, "setenv"))
     return Policy(
         name=path.stem, source=path, description=desc, network=mode, kill_on_outbound=kill,
-        fork=fork, cwd=cwd, common=common, linux=tables["linux"], darwin=tables["darwin"],
+        fork=fork, private_tmp=private_tmp, cwd=cwd, common=common, linux=tables["linux"], darwin=tables["darwin"],
     )  # fmt: skip
 
 
