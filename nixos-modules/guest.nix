@@ -39,6 +39,7 @@ let
       contract.fw_cfg.files
     ).dest;
   envFile = fwCfgDest "env";
+  execReady = "/run/vmctl-exec/ready";
 
   # Print a contract marker where the host reads it: the log console and
   # the kernel log.
@@ -318,6 +319,8 @@ in
       SUBSYSTEM=="virtio-ports", ATTR{name}=="${contract.console.exec_port}", OWNER="${cfg.exec.user}", MODE="0600", TAG+="systemd"
     '';
 
+    # The agent script is shared with the micro image; it reads the env
+    # file itself and touches its ready file once the port is open.
     systemd.services.vmctl-exec-agent = lib.mkIf cfg.exec.enable {
       description = "vmctl: exec agent on ${execPort}";
       wantedBy = [ "multi-user.target" ];
@@ -325,25 +328,20 @@ in
       after = [
         execDevice
         "vmctl-fw-cfg.service"
+        workspaceMount
       ];
       path = [
         pkgs.coreutils
+        pkgs.gnugrep
         pkgs.util-linux
         pkgs.bash
       ]
       ++ cfg.agent.packages;
-      environment = cfg.agent.environment // {
-        HOME = if cfg.exec.user == "root" then "/root" else user.home;
-      };
-      # The env file comes through fw_cfg: read it like the micro guest.
-      script = ''
-        set -a
-        if [ -r ${envFile} ]; then . ${envFile}; fi
-        set +a
-        exec ${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execPort}
-      '';
+      environment = cfg.agent.environment;
       serviceConfig = {
         User = cfg.exec.user;
+        RuntimeDirectory = "vmctl-exec";
+        ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execPort} ${execReady}";
         Restart = "always";
         RestartSec = 1;
       };
@@ -363,7 +361,11 @@ in
         Type = "oneshot";
         RemainAfterExit = true;
       };
-      script = marker contract.console.ready_marker;
+      # The exec agent is up once it has opened its port (bounded wait).
+      script = lib.optionalString cfg.exec.enable ''
+        for _ in $(seq 1 600); do [ -e ${execReady} ] && break; sleep 0.1; done
+        [ -e ${execReady} ] || echo "vmctl: exec agent not listening" > /dev/kmsg
+      '' + marker contract.console.ready_marker;
     };
 
     # Stopped early in shutdown: the host learns the guest is going down.

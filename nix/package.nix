@@ -1,0 +1,79 @@
+# vmctl, the Python application from pyproject.toml, with the programs it
+# drives on its PATH: QEMU, llama.cpp's llama-server (Metal on Apple
+# silicon) and, on Linux, bubblewrap.
+{
+  lib,
+  stdenv,
+  python3Packages,
+  makeWrapper,
+  qemu,
+  llama-cpp,
+  bubblewrap,
+}:
+
+let
+  project = (lib.importTOML ../pyproject.toml).project;
+  appleSilicon = stdenv.hostPlatform.isDarwin && stdenv.hostPlatform.isAarch64;
+  llama = if appleSilicon then llama-cpp.override { metalSupport = true; } else llama-cpp;
+  runtimePath = [
+    qemu
+    llama
+  ]
+  ++ lib.optional stdenv.hostPlatform.isLinux bubblewrap;
+  # pyproject.toml's [project] dependencies, by their nixpkgs names.
+  pythonDependencies = with python3Packages; [
+    typer
+    rich
+    jinja2
+    pexpect
+    qemu-qmp
+    huggingface-hub
+    gguf
+    platformdirs
+    aiohttp
+    pyyaml
+  ];
+in
+python3Packages.buildPythonApplication {
+  pname = project.name;
+  inherit (project) version;
+  pyproject = true;
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../pyproject.toml
+      (lib.fileset.maybeMissing ../README.md)
+      ../orchestrator
+      ../host-profiles
+    ];
+  };
+
+  build-system = [ python3Packages.setuptools ];
+  nativeBuildInputs = [ makeWrapper ];
+  dependencies = pythonDependencies;
+
+  # policy.py looks for host-profiles/ next to the package.
+  postInstall = ''
+    cp -r host-profiles $out/${python3Packages.python.sitePackages}/vmctl/host-profiles
+  '';
+  makeWrapperArgs = [
+    "--prefix"
+    "PATH"
+    ":"
+    (lib.makeBinPath runtimePath)
+  ];
+
+  # The test suite runs as the flake's `checks.<system>.unit`.
+  doCheck = false;
+  pythonImportsCheck = [ "vmctl" ];
+
+  passthru = { inherit runtimePath pythonDependencies; };
+
+  meta = {
+    description = project.description;
+    license = lib.licenses.mit;
+    mainProgram = "vmctl";
+    platforms = lib.platforms.linux ++ lib.platforms.darwin;
+  };
+}
