@@ -1,0 +1,269 @@
+"""The micro image: Debian's kernel plus a busybox initramfs built here.
+
+Everything it contains is named in its cache key (kernel package, busybox
+and library contents, the init template, the exec agent, the agents), so
+`build_micro` rebuilds exactly when an input changes and is a cheap lookup
+otherwise. The init is rendered from guest-contract.json, the same file
+the NixOS module reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from vmctl import contract, micro_kernel, paths, ui
+from vmctl.cpio import Archive
+from vmctl.errors import ConfigError, VMError
+from vmctl.images import write_manifest
+from vmctl.micro_kernel import Kernel, run
+
+REVISION = 1  # bump when the image layout below changes
+OPENCODE_VERSION = "1.18.33"
+KNOWN_AGENTS = ("opencode",)
+CMDLINE = "console=ttyS0 panic=-1 loglevel=4"
+AGENTS_TAG = "agents"
+AGENTS_MOUNT = "/opt/vmctl/agents"
+AGENTS_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,ro,nodev,nosuid,cache=loose"
+OPENCODE_BIN = "node_modules/opencode-linux-x64/bin/opencode"
+BUSYBOX = Path("/bin/busybox")
+LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64")
+#: opencode unpacks native add-ons to /tmp that need these; ldd does not show them.
+EXTRA_LIBS = ("libstdc++.so.6", "libgcc_s.so.1", "librt.so.1")
+INITTAB = """\
+::once:/init ready
+::respawn:/init agent
+::respawn:/init power-button
+::askfirst:-/bin/sh
+"""
+
+
+def guest_file(name: str) -> str:
+    """A file of data/guest/ (the init template, the exec agent)."""
+    return resources.files("vmctl").joinpath(f"data/guest/{name}").read_text()
+
+
+def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each fw_cfg file with numeric owners and the folders to create for it."""
+    ids = f"{user['uid']}:{user['gid']}"
+    home = Path(user["home"])
+    entries = []
+    for f in contract.fw_cfg_files():
+        parent = Path(f.dest).parent
+        dirs = [
+            {"path": str(d), "owner": ids}
+            for d in [*reversed(parent.parents), parent]
+            if home in d.parents
+        ]
+        if not dirs:
+            dirs = [{"path": str(parent), "owner": "0:0"}]
+        owner = ids if f.owner == user["name"] else "0:0"
+        entries.append({"name": f.name, "dest": f.dest, "owner": owner, "mode": f.mode, "dirs": dirs})
+    return entries
+
+
+def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
+    """/init from the template and the contract (pure: testable without a guest)."""
+    c = contract.raw()
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["q"] = lambda s: shlex.quote(str(s))
+    shares = [{"tag": AGENTS_TAG, "mountpoint": AGENTS_MOUNT, "options": AGENTS_OPTIONS}]
+    return env.from_string(guest_file("micro-init.sh.j2")).render(
+        exec_port=c["console"]["exec_port"],
+        boot_marker=c["console"]["boot_marker"],
+        ready_marker=c["console"]["ready_marker"],
+        poweroff_marker=c["console"]["poweroff_marker"],
+        user=c["user"],
+        workspace=c["workspace"],
+        cmdline=c["kernel_cmdline"],
+        network=c["network"],
+        fw_cfg=_fw_cfg_entries(c["user"]),
+        modules=modules,
+        shares=shares if agents else [],
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def busybox_version() -> str:
+    """Debian's busybox-static version; VMError naming the package if absent."""
+    hint = "apt-get install busybox-static"
+    if not BUSYBOX.is_file():
+        raise VMError("busybox not found at /bin/busybox", hint)
+    out = run(["dpkg-query", "-W", "-f", "${Version}", "busybox-static"], "busybox-static", hint)
+    return out.strip()
+
+
+def find_lib(soname: str) -> Path:
+    for d in LIB_DIRS:
+        if (Path(d) / soname).exists():
+            return (Path(d) / soname).resolve()
+    raise VMError(f"shared library {soname} not found on this host", "apt-get install libstdc++6")
+
+
+def needed_libs(binaries: list[Path]) -> dict[str, Path]:
+    """soname -> host file for the binaries' libraries (ldd) plus EXTRA_LIBS."""
+    libs: dict[str, Path] = {}
+    for binary in binaries:
+        out = run(["ldd", str(binary)], f"ldd {binary.name}", "apt-get install libc-bin")
+        for line in out.splitlines():
+            parts = line.split()
+            if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+                libs[parts[0]] = Path(parts[2]).resolve()
+            elif parts and parts[0].startswith("/") and "ld-linux" in parts[0]:
+                libs["ld-linux-x86-64.so.2"] = Path(parts[0]).resolve()
+    for soname in EXTRA_LIBS:
+        libs.setdefault(soname, find_lib(soname))
+    return dict(sorted(libs.items()))
+
+
+def install_opencode() -> Path:
+    """npm-install opencode-ai once into images_dir/agents (the read-only share)."""
+    target = paths.images_dir() / "agents" / f"opencode-{OPENCODE_VERSION}"
+    if (target / OPENCODE_BIN).is_file() and (target / ".complete").exists():
+        return target
+    hint = "install Node.js and npm (apt-get install npm), and reach the npm registry"
+    if not shutil.which("npm"):
+        raise VMError("npm not found (needed for --with opencode)", hint)
+    with ui.step(f"installing opencode-ai {OPENCODE_VERSION} from npm"):
+        tmp = Path(tempfile.mkdtemp(prefix="opencode-", dir=target.parent.parent))
+        try:
+            argv = ["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund"]
+            run([*argv, "--ignore-scripts", f"opencode-ai@{OPENCODE_VERSION}"], "npm install", hint)
+            if not (tmp / OPENCODE_BIN).is_file():
+                raise VMError(f"npm installed no {OPENCODE_BIN}", hint)
+            (tmp / ".complete").write_text(OPENCODE_VERSION + "\n")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _opencode_parts(archive: Archive, uid: int, gid: int, home: str) -> None:
+    """opencode on PATH, ripgrep, and a config folder that stops its plugin install."""
+    archive.symlink("usr/local/bin/opencode", f"{AGENTS_MOUNT}/{OPENCODE_BIN}")
+    archive.file("usr/bin/rg", Path("/usr/bin/rg").read_bytes(), 0o755)
+    cfg = f"{home}/.config/opencode"
+    for d in (f"{home}/.config", cfg, f"{cfg}/node_modules"):
+        archive.dir(d, 0o755, uid, gid)
+    lock = {
+        "lockfileVersion": 3,
+        "packages": {"": {"dependencies": {"@opencode-ai/plugin": OPENCODE_VERSION}}},
+    }
+    archive.file(f"{cfg}/package-lock.json", json.dumps(lock).encode(), 0o644, uid, gid)
+
+
+def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]) -> Archive:
+    """Every file of the initramfs, owners and modes stated."""
+    c = contract.raw()
+    uid, gid, home = c["user"]["uid"], c["user"]["gid"], c["user"]["home"]
+    a = Archive()
+    for d in ("proc", "sys", "dev", "run", "etc/vmctl", "usr/local/bin", "workspace"):
+        a.dir(d)
+    a.dir("tmp", 0o1777)
+    a.dir("root", 0o700)
+    a.chardev("dev/console", 5, 1)
+    a.file("init", render_init(kernel.load_order(), agents).encode(), 0o755)
+    a.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    applets = run([str(BUSYBOX), "--list-full"], "busybox --list-full", "apt-get install busybox-static")
+    for applet in applets.split():
+        if applet.strip("/") != "bin/busybox":
+            a.symlink(applet, "/bin/busybox")
+    a.file("etc/inittab", INITTAB.encode())
+    a.file("etc/passwd", f"root:x:0:0:root:/root:/bin/sh\nagent:x:{uid}:{gid}::{home}:/bin/sh\n".encode())
+    a.file("etc/group", f"root:x:0:\nagent:x:{gid}:\n".encode())
+    a.file("etc/hosts", b"127.0.0.1 localhost\n")
+    a.file("usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755)
+    a.dir(home, 0o755, uid, gid)
+    for rel in kernel.load_order():
+        a.file(f"lib/modules/{rel}", (kernel.modules_dir / rel).read_bytes())
+    for soname, path in libs.items():
+        a.file(f"lib/x86_64-linux-gnu/{soname}", path.read_bytes(), 0o755)
+    if libs:
+        a.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+        a.file("etc/ssl/certs/ca-certificates.crt", _ca_bundle())
+    if "opencode" in agents:
+        a.dir(f"{AGENTS_MOUNT}")
+        _opencode_parts(a, uid, gid, home)
+    return a
+
+
+def _ca_bundle() -> bytes:
+    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    if not bundle.is_file():
+        raise VMError("no CA bundle at /etc/ssl/certs/ca-certificates.crt", "apt-get install ca-certificates")
+    return bundle.read_bytes()
+
+
+def _check_agents(with_agents: tuple[str, ...]) -> tuple[str, ...]:
+    agents = tuple(sorted(set(with_agents)))
+    for agent in agents:
+        if agent not in KNOWN_AGENTS:
+            raise ConfigError(f"unknown agent {agent!r} for --with", f"choose from {', '.join(KNOWN_AGENTS)}")
+    return agents
+
+
+def image_key(inputs: dict[str, Any]) -> str:
+    """A short content key over every input (same inputs, same folder)."""
+    return _sha(json.dumps(inputs, sort_keys=True).encode())[:16]
+
+
+def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
+    """Build (or reuse) the micro image; returns its manifest path."""
+    agents = _check_agents(with_agents)
+    package, version = micro_kernel.find_package()
+    agents_dir = install_opencode() if "opencode" in agents else None
+    binaries = [agents_dir / OPENCODE_BIN, Path("/usr/bin/rg")] if agents_dir else []
+    if agents_dir and not Path("/usr/bin/rg").is_file():
+        raise VMError("ripgrep not found at /usr/bin/rg (opencode needs it)", "apt-get install ripgrep")
+    libs = needed_libs(binaries) if binaries else {}
+    inputs = {
+        "revision": REVISION,
+        "kernel": [package, version, list(micro_kernel.MODULES)],
+        "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
+        "init": _sha(guest_file("micro-init.sh.j2").encode()),
+        "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "contract": contract.raw(),
+        "cmdline": CMDLINE,
+        "agents": {a: OPENCODE_VERSION for a in agents},
+        "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
+        "extra": [_sha(Path("/usr/bin/rg").read_bytes()), _sha(_ca_bundle())] if agents else [],
+    }
+    folder = paths.images_dir() / f"micro-{image_key(inputs)}"
+    manifest = folder / "manifest.json"
+    if manifest.exists() and not force:
+        return manifest
+    kernel = micro_kernel.fetch_kernel(package, version)
+    with ui.step(f"building the micro image{' with ' + ', '.join(agents) if agents else ''}"):
+        tmp = Path(tempfile.mkdtemp(prefix=".micro-", dir=paths.images_dir()))
+        try:
+            shutil.copyfile(kernel.vmlinux, tmp / "vmlinux")
+            with open(tmp / "initrd.cpio", "wb") as out:
+                build_archive(kernel, agents, libs).write(out)
+            (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+            shares = []
+            if agents_dir:
+                shares.append({"tag": AGENTS_TAG, "path": f"../agents/{agents_dir.name}", "readonly": True})
+            fields = {"name": "micro", "system": "x86_64-linux", "kernel": "vmlinux"}
+            fields |= {"initrd": "initrd.cpio", "cmdline": CMDLINE, "shares": shares}
+            write_manifest(tmp, {**fields, "features": list(agents)})
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
