@@ -387,7 +387,7 @@ def _pick(hub: HubSpec, listing: Listing, mmproj: bool) -> tuple[tuple[str, ...]
             parts = split_parts(hub.file)
             missing = [p for p in parts if p not in listing.files]
             if missing:
-                raise ModelError(f"the hub has no file {hub.repo}:{missing[0]}", "see the repo")
+                raise FetchError(f"the hub has no file {hub.repo}:{missing[0]}", "see the repo")
         else:
             parts = select_quant(names, hub.quant)
     except ModelError as e:

@@ -1,0 +1,308 @@
+"""`vmctl pull` against a fake hub on 127.0.0.1 speaking huggingface_hub's file API.
+
+The fake serves model info with LFS sha256s, HEAD with X-Repo-Commit /
+X-Linked-Etag / X-Linked-Size, and GET with Range, so huggingface_hub runs
+its real download path: resume, offline fallback, cache layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from test_gguf_check import make_gguf
+from vmctl import fetch
+from vmctl.cli import main
+from vmctl.errors import FetchError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+@dataclass
+class FakeHub:
+    url: str = ""
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    drop_once: set[str] = field(default_factory=set)  # cut the connection mid-file once
+    corrupt: set[str] = field(default_factory=set)  # serve bytes that do not match the sha
+    log: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Range
+
+    def add(self, repo: str, name: str, data: bytes) -> bytes:
+        self.repos.setdefault(repo, {})[name] = data
+        return data
+
+    def gets(self, name: str) -> list[str]:
+        return [rng for m, p, rng in self.log if m == "GET" and p.endswith("/" + name)]
+
+
+class Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, code: int, headers: dict[str, str], body: bytes = b"") -> None:
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _missing(self, code: str) -> None:
+        body = json.dumps({"error": code}).encode()
+        self._send(404, {"X-Error-Code": code, "Content-Length": str(len(body))}, body)
+
+    def _info(self, repo: str) -> None:
+        files = self.hub.repos.get(repo)
+        if files is None:
+            return self._missing("RepoNotFound")
+        siblings = [
+            {
+                "rfilename": n,
+                "size": len(d),
+                "lfs": {"size": len(d), "sha256": _sha(d), "pointerSize": 134},
+            }
+            for n, d in files.items()
+        ]
+        body = json.dumps({"id": repo, "sha": COMMIT, "siblings": siblings}).encode()
+        self._send(
+            200, {"Content-Type": "application/json", "Content-Length": str(len(body))}, body
+        )
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.hub.log.append((self.command, path, self.headers.get("Range", "")))
+        if path.startswith("/api/models/"):
+            return self._info(path.removeprefix("/api/models/"))
+        m = RESOLVE.match(path)
+        files = self.hub.repos.get(m["repo"]) if m else None
+        if m is None or files is None:
+            return self._missing("RepoNotFound")
+        name = m["file"]
+        if name not in files:
+            return self._missing("EntryNotFound")
+        data = files[name]
+        meta = {
+            "X-Repo-Commit": COMMIT,
+            "X-Linked-Etag": f'"{_sha(data)}"',
+            "ETag": f'"{_sha(data)}"',
+            "X-Linked-Size": str(len(data)),
+            "Accept-Ranges": "bytes",
+        }
+        if name in self.hub.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        start = 0
+        rng = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+        if rng and self.command == "GET":
+            start = int(rng[1])
+            meta["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        meta["Content-Length"] = str(len(body))
+        if self.command == "GET" and name in self.hub.drop_once:
+            self.hub.drop_once.discard(name)
+            self.send_response(200)
+            for k, v in meta.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(0.3)  # let the client take in the first half before the cut
+            self.close_connection = True
+            return
+        self._send(206 if start else 200, meta, body)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    state = FakeHub()
+    handler = type("H", (Handler,), {"hub": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", state.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    yield state
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def gguf_bytes(tmp_path: Path) -> bytes:
+    return make_gguf(tmp_path / "src.gguf", floats=64 * 1024).read_bytes()
+
+
+def test_pull_picks_quant_and_mmproj(hub: FakeHub, gguf_bytes: bytes, tmp_path: Path) -> None:
+    q8 = hub.add("org/m-GGUF", "M-Q8_0.gguf", gguf_bytes)
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes[:100])  # wrong one: would fail the check
+    mm = hub.add(
+        "org/m-GGUF", "mmproj-F16.gguf", make_gguf(tmp_path / "mm.gguf", "clip").read_bytes()
+    )
+    hub.add("org/m-GGUF", "mmproj-F32.gguf", b"never fetched")
+    model = fetch.resolve_model("org/m-GGUF:q8_0")
+    assert model.path.name == "M-Q8_0.gguf" and model.path.read_bytes() == q8
+    assert model.parts == (model.path,)
+    assert model.mmproj is not None and model.mmproj.read_bytes() == mm
+    assert model.source == "hf:org/m-GGUF:M-Q8_0.gguf" and model.alias == "m-q8_0"
+    assert str(model.path).startswith(str(tmp_path / "hf" / "hub" / "models--org--m-GGUF"))
+    assert not hub.gets("M-Q4_K_M.gguf") and not hub.gets("mmproj-F32.gguf")
+
+
+def test_no_mmproj_is_respected(hub: FakeHub, gguf_bytes: bytes, tmp_path: Path) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    hub.add("org/m-GGUF", "mmproj-F16.gguf", make_gguf(tmp_path / "mm.gguf", "clip").read_bytes())
+    model = fetch.resolve_model("org/m-GGUF", mmproj=False)
+    assert model.mmproj is None and model.path.name == "M-Q4_K_M.gguf"
+    assert hub.gets("mmproj-F16.gguf") == []
+
+
+def test_split_model_fetches_every_part(hub: FakeHub, tmp_path: Path) -> None:
+    names = [f"Q8_0/M-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        part = make_gguf(tmp_path / f"p{i}.gguf", floats=1024 * (i + 1), split_no=i, split_count=3)
+        hub.add("org/big-GGUF", name, part.read_bytes())
+    model = fetch.resolve_model("org/big-GGUF:Q8_0")
+    assert [p.name for p in model.parts] == [n.split("/")[1] for n in names]
+    assert model.path == model.parts[0]
+    assert all(hub.gets(n) for n in names)
+
+
+def test_resume_after_dropped_connection(
+    hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub resumes with a Range request from the last whole chunk.
+
+    Its chunks are 10 MB; scaled down here so a 256 KB file has several.
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    hub.drop_once.add("M-Q4_K_M.gguf")
+    model = fetch.resolve_model("org/m-GGUF:M-Q4_K_M.gguf")
+    ranges = hub.gets("M-Q4_K_M.gguf")
+    assert len(ranges) == 2 and ranges[0] == ""
+    resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(gguf_bytes) // 2
+    assert fetch.file_sha256(model.path) == _sha(gguf_bytes)
+
+
+def test_offline_and_not_cached_is_one_line(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FetchError) as e:
+        fetch.resolve_model("org/m-GGUF:Q4_K_M")
+    assert e.value.message == (
+        "org/m-GGUF is not cached and the hub cannot be reached (HF_HUB_OFFLINE=1)"
+    )
+    assert hub.log == []
+    with pytest.raises(SystemExit) as exit_:
+        main(["pull", "org/m-GGUF:Q4_K_M"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("error: org/m-GGUF is not cached")
+    assert "Traceback" not in err
+
+
+def test_cached_model_works_offline(
+    hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    first = fetch.resolve_model("org/m-GGUF:Q4_K_M")
+    hub.log.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fetch.resolve_model("org/m-GGUF:Q4_K_M") == first
+    assert hub.log == []
+    with pytest.raises(FetchError, match=r"org/m-GGUF:Q8_0 is not cached"):
+        fetch.resolve_model("org/m-GGUF:Q8_0")
+
+
+def test_digest_sidecar_spares_rehash(
+    hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    fetch.resolve_model("org/m-GGUF")
+    calls: list[Path] = []
+    real = fetch.file_sha256
+    monkeypatch.setattr(fetch, "file_sha256", lambda p: calls.append(p) or real(p))
+    fetch.resolve_model("org/m-GGUF")
+    assert calls == []
+
+
+def test_tampered_cached_file_is_fetched_again(hub: FakeHub, gguf_bytes: bytes) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    model = fetch.resolve_model("org/m-GGUF")
+    blob = model.path.resolve()
+    with blob.open("r+b") as f:  # same size, one byte flipped inside the tensor data
+        f.seek(len(gguf_bytes) - 10)
+        f.write(b"\xff")
+    assert len(hub.gets("M-Q4_K_M.gguf")) == 1
+    again = fetch.resolve_model("org/m-GGUF")
+    assert len(hub.gets("M-Q4_K_M.gguf")) == 2
+    assert again.path.read_bytes() == gguf_bytes
+
+
+def test_tampered_file_offline_is_refused_and_deleted(
+    hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    blob = fetch.resolve_model("org/m-GGUF").path.resolve()
+    blob.write_bytes(gguf_bytes[:-1] + b"\0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FetchError, match="does not match the hub's sha256 and was deleted"):
+        fetch.resolve_model("org/m-GGUF")
+    assert not blob.exists()
+
+
+def test_hub_serving_bad_bytes_is_refused(hub: FakeHub, gguf_bytes: bytes) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    hub.corrupt.add("M-Q4_K_M.gguf")
+    with pytest.raises(FetchError, match="does not match the hub's sha256 \\(got"):
+        fetch.resolve_model("org/m-GGUF")
+    assert len(hub.gets("M-Q4_K_M.gguf")) == 2  # fetched again once, then refused
+    blobs = list((Path(fetch.hub_cache()) / "models--org--m-GGUF" / "blobs").glob("*"))
+    assert [b for b in blobs if not b.name.endswith(".lock")] == []
+
+
+def test_unknown_repo_and_file(hub: FakeHub, gguf_bytes: bytes) -> None:
+    with pytest.raises(FetchError, match="no such model repo on the hub: org/nope"):
+        fetch.resolve_model("org/nope")
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    with pytest.raises(FetchError, match=r"the hub has no file org/m-GGUF:other\.gguf"):
+        fetch.resolve_model("org/m-GGUF:other.gguf")
+
+
+def test_cli_pull_and_models_json(
+    hub: FakeHub, gguf_bytes: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    main(["pull", "org/m-GGUF", "--json"])
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled["alias"] == "m-q4_k_m" and pulled["size"] == len(gguf_bytes)
+    main(["models", "--json"])
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["org/m-GGUF"]["cached"] and rows["org/m-GGUF"]["size"] == len(gguf_bytes)
+    assert rows["qwen3.5-27b"]["cached"] is False
+    assert rows["smollm2-135m"]["source"] == "embedded"
