@@ -1,1 +1,46 @@
-"""Placeholder until its verbs land."""
+"""`vmctl run CLIENT`: a host client confined to one workspace, model-only network."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from vmctl import clients
+from vmctl.cli import app, passthrough
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def run(
+    client: str = typer.Argument(..., help=f"One of: {', '.join(clients.CLIENTS)}."),
+    workspace: Path = typer.Option(
+        Path("."), "--workspace", "-w", help="The one folder it may write (default: here)."
+    ),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="Model endpoint (default: the running `vmctl serve`)."
+    ),
+    client_bin: Path | None = typer.Option(
+        None, "--client-bin", help="The client's executable (default: PATH, then vmctl's tools)."
+    ),
+    no_sandbox: bool = typer.Option(
+        False, "--no-sandbox", help="Run the client unconfined (loudly warned)."
+    ),
+) -> None:
+    """Run llm, opencode, claude or a shell against the local model, sandboxed.
+
+    Arguments after `--` go to the client verbatim; its exit status is vmctl's.
+    """
+    req = clients.RunRequest(
+        client=client,
+        workspace=workspace,
+        args=passthrough(),
+        endpoint=endpoint,
+        client_bin=client_bin,
+        sandbox=not no_sandbox,
+    )
+    code = clients.run(req)
+    sys.stdout.flush()
+    # Not typer.Exit: click returns its code from a non-standalone app() call
+    # and vmctl.cli.main drops it, so the client's status would be lost.
+    sys.exit(code)

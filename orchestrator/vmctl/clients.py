@@ -1,0 +1,468 @@
+"""The host clients `vmctl run` knows: how to find each and how to set it up.
+
+Each client is a small object in `CLIENTS` (the same seam for all four):
+where its binary is, which host profile confines it, what it needs to read
+besides the profile, and the configuration it gets. That configuration is
+rendered by `vmctl.agents` into the client's private state folder
+(`paths.client(NAME)/state`), never into the user's real config and never
+into the workspace. `run()` puts the pieces together: endpoint, workspace,
+config, sandbox, and on Linux the bridge that carries the endpoint into a
+sandbox without network (`vmctl.bridge`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from vmctl import agents, paths, sandbox, ui
+from vmctl.agents import AgentEndpoint
+from vmctl.bridge import HostRelay
+from vmctl.errors import ClientError, ConfigError
+from vmctl.policy import SandboxContext
+
+INSTALL_AGENTS = "scripts/install-agents.sh"
+#: opencode's plugin package; an empty install of it stops its npm run.
+OPENCODE_PLUGIN = "@opencode-ai/plugin"
+OPENCODE_VERSION = "1.18.33"
+
+
+def tools_prefix() -> Path:
+    """The npm prefix scripts/install-agents.sh installs into."""
+    root = os.environ.get("VMCTL_TOOLS") or str(Path.home() / ".cache" / "vmctl" / "tools")
+    return Path(root).expanduser() / "npm"
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def package_dir(binary: Path) -> Path | None:
+    """The npm package folder holding `binary`'s real file (read by the client)."""
+    real = Path(os.path.realpath(binary))
+    for parent in real.parents:
+        scope = parent.parent.name
+        if (scope == "node_modules" or scope.startswith("@")) and (
+            parent / "package.json"
+        ).is_file():
+            return parent
+    return None
+
+
+def python_runtime() -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(read, exec) an isolated `python -I -S` needs: stdlib, libpython, itself.
+
+    The bridge and llm both run on this interpreter inside the sandbox.
+    """
+    exe = Path(os.path.realpath(sys.executable))
+    read = {Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["platstdlib"])}
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir, lib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+        if libdir and lib and (Path(libdir) / lib).exists():
+            read.add(Path(os.path.realpath(Path(libdir) / lib)))
+    return tuple(sorted(p for p in read if p.exists())), (exe,)
+
+
+class Client(Protocol):
+    """One host client: found, described to the sandbox, configured."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def profile(self) -> str:
+        """The host profile (host-profiles/NAME.toml) that confines it."""
+        ...
+
+    @property
+    def install_hint(self) -> str: ...
+
+    def find(self, explicit: Path | None) -> Path: ...
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        """Extra (read, exec) paths beyond its profile."""
+        ...
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        """Write its config under `state`; return the environment it needs."""
+        ...
+
+    def argv(self, binary: Path, args: list[str]) -> list[str]:
+        """The command line: the binary and the user's arguments."""
+        ...
+
+
+class _Base:
+    name = ""
+    command = ""
+    install_hint = ""
+
+    @property
+    def profile(self) -> str:
+        return self.name
+
+    def candidates(self) -> list[Path]:
+        found = shutil.which(self.command)
+        return [Path(found)] if found else []
+
+    def find(self, explicit: Path | None) -> Path:
+        if explicit is not None:
+            path = Path(explicit).expanduser().absolute()
+            if not _executable(path):
+                raise ClientError(f"--client-bin {explicit} is not an executable file")
+            return path
+        for path in self.candidates():
+            if _executable(path):
+                return path.absolute()
+        raise ClientError(f"{self.name} is not installed", self.install_hint)
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        return (), ()
+
+    def argv(self, binary: Path, args: list[str]) -> list[str]:
+        return [str(binary), *args]
+
+    def base_env(self, state: Path) -> dict[str, str]:
+        """A private HOME (the profile sets it too; --no-sandbox needs it here)."""
+        return {"HOME": str(state)}
+
+
+class LlmClient(_Base):
+    """simonw llm: an extra-openai-models.yaml in a private LLM_USER_PATH."""
+
+    name = command = "llm"
+    install_hint = "pip install llm (or pass --client-bin)"
+
+    def candidates(self) -> list[Path]:
+        # vmctl's own environment ships llm as a test and convenience client.
+        return [*super().candidates(), Path(sys.executable).parent / "llm"]
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        read, exe = python_runtime()
+        interp = _shebang(binary)
+        if interp is not None:
+            exe = (*exe, Path(os.path.realpath(interp)))
+        return read, exe
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        _write(state / "extra-openai-models.yaml", agents.llm_models_yaml(ep))
+        _write(state / "default_model.txt", agents.llm_default_model(ep))
+        keys = state / "keys.json"
+        if ep.api_key:
+            _write(keys, json.dumps({agents.LLM_KEY_NAME: ep.api_key}, indent=2) + "\n")
+        else:
+            keys.unlink(missing_ok=True)
+        return {**self.base_env(state), "LLM_USER_PATH": str(state)}
+
+
+class OpencodeClient(_Base):
+    """opencode: its JSON config, private XDG folders, no downloads at all."""
+
+    name = command = "opencode"
+    install_hint = f"run {INSTALL_AGENTS} (npm opencode-ai@{OPENCODE_VERSION})"
+
+    def candidates(self) -> list[Path]:
+        return [*super().candidates(), tools_prefix() / "bin" / "opencode"]
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        pkg = package_dir(binary)
+        return ((pkg,) if pkg else ()), ()
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        xdg = {k: state / v for k, v in XDG.items()}
+        config_dir = xdg["XDG_CONFIG_HOME"] / "opencode"
+        _write(config_dir / "opencode.json", agents.opencode_json(ep))
+        # opencode npm-installs its plugin package into its config folder on
+        # every start; an empty node_modules plus this lock file stops it.
+        (config_dir / "node_modules").mkdir(parents=True, exist_ok=True)
+        lock = {
+            "lockfileVersion": 3,
+            "packages": {"": {"dependencies": {OPENCODE_PLUGIN: OPENCODE_VERSION}}},
+        }
+        _write(config_dir / "package-lock.json", json.dumps(lock, indent=2) + "\n")
+        for folder in xdg.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        env = {**self.base_env(state), **{k: str(v) for k, v in xdg.items()}}
+        env["OPENCODE_CONFIG"] = str(config_dir / "opencode.json")
+        return {**env, **agents.OPENCODE_ENV}
+
+
+class ClaudeClient(_Base):
+    """Claude Code on the gateway's Anthropic route, its config dir private."""
+
+    name = command = "claude"
+    install_hint = f"run {INSTALL_AGENTS} (npm @anthropic-ai/claude-code)"
+    #: Fail in seconds, not minutes, when the endpoint goes away.
+    max_retries = "2"
+
+    def candidates(self) -> list[Path]:
+        return [*super().candidates(), tools_prefix() / "bin" / "claude"]
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        pkg = package_dir(binary)
+        return ((pkg,) if pkg else ()), ()
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        config_dir = state / "claude"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        # Skip the first-run questions, and accept the (local) key without asking.
+        prefs = {
+            "customApiKeyResponses": {"approved": [ep.key[-20:]], "rejected": []},
+            "hasCompletedOnboarding": True,
+        }
+        _write(config_dir / ".claude.json", json.dumps(prefs, indent=2, sort_keys=True) + "\n")
+        claude = {k: v for k, v in agents.agent_env(ep).items() if not k.startswith("OPEN")}
+        env = {**self.base_env(state), **claude, "CLAUDE_CONFIG_DIR": str(config_dir)}
+        env |= {"IS_SANDBOX": "1", "DISABLE_AUTOUPDATER": "1"}
+        env["CLAUDE_CODE_MAX_RETRIES"] = self.max_retries
+        if ep.tiny:
+            # Room for an answer in a small context; no thinking blocks.
+            env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = "512"
+            env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+        return env
+
+
+class ShellClient(_Base):
+    """A POSIX shell in the same confinement, with the endpoint in its env."""
+
+    name = "shell"
+    command = "sh"
+    install_hint = "/bin/sh is missing"
+
+    def candidates(self) -> list[Path]:
+        return [Path("/bin/sh"), *super().candidates()]
+
+    def argv(self, binary: Path, args: list[str]) -> list[str]:
+        """`-- CMD ARGS` runs CMD (found on the profile's PATH); `-- -c ...` is sh's."""
+        if args and not args[0].startswith("-"):
+            return list(args)
+        return [str(binary), *args]
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        openai = {k: v for k, v in agents.agent_env(ep).items() if k.startswith("OPENAI_")}
+        return {**self.base_env(state), **openai}
+
+
+XDG = {
+    "XDG_CONFIG_HOME": "config",
+    "XDG_DATA_HOME": "data",
+    "XDG_CACHE_HOME": "cache",
+    "XDG_STATE_HOME": "state",
+}
+
+CLIENTS: dict[str, Client] = {
+    c.name: c for c in (LlmClient(), OpencodeClient(), ClaudeClient(), ShellClient())
+}
+
+
+def get(name: str) -> Client:
+    try:
+        return CLIENTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown client {name!r}", f"use one of {', '.join(CLIENTS)}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def _shebang(script: Path) -> str | None:
+    """The interpreter of a `#!` script (a console script's venv python)."""
+    try:
+        with open(script, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].strip().split()
+    return line[0].decode() if line and line[0].startswith(b"/") else None
+
+
+# --- the endpoint ------------------------------------------------------------
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
+REACH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model endpoint on the host: where it is, its key and models."""
+
+    origin: str  # http://HOST:PORT, no /v1
+    host: str
+    port: int
+    api_key: str | None
+    models: tuple[str, ...]
+    context: int | None
+
+    def endpoint(self, origin: str | None = None) -> AgentEndpoint:
+        """What the client is told (inside a Linux sandbox: its own loopback)."""
+        return AgentEndpoint(f"{origin or self.origin}/v1", self.models, self.api_key, self.context)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    text = url.strip().rstrip("/")
+    text = text.removesuffix("/v1")
+    parts = urlsplit(text)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port < 1:
+        raise ConfigError(f"invalid --endpoint {url!r}", "use e.g. http://127.0.0.1:8080")
+    return f"{parts.scheme}://{parts.netloc}", parts.hostname, port
+
+
+def _reachable(origin: str, api_key: str | None) -> bool:
+    """Any HTTP answer from /health or /v1/models within the timeout."""
+    for path in ("/health", "/v1/models"):
+        req = urllib.request.Request(origin + path)
+        if api_key:
+            req.add_header("Authorization", f"Bearer {api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=REACH_TIMEOUT) as resp:
+                if resp.status < 500:
+                    return True
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def find_endpoint(url: str | None) -> Target:
+    """`--endpoint`, else the running `vmctl serve`, else 127.0.0.1:8080; checked."""
+    api_key, alias = None, None
+    if url is None:
+        from vmctl.server import list_servers
+
+        servers = list_servers()
+        if len(servers) > 1:
+            servers = [s for s in servers if s.port == 8080] or servers[:1]
+        if servers:
+            url, api_key, alias = servers[0].url, servers[0].api_key, servers[0].alias
+    origin, host, port = _origin(url or DEFAULT_ENDPOINT)
+    if not _reachable(origin, api_key):
+        raise ClientError(
+            f"no model endpoint answers at {origin}",
+            "start one with `vmctl serve` (or pass --endpoint URL)",
+        )
+    served, context = agents.discover(origin + "/v1", api_key=api_key)
+    models = served or ((alias,) if alias else ())
+    if not models:
+        raise ClientError(f"{origin}/v1/models lists no model", "is it an OpenAI endpoint?")
+    return Target(origin, host, port, api_key, models, context)
+
+
+# --- running a client ---------------------------------------------------------
+
+BRIDGE = Path(__file__).with_name("bridge.py")
+
+
+@dataclass
+class RunRequest:
+    """Everything `vmctl run` was asked, parsed."""
+
+    client: str
+    workspace: Path
+    args: list[str] = field(default_factory=list)
+    endpoint: str | None = None
+    client_bin: Path | None = None
+    sandbox: bool = True
+
+
+def run(req: RunRequest) -> int:
+    """Configure the client, start it confined, return its exit status."""
+    client = get(req.client)
+    ws = sandbox.check_workspace(req.workspace)
+    binary = client.find(req.client_bin)
+    target = find_endpoint(req.endpoint)
+    root = paths.client(client.name)
+    state = paths.private_dir(root / "state")
+    if not req.sandbox:
+        ui.warn(f"--no-sandbox: {client.name} runs UNCONFINED, with your files and network")
+        env = client.configure(target.endpoint(), state)
+        cmd = sandbox.unsandboxed_command(client.argv(binary, req.args), env, client.profile)
+        return _launch(cmd.argv, cmd.env, ws)
+    sandbox.check_available()
+    read, exe = client.needs(binary)
+    if sys.platform != "linux":
+        if target.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError("on macOS the sandbox reaches only a loopback endpoint")
+        env = client.configure(target.endpoint(), state)
+        ctx = SandboxContext(
+            binary=binary, workspace=ws, state=state, endpoint_port=target.port,
+            extra_read=read, extra_exec=exe,
+        )  # fmt: skip
+        argv = client.argv(binary, req.args)
+        cmd = sandbox.sandboxed_command(client.profile, argv, ctx, env=env)
+        cmd.write_files()
+        return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
+    return _run_bridged(client, binary, target, ws, state, req.args, (read, exe))
+
+
+def _run_bridged(
+    client: Client,
+    binary: Path,
+    target: Target,
+    ws: Path,
+    state: Path,
+    args: list[str],
+    needs: tuple[tuple[Path, ...], tuple[Path, ...]],
+) -> int:
+    """Linux: a relay on a UNIX socket outside, the bridge listening inside."""
+    root = paths.client(client.name)
+    runtime = paths.private_dir(root / "run" / str(os.getpid()))
+    sock = paths.check_socket_path(runtime / "ep.sock")
+    env = client.configure(target.endpoint(f"http://127.0.0.1:{target.port}"), state)
+    py_read, py_exec = python_runtime()
+    ctx = SandboxContext(
+        binary=binary,
+        workspace=ws,
+        state=state,
+        endpoint_port=target.port,
+        endpoint_socket=sock,
+        extra_read=(*needs[0], *py_read, BRIDGE),
+        extra_exec=(*needs[1], *py_exec),
+    )
+    listen = ["--listen", f"127.0.0.1:{target.port}", "--socket", str(sock)]
+    inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--", *client.argv(binary, args)]
+    try:
+        with HostRelay(sock, target.host, target.port, root / "relay.jsonl"):
+            cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
+            return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Run to completion; Ctrl-C stops the child (its own session) and waits."""
+    try:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd)
+    except OSError as e:
+        raise ClientError(f"cannot start {argv[0]}: {e.strerror}") from e
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    return 128 - code if code < 0 else code
