@@ -255,7 +255,8 @@ def load_file(path: Path) -> Policy:
     common = _rules(path, top, "", (*LIST_KEYS, "setenv"))
     return Policy(
         name=path.stem, source=path, description=desc, network=mode, kill_on_outbound=kill,
-        fork=fork, private_tmp=private_tmp, cwd=cwd, common=common, linux=tables["linux"], darwin=tables["darwin"],
+        fork=fork, private_tmp=private_tmp, cwd=cwd, common=common,
+        linux=tables["linux"], darwin=tables["darwin"],
     )  # fmt: skip
 
 
