@@ -347,3 +347,11 @@ def test_local_paths_single_and_split(tmp_path: Path) -> None:
     (tmp_path / "s-00002-of-00002.gguf").unlink()
     with pytest.raises(ModelError, match="split model part missing"):
         fetch.resolve_model(str(tmp_path / "s-00001-of-00002.gguf"))
+
+
+def test_unreachable_hub_and_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FetchError, match=r"^org/m is not cached and the hub cannot be reached \("):
+        fetch.resolve_model("org/m:Q4_K_M")
