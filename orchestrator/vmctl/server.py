@@ -96,6 +96,8 @@ def llama_argv(config: ServerConfig, sock: Path) -> list[str]:
 def check_port_free(host: str, port: int) -> None:
     """Refuse to start when host:port is taken (before loading gigabytes)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As a listener would: TIME_WAIT leftovers are no reason to refuse.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
