@@ -1,1 +1,238 @@
-"""Placeholder until its verbs land."""
+"""`vmctl up`, `exec`, `console`, `status`, `down`: guests, thinly.
+
+Parsing and rendering only; the lifecycle lives in vmctl.instance. Heavy
+modules are imported inside the verbs so `vmctl exec` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vmctl import ui
+from vmctl.cli import app, passthrough
+from vmctl.errors import ConfigError, VMError
+
+DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `with Instance`, so cleanup runs
+
+
+def _workspace(path: Path) -> Path:
+    try:
+        from vmctl.sandbox import check_workspace
+    except ImportError:  # pragma: no cover - sandbox.py ships with vmctl
+        real = path.expanduser().resolve()
+        if not real.is_dir():
+            raise ConfigError(f"workspace {path} is not a folder", "pass -d DIR") from None
+        return real
+    try:
+        return check_workspace(path)
+    except ConfigError as e:
+        raise ConfigError(e.message, "pass a project folder with -d DIR") from None
+
+
+def _running_server() -> tuple[str, str | None, str | None] | None:
+    """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
+    try:
+        from vmctl.server import list_servers
+    except ImportError:
+        return None
+    for srv in list_servers():
+        return f"{srv.host}:{srv.port}", srv.alias, srv.api_key
+    return None
+
+
+def _plan_model(
+    endpoint: str | None, model: str | None, net: str | None
+) -> tuple[str | None, str, dict[str, bytes]]:
+    """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
+    from vmctl import agents
+    from vmctl.qemu import parse_endpoint
+
+    api_key = None
+    server = None if endpoint else _running_server()
+    if server:
+        endpoint, served, api_key = server
+        model = model or served
+        ui.info(f"model endpoint: {endpoint} (vmctl serve)")
+    if endpoint is None and net in ("model", "full"):
+        endpoint = DEFAULT_ENDPOINT
+    if net is None:
+        net = "model" if endpoint else "none"
+        why = f"model endpoint {endpoint} known" if endpoint else "no model endpoint known"
+        ui.info(f"network: {net} ({why}; choose with --net)")
+    if endpoint is None or net == "none":
+        return endpoint, net, {}
+    host, port = parse_endpoint(endpoint)
+    probe = f"http://{host}:{port}/v1"
+    guest_host = "10.0.2.2" if net == "model" or host in ("127.0.0.1", "localhost") else host
+    guest_port = 8080 if net == "model" else port
+    base = f"http://{guest_host}:{guest_port}/v1"
+    ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
+    return endpoint, net, agents.guest_files(ep)
+
+
+def _image(image: str) -> tuple[Any, str]:
+    from vmctl import images
+
+    if image == "auto":
+        try:
+            from vmctl import nixos  # type: ignore[attr-defined]
+
+            reason = nixos.nix_available()
+        except ImportError:
+            reason = "this vmctl has no NixOS image support"
+        image = "micro" if reason else "nixos"
+        ui.info(f"image: {image}" + (f" ({reason})" if reason else " (Nix can build it here)"))
+    return images.resolve_image(image), image
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def up(
+    directory: Path = typer.Option(..., "-d", "--dir", help="The one host folder the guest sees."),
+    ephemeral: bool = typer.Option(False, "--ephemeral", help="Remove everything at exit."),
+    name: str | None = typer.Option(None, "--name", help="Instance name (default: generated)."),
+    image: str = typer.Option("auto", "--image", help="auto | micro | nixos | PATH."),
+    net: str | None = typer.Option(None, "--net", help="full | model | none."),
+    model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
+    model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
+    publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
+    mem: str = typer.Option("2G", "--mem"),
+    cpus: int = typer.Option(2, "--cpus"),
+    accel: str = typer.Option("auto", "--accel", help="auto | kvm | hvf | tcg."),
+    detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
+    from vmctl import instance, paths
+    from vmctl.qemu import InstanceSpec, parse_endpoint, parse_forward
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    instance.reap()
+    ws = _workspace(directory)
+    name = name or _new_name()
+    endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    spec = InstanceSpec(
+        name=name,
+        workspace=ws,
+        net=policy,
+        model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
+        forwards=tuple(parse_forward(p) for p in publish),
+        mem=mem,
+        cpus=cpus,
+        accel=accel,
+        ephemeral=ephemeral,
+        extra_args=tuple(passthrough()),
+        fw_cfg=tuple(files),
+    )
+    manifest, image_name = _image(image)
+    inst = instance.up(
+        spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
+    )
+    if detach:
+        if as_json:
+            print(json.dumps(inst.info().to_json(), indent=2))
+        else:
+            print(f"{name} is ready (console log: {paths.instance(name).console_log})")
+            print(f"  vmctl exec {name} -- CMD...\n  vmctl console {name}\n  vmctl down {name}")
+        return
+    with inst:
+        _foreground(inst)
+
+
+def _foreground(inst: Any) -> None:
+    """Attach the console on a TTY, else wait for the guest to power off."""
+    from vmctl.console import attach
+
+    if sys.stdin.isatty():
+        ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
+        attach(inst.paths.console)
+    elif inst.proc is not None:
+        ui.info(f"{inst.name} is running; Ctrl-C stops it")
+        inst.proc.wait()
+
+
+def _new_name() -> str:
+    from vmctl import paths
+
+    while True:
+        name = f"vm-{secrets.token_hex(3)}"
+        if not paths.instance(name).root.exists():
+            return name
+
+
+def _load_running(name: str) -> Any:
+    from vmctl import instance
+
+    instance.reap()
+    inst = instance.Instance.load(name)
+    if not inst.alive():
+        raise VMError(f"instance {name!r} is not running", f"vmctl up --name {name} ...")
+    return inst
+
+
+@app.command("exec")
+def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """Run `-- CMD...` in the guest; output streamed, its exit status returned."""
+    import shlex
+
+    cmd = passthrough()
+    if not cmd:
+        raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
+    out = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    status = _load_running(name).exec_channel().run(shlex.join(cmd), write)
+    # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
+    raise SystemExit(status)
+
+
+@app.command()
+def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """Attach to the guest's serial console (Ctrl-] detaches)."""
+    from vmctl.console import attach
+
+    inst = _load_running(name)
+    ui.info("Ctrl-] detaches")
+    attach(inst.paths.console)
+
+
+@app.command()
+def status(
+    name: str = typer.Argument(..., help="Instance name."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """QMP run state, pid, uptime, network policy and forwards."""
+    from vmctl import instance
+
+    instance.reap()
+    data = instance.status(name)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
+        value = data.get(key)
+        print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+    print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
+
+
+@app.command()
+def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
+    from vmctl import instance
+
+    with ui.step(f"stopping {name}"):
+        instance.down(name)

@@ -1,0 +1,393 @@
+"""One `Instance` owns one QEMU process and everything attached to it.
+
+The state folder (paths.InstancePaths) holds instance.json with the QEMU
+process's identity (pid + start time) and, while `vmctl up` still owns
+the guest, the owning vmctl's identity. Status is derived from those, never
+stored. A guest whose QEMU or owner died is reaped by the next vmctl run;
+a non-detached QEMU also dies with its vmctl (PR_SET_PDEATHSIG), so a
+SIGKILLed vmctl leaves no guest running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vmctl import accel as accel_mod
+from vmctl import contract, paths, ui
+from vmctl.console import ExecChannel, tail_lines, wait_for_marker
+from vmctl.errors import NotFoundError, VMError
+from vmctl.procs import ProcessRef, wait_gone
+from vmctl.qemu import InstanceSpec, ManifestLike, qemu_argv
+from vmctl.qmp import QMP
+from vmctl.state import StateError, read_json, write_json
+
+POWERDOWN_TIMEOUT_S = 10.0
+QUIT_TIMEOUT_S = 5.0
+QEMU_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
+
+
+def _pdeathsig() -> None:
+    """In the child before exec: die with the parent (Linux), so no orphan QEMU."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """An instance as seen from its state folder (what `vmctl ls` shows)."""
+
+    name: str
+    running: bool
+    pid: int
+    started: float
+    ephemeral: bool
+    detached: bool
+    net: str
+    model_endpoint: str | None
+    forwards: list[str]
+    workspace: str
+    image: str
+    root: Path
+    console_log: Path
+    audit: Path
+    qemu_log: Path
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("root", "console_log", "audit", "qemu_log"):
+            data[key] = str(data[key])
+        data["uptime_s"] = round(time.time() - self.started, 1) if self.running else None
+        return data
+
+
+def _read_meta(ipaths: paths.InstancePaths) -> dict[str, Any]:
+    return read_json(ipaths.meta, {"name": str, "started": (int, float), "spec": dict})
+
+
+def _ref(meta: dict[str, Any], key: str) -> ProcessRef | None:
+    try:
+        return ProcessRef.from_json(meta.get(key))
+    except ValueError:
+        return None
+
+
+def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
+    spec = meta["spec"]
+    qemu = _ref(meta, "qemu")
+    return InstanceInfo(
+        name=meta["name"],
+        running=bool(qemu and qemu.alive()),
+        pid=qemu.pid if qemu else 0,
+        started=float(meta["started"]),
+        ephemeral=bool(spec.get("ephemeral")),
+        detached=meta.get("owner") is None,
+        net=str(spec.get("net")),
+        model_endpoint=spec.get("model_endpoint"),
+        forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
+        workspace=str(spec.get("workspace")),
+        image=str(meta.get("image", "")),
+        root=ipaths.root,
+        console_log=ipaths.console_log,
+        audit=ipaths.audit,
+        qemu_log=ipaths.qemu_log,
+    )
+
+
+class Instance:
+    """One QEMU guest: start, wait for readiness, exec, shut down, clean up."""
+
+    def __init__(self, name: str, meta: dict[str, Any] | None = None):
+        self.name = name
+        self.paths = paths.instance(name)
+        self.meta: dict[str, Any] = meta if meta is not None else {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+
+    # ---- lookup ----
+    @classmethod
+    def load(cls, name: str) -> Instance:
+        ipaths = paths.instance(name)
+        try:
+            meta = _read_meta(ipaths)
+        except StateError:
+            raise NotFoundError(f"no instance named {name!r}", "see `vmctl ls`") from None
+        return cls(name, meta)
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.meta.get("spec", {}).get("ephemeral"))
+
+    @property
+    def qemu(self) -> ProcessRef | None:
+        return _ref(self.meta, "qemu")
+
+    def alive(self) -> bool:
+        ref = self.qemu
+        return bool(ref and ref.alive())
+
+    def info(self) -> InstanceInfo:
+        return _info(self.paths, self.meta)
+
+    # ---- start ----
+    def start(self, argv: list[str], *, detach: bool) -> None:
+        """Start QEMU in its own session, output to qemu.log, and record it."""
+        env = {k: v for k, v in os.environ.items() if k in QEMU_ENV_KEEP}
+        with open(self.paths.qemu_log, "ab") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.paths.root,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=None if detach or sys.platform != "linux" else _pdeathsig,
+                )
+            except OSError as e:
+                raise VMError(f"cannot start {argv[0]}: {e.strerror}") from e
+        self.meta["qemu"] = ProcessRef.of(self.proc.pid).to_json()
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.paths.meta, self.meta)
+
+    def _died(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"QEMU exited with status {self.proc.returncode}"
+        if self.proc is None and not self.alive():
+            return "QEMU is not running"
+        return None
+
+    def wait_ready(self, timeout: float) -> float:
+        """Block until the guest prints its ready marker; seconds waited."""
+        try:
+            return wait_for_marker(
+                self.paths.console_log, contract.ready_marker(), timeout, abort=self._died
+            )
+        except VMError as e:
+            raise VMError(
+                f"guest {self.name} failed to boot: {e.message}",
+                f"see {self.paths.qemu_log}",
+                details=tail_lines(self.paths.qemu_log) or tail_lines(self.paths.console_log),
+            ) from None
+        except TimeoutError:
+            raise VMError(
+                f"guest {self.name} did not become ready within {timeout:.0f} s",
+                "the image's init never printed the ready marker; check its kernel "
+                f"command line and {self.paths.console_log}",
+                details=tail_lines(self.paths.console_log),
+            ) from None
+
+    def release(self) -> None:
+        """Detach: the guest lives on after this vmctl exits, until `vmctl down`."""
+        self.meta["owner"] = None
+        self.save()
+
+    # ---- use ----
+    def exec_channel(self) -> ExecChannel:
+        return ExecChannel(self.paths.exec, self.paths.lock, self.name)
+
+    def qmp(self, timeout: float = 5.0) -> QMP:
+        return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
+
+    # ---- stop ----
+    def _wait_exit(self, timeout: float) -> bool:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        ref = self.qemu
+        return ref is None or wait_gone(ref, timeout)
+
+    def shutdown(self, powerdown_timeout: float = POWERDOWN_TIMEOUT_S) -> None:
+        """The ladder: ACPI powerdown, then QMP quit, then SIGTERM/SIGKILL."""
+        ref = self.qemu
+        if ref is None or not ref.alive():
+            self._wait_exit(0.5)
+            return
+        with contextlib.suppress(VMError), self.qmp(timeout=2.0) as mon:
+            if powerdown_timeout > 0:
+                with contextlib.suppress(VMError):
+                    mon.powerdown()
+                if self._wait_exit(powerdown_timeout):
+                    return
+            mon.quit()
+        if self._wait_exit(QUIT_TIMEOUT_S):
+            return
+        ref.terminate(timeout=5.0)
+        self._wait_exit(1.0)
+
+    def close(self, powerdown_timeout: float = POWERDOWN_TIMEOUT_S) -> None:
+        """Stop QEMU and, for an ephemeral guest, remove its folder. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.shutdown(powerdown_timeout)
+        finally:
+            if self.ephemeral or not self.paths.meta.exists():
+                shutil.rmtree(self.paths.root, ignore_errors=True)
+            else:
+                for sock in (self.paths.qmp, self.paths.console, self.paths.exec):
+                    sock.unlink(missing_ok=True)
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def new_instance(spec: InstanceSpec, image: str) -> Instance:
+    """Claim the instance folder and record the spec before anything starts."""
+    ipaths = paths.instance(spec.name)
+    if ipaths.root.exists() and not reap_one(ipaths):
+        with contextlib.suppress(StateError):
+            if Instance(spec.name, _read_meta(ipaths)).alive():
+                raise VMError(f"instance {spec.name!r} is running", f"vmctl down {spec.name}")
+        # A stopped persistent instance: its folder (and disk) is reused.
+    paths.private_dir(ipaths.root)
+    meta: dict[str, Any] = {
+        "name": spec.name,
+        "started": time.time(),
+        "image": image,
+        "owner": ProcessRef.of(os.getpid()).to_json(),
+        "spec": {
+            "workspace": str(spec.workspace),
+            "net": spec.net,
+            "model_endpoint": None
+            if spec.model_endpoint is None
+            else "{}:{}".format(*spec.model_endpoint),
+            "forwards": [list(f) for f in spec.forwards],
+            "mem": spec.mem,
+            "cpus": spec.cpus,
+            "ephemeral": spec.ephemeral,
+        },
+    }
+    inst = Instance(spec.name, meta)
+    inst.save()
+    return inst
+
+
+def write_relay(spec: InstanceSpec, ipaths: paths.InstancePaths) -> None:
+    """The guestfwd script: exec this venv's python running vmctl.relay."""
+    assert spec.model_endpoint is not None
+    host, port = spec.model_endpoint
+    argv = [sys.executable, "-m", "vmctl.relay", "--target", f"{host}:{port}"]
+    argv += ["--audit", str(ipaths.audit), "--instance", spec.name]
+    ipaths.relay.write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
+    ipaths.relay.chmod(0o700)
+
+
+def up(
+    spec: InstanceSpec,
+    manifest: ManifestLike,
+    *,
+    image: str = "micro",
+    fwcfg: dict[str, bytes] | None = None,
+    timeout: float = 120.0,
+    detach: bool = False,
+) -> Instance:
+    """Boot a guest and return it once ready; on any failure nothing is left behind."""
+    qemu_bin = accel_mod.qemu_binary()
+    acc = accel_mod.choose(spec.accel, qemu_bin)
+    if acc.reason:
+        ui.warn(acc.reason)
+    inst = new_instance(spec, image)
+    try:
+        paths.private_dir(inst.paths.fwcfg)
+        for name in spec.fw_cfg:
+            (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
+        if spec.net == "model":
+            write_relay(spec, inst.paths)
+        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
+        with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
+            inst.start(argv, detach=detach)
+            inst.wait_ready(timeout)
+        if detach:
+            inst.release()
+    except BaseException:
+        inst.close(powerdown_timeout=0)
+        raise
+    return inst
+
+
+def reap_one(ipaths: paths.InstancePaths) -> bool:
+    """Clean up one instance whose owner or QEMU died; True if its folder went away."""
+    try:
+        meta = _read_meta(ipaths)
+    except StateError:
+        return False
+    inst = Instance(meta["name"], meta)
+    owner = _ref(meta, "owner")
+    owner_dead = owner is not None and not owner.alive()
+    qemu = inst.qemu
+    if qemu is not None and qemu.alive():
+        if not owner_dead:
+            return False
+        qemu.terminate(timeout=5.0)
+    if inst.ephemeral:
+        shutil.rmtree(ipaths.root, ignore_errors=True)
+        return True
+    return False
+
+
+def reap() -> list[str]:
+    """Reap every dead instance; the names whose folders were removed."""
+    gone = []
+    for root in sorted(paths.instances_dir().iterdir()):
+        if root.is_dir() and reap_one(paths.InstancePaths(root)):
+            gone.append(root.name)
+    return gone
+
+
+def list_instances() -> list[InstanceInfo]:
+    """Every instance, dead ephemeral ones reaped first; status from pid files."""
+    reap()
+    found = []
+    for root in sorted(paths.instances_dir().iterdir()):
+        ipaths = paths.InstancePaths(root)
+        with contextlib.suppress(StateError):
+            found.append(_info(ipaths, _read_meta(ipaths)))
+    return found
+
+
+def status(name: str) -> dict[str, Any]:
+    """InstanceInfo plus QMP's run state for a running guest."""
+    inst = Instance.load(name)
+    data = inst.info().to_json()
+    data["state"] = "stopped"
+    if inst.alive():
+        try:
+            with inst.qmp(timeout=2.0) as mon:
+                data["state"] = mon.query_status().get("status", "unknown")
+        except VMError as e:
+            data["state"] = f"unreachable ({e.message})"
+    return data
+
+
+def down(name: str, powerdown_timeout: float = POWERDOWN_TIMEOUT_S) -> None:
+    """Stop an instance through the shutdown ladder; ephemeral ones vanish."""
+    Instance.load(name).close(powerdown_timeout)
