@@ -1,0 +1,220 @@
+"""The agent configuration renderer: exact bytes, since guests and Nix compare them."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vmctl import agents, contract
+from vmctl.agents import AgentEndpoint
+from vmctl.errors import ConfigError
+
+GUEST = AgentEndpoint("http://10.0.2.2:8080/v1", ("smollm2-135m",), None, 8192)
+
+EXPECTED_OPENCODE = """\
+{
+  "$schema": "https://opencode.ai/config.json",
+  "agent": {
+    "build": {
+      "prompt": "You are a concise assistant. Answer the user directly.",
+      "tools": {
+        "*": false
+      }
+    },
+    "title": {
+      "disable": true
+    }
+  },
+  "autoupdate": false,
+  "enabled_providers": [
+    "llama"
+  ],
+  "model": "llama/smollm2-135m",
+  "provider": {
+    "llama": {
+      "models": {
+        "smollm2-135m": {
+          "limit": {
+            "context": 8192,
+            "output": 512
+          },
+          "name": "smollm2-135m",
+          "tool_call": true
+        }
+      },
+      "name": "Local model (vmctl)",
+      "npm": "@ai-sdk/openai-compatible",
+      "options": {
+        "apiKey": "vmctl-local",
+        "baseURL": "http://10.0.2.2:8080/v1"
+      }
+    }
+  },
+  "share": "disabled",
+  "small_model": "llama/smollm2-135m"
+}
+"""
+
+EXPECTED_YAML = """\
+- api_base: http://10.0.2.2:8080/v1
+  can_stream: true
+  model_id: smollm2-135m
+  model_name: smollm2-135m
+"""
+
+EXPECTED_ENV = """\
+ANTHROPIC_API_KEY=vmctl-local
+ANTHROPIC_BASE_URL=http://10.0.2.2:8080
+ANTHROPIC_MODEL=smollm2-135m
+ANTHROPIC_SMALL_FAST_MODEL=smollm2-135m
+CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
+DISABLE_TELEMETRY=1
+OPENAI_API_KEY=vmctl-local
+OPENAI_BASE_URL=http://10.0.2.2:8080/v1
+OPENCODE_DISABLE_AUTOUPDATE=1
+OPENCODE_DISABLE_LSP_DOWNLOAD=1
+OPENCODE_DISABLE_MODELS_FETCH=1
+OPENCODE_DISABLE_PROJECT_CONFIG=1
+OPENCODE_DISABLE_SHARE=1
+"""
+
+
+def test_opencode_json_exact_for_a_small_model() -> None:
+    assert agents.opencode_json(GUEST) == EXPECTED_OPENCODE
+
+
+def test_opencode_large_model_keeps_tools_and_titles_but_stays_local() -> None:
+    ep = AgentEndpoint("http://127.0.0.1:8080/v1", ("qwen", "coder"), "k3y", 131072)
+    cfg = agents.opencode_config(ep)
+    assert "agent" not in cfg
+    assert cfg["model"] == cfg["small_model"] == "llama/qwen"
+    assert cfg["enabled_providers"] == ["llama"]
+    assert cfg["provider"]["llama"]["options"]["apiKey"] == "k3y"
+    models = cfg["provider"]["llama"]["models"]
+    assert sorted(models) == ["coder", "qwen"]
+    assert models["coder"] == {
+        "limit": {"context": 131072, "output": 8192},
+        "name": "coder",
+        "tool_call": True,
+    }
+    assert (cfg["autoupdate"], cfg["share"]) == (False, "disabled")
+
+
+def test_unknown_context_sets_no_limit() -> None:
+    ep = AgentEndpoint("http://127.0.0.1:8080/v1", ("m",))
+    cfg = agents.opencode_config(ep)
+    assert cfg["provider"]["llama"]["models"]["m"] == {"name": "m", "tool_call": True}
+
+
+def test_llm_yaml_exact_and_key_name_only_with_a_key() -> None:
+    assert agents.llm_models_yaml(GUEST) == EXPECTED_YAML
+    keyed = AgentEndpoint("http://127.0.0.1:8080/v1", ("a", "b"), "secret")
+    parsed = yaml.safe_load(agents.llm_models_yaml(keyed))
+    assert [e["model_id"] for e in parsed] == ["a", "b"]
+    assert all(e["api_key_name"] == agents.LLM_KEY_NAME for e in parsed)
+    assert "secret" not in agents.llm_models_yaml(keyed)
+    assert agents.llm_default_model(keyed) == "a\n"
+
+
+def test_env_file_exact() -> None:
+    assert agents.env_file(GUEST) == EXPECTED_ENV
+
+
+@pytest.mark.parametrize(
+    ("base_url", "models", "key"),
+    [
+        ("http://10.0.2.2:8080", ("m",), None),  # no /v1
+        ("ftp://10.0.2.2:8080/v1", ("m",), None),
+        ("http://10.0.2.2:8080/v1\nX=1", ("m",), None),
+        ('http://10.0.2.2:8080/"/v1', ("m",), None),
+        ("http://10.0.2.2:8080/v1", (), None),
+        ("http://10.0.2.2:8080/v1", ("bad\nid",), None),
+        ("http://10.0.2.2:8080/v1", ("m",), 'k"ey'),
+        ("http://10.0.2.2:8080/v1", ("m",), "k\ney"),
+        ("http://10.0.2.2:8080/v1", ("m",), "$(reboot)"),
+    ],
+)
+def test_hostile_values_are_refused(base_url: str, models: tuple[str, ...], key: str) -> None:
+    with pytest.raises(ConfigError):
+        AgentEndpoint(base_url, models, key)
+
+
+def test_guest_files_follow_the_contract() -> None:
+    files = agents.guest_files(GUEST)
+    assert list(files) == [f.name for f in contract.fw_cfg_files()]
+    prefix = "opt/vmctl/"
+    assert files[prefix + "opencode.json"] == EXPECTED_OPENCODE.encode()
+    assert files[prefix + "llm-models.yaml"] == EXPECTED_YAML.encode()
+    assert files[prefix + "llm-default-model.txt"] == b"smollm2-135m\n"
+    assert files[prefix + "env"] == EXPECTED_ENV.encode()
+    assert all(data.endswith(b"\n") for data in files.values())
+
+
+def test_module_entry_writes_the_guest_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "vmctl.agents", "--model", "smollm2-135m", "--context", "8192"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, timeout=60)
+    expected = {k.removeprefix("opt/vmctl/"): v for k, v in agents.guest_files(GUEST).items()}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == expected
+
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.headers.get("Authorization") != "Bearer k":
+            self.send_response(401)
+            self.end_headers()
+            return
+        data = [
+            {"id": "m1", "meta": {"n_ctx_train": 8192, "n_ctx": 4096}},
+            {"id": "m2", "meta": {"n_ctx_train": 32768}},
+            {"id": "bad id\n"},
+        ]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def models_server() -> Iterator[str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_discover_reads_ids_and_the_smallest_context(models_server: str) -> None:
+    assert agents.discover(models_server, api_key="k") == (("m1", "m2"), 4096)
+    assert agents.discover_models(models_server) == ()  # 401 without the key
+    ep = agents.endpoint(agents.GUEST_BASE_URL, probe_url=models_server, api_key="k")
+    assert (ep.base_url, ep.models, ep.context) == (agents.GUEST_BASE_URL, ("m1", "m2"), 4096)
+
+
+def test_discover_is_bounded_and_empty_when_nothing_answers() -> None:
+    import socket
+
+    with socket.socket() as s:  # accepts connections, never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        start = time.monotonic()
+        assert agents.discover_models(url, timeout=0.5) == ()
+        assert time.monotonic() - start < 3
+    ep = agents.endpoint(url, models=("fallback",), timeout=0.5)
+    assert ep.models == ("fallback",) and ep.context is None
