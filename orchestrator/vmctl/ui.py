@@ -15,20 +15,21 @@ from collections.abc import Iterator
 from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-_quiet = bool(os.environ.get("VMCTL_QUIET"))
+_forced_quiet = False
 
 
 def quiet(flag: bool = True) -> None:
-    global _quiet
-    _quiet = flag
+    global _forced_quiet
+    _forced_quiet = flag
 
 
 def is_quiet() -> bool:
-    return _quiet
+    """Quiet when asked (`--json`) or when VMCTL_QUIET is set (tests, detached runs)."""
+    return _forced_quiet or bool(os.environ.get("VMCTL_QUIET"))
 
 
 def info(message: str) -> None:
-    if not _quiet:
+    if not is_quiet():
         err.print(message)
 
 
@@ -41,17 +42,17 @@ def warn(message: str) -> None:
 def step(message: str) -> Iterator[None]:
     """Log a timed phase: `message ...` then `ready in 4.2 s`."""
     start = time.monotonic()
-    if not _quiet:
+    if not is_quiet():
         err.print(f"{message} ...")
     try:
         yield
     except BaseException:
-        if not _quiet:
+        if not is_quiet():
             err.print(f"[red]{message}: failed after {time.monotonic() - start:.1f} s[/]")
         raise
-    if not _quiet:
+    if not is_quiet():
         err.print(f"[dim]{message}: done in {time.monotonic() - start:.1f} s[/]")
 
 
 def tty() -> bool:
-    return sys.stderr.isatty() and not _quiet
+    return sys.stderr.isatty() and not is_quiet()
