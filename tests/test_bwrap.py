@@ -133,3 +133,33 @@ def test_unallowed_command_refused_before_launch(tmp_path: Path) -> None:
     ctx = SandboxContext(binary=Path("/bin/sh"), workspace=ws, state=st)
     with pytest.raises(SandboxError, match="not an executable"):
         sandbox.sandboxed_command("shell", ["/usr/bin/apt-get", "install", "x"], ctx)
+
+
+def test_cli_show_and_exec(
+    workspace: Path, bwrap_bin: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vmctl sandbox show` renders both platforms; `exec` propagates the exit status."""
+    import json
+
+    from vmctl.cli import main
+
+    main(["sandbox", "show", "llama-server", "--platform", "darwin", "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["profile"].startswith(";;") and "(deny default)" in shown["profile"]
+    assert shown["argv"][0] == "/usr/bin/sandbox-exec"
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "sandbox",
+                "exec",
+                "shell",
+                "-w",
+                str(workspace),
+                "--",
+                "sh",
+                "-c",
+                "echo hi > f; exit 3",
+            ]
+        )
+    assert done.value.code == 3
+    assert (workspace / "f").read_text() == "hi\n"
