@@ -17,7 +17,17 @@ from vmctl.errors import VMError
 
 FORMAT = "vmctl-image/1"
 CONTRACT = 1
-_KEYS = {"format", "name", "system", "kernel", "initrd", "cmdline", "shares", "contract", "features"}
+_KEYS = {
+    "format",
+    "name",
+    "system",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "shares",
+    "contract",
+    "features",
+}
 _SYSTEMS = {"x86_64-linux", "aarch64-linux"}
 _SHARE_KEYS = {"tag", "path", "readonly"}
 
@@ -117,7 +127,9 @@ def load_manifest(path: Path) -> ImageManifest:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise VMError(f"no image manifest at {path}", "give a manifest path, micro or nixos") from None
+        raise VMError(
+            f"no image manifest at {path}", "give a manifest path, micro or nixos"
+        ) from None
     except (OSError, ValueError) as e:
         raise _bad(path, f"not readable JSON ({e})") from None
     if not isinstance(data, dict):

@@ -13,7 +13,6 @@ import hashlib
 import json
 import shlex
 import shutil
-import subprocess
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -67,7 +66,9 @@ def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:
         if not dirs:
             dirs = [{"path": str(parent), "owner": "0:0"}]
         owner = ids if f.owner == user["name"] else "0:0"
-        entries.append({"name": f.name, "dest": f.dest, "owner": owner, "mode": f.mode, "dirs": dirs})
+        entries.append(
+            {"name": f.name, "dest": f.dest, "owner": owner, "mode": f.mode, "dirs": dirs}
+        )
     return entries
 
 
@@ -132,6 +133,7 @@ def install_opencode() -> Path:
     """npm-install opencode-ai once into images_dir/agents (the read-only share)."""
     target = paths.images_dir() / "agents" / f"opencode-{OPENCODE_VERSION}"
     if (target / OPENCODE_BIN).is_file() and (target / ".complete").exists():
+        target.chmod(0o755)  # the guest's agent user must enter the share
         return target
     hint = "install Node.js and npm (apt-get install npm), and reach the npm registry"
     if not shutil.which("npm"):
@@ -144,6 +146,7 @@ def install_opencode() -> Path:
             if not (tmp / OPENCODE_BIN).is_file():
                 raise VMError(f"npm installed no {OPENCODE_BIN}", hint)
             (tmp / ".complete").write_text(OPENCODE_VERSION + "\n")
+            tmp.chmod(0o755)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 shutil.rmtree(target)
@@ -179,15 +182,22 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     a.chardev("dev/console", 5, 1)
     a.file("init", render_init(kernel.load_order(), agents).encode(), 0o755)
     a.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    applets = run([str(BUSYBOX), "--list-full"], "busybox --list-full", "apt-get install busybox-static")
+    applets = run(
+        [str(BUSYBOX), "--list-full"], "busybox --list-full", "apt-get install busybox-static"
+    )
     for applet in applets.split():
         if applet.strip("/") != "bin/busybox":
             a.symlink(applet, "/bin/busybox")
     a.file("etc/inittab", INITTAB.encode())
-    a.file("etc/passwd", f"root:x:0:0:root:/root:/bin/sh\nagent:x:{uid}:{gid}::{home}:/bin/sh\n".encode())
+    a.file(
+        "etc/passwd",
+        f"root:x:0:0:root:/root:/bin/sh\nagent:x:{uid}:{gid}::{home}:/bin/sh\n".encode(),
+    )
     a.file("etc/group", f"root:x:0:\nagent:x:{gid}:\n".encode())
     a.file("etc/hosts", b"127.0.0.1 localhost\n")
-    a.file("usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755)
+    a.file(
+        "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
+    )
     a.dir(home, 0o755, uid, gid)
     for rel in kernel.load_order():
         a.file(f"lib/modules/{rel}", (kernel.modules_dir / rel).read_bytes())
@@ -205,7 +215,9 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
 def _ca_bundle() -> bytes:
     bundle = Path("/etc/ssl/certs/ca-certificates.crt")
     if not bundle.is_file():
-        raise VMError("no CA bundle at /etc/ssl/certs/ca-certificates.crt", "apt-get install ca-certificates")
+        raise VMError(
+            "no CA bundle at /etc/ssl/certs/ca-certificates.crt", "apt-get install ca-certificates"
+        )
     return bundle.read_bytes()
 
 
@@ -213,7 +225,9 @@ def _check_agents(with_agents: tuple[str, ...]) -> tuple[str, ...]:
     agents = tuple(sorted(set(with_agents)))
     for agent in agents:
         if agent not in KNOWN_AGENTS:
-            raise ConfigError(f"unknown agent {agent!r} for --with", f"choose from {', '.join(KNOWN_AGENTS)}")
+            raise ConfigError(
+                f"unknown agent {agent!r} for --with", f"choose from {', '.join(KNOWN_AGENTS)}"
+            )
     return agents
 
 
@@ -222,15 +236,15 @@ def image_key(inputs: dict[str, Any]) -> str:
     return _sha(json.dumps(inputs, sort_keys=True).encode())[:16]
 
 
-def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
-    """Build (or reuse) the micro image; returns its manifest path."""
-    agents = _check_agents(with_agents)
+def micro_inputs(agents: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Path], Path | None]:
+    """Everything the image is made of: (key inputs, libraries, agents share)."""
     package, version = micro_kernel.find_package()
     agents_dir = install_opencode() if "opencode" in agents else None
-    binaries = [agents_dir / OPENCODE_BIN, Path("/usr/bin/rg")] if agents_dir else []
     if agents_dir and not Path("/usr/bin/rg").is_file():
-        raise VMError("ripgrep not found at /usr/bin/rg (opencode needs it)", "apt-get install ripgrep")
-    libs = needed_libs(binaries) if binaries else {}
+        raise VMError(
+            "ripgrep not found at /usr/bin/rg (opencode needs it)", "apt-get install ripgrep"
+        )
+    libs = needed_libs([agents_dir / OPENCODE_BIN, Path("/usr/bin/rg")]) if agents_dir else {}
     inputs = {
         "revision": REVISION,
         "kernel": [package, version, list(micro_kernel.MODULES)],
@@ -243,6 +257,14 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
         "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
         "extra": [_sha(Path("/usr/bin/rg").read_bytes()), _sha(_ca_bundle())] if agents else [],
     }
+    return inputs, libs, agents_dir
+
+
+def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
+    """Build (or reuse) the micro image; returns its manifest path."""
+    agents = _check_agents(with_agents)
+    inputs, libs, agents_dir = micro_inputs(agents)
+    package, version = inputs["kernel"][:2]
     folder = paths.images_dir() / f"micro-{image_key(inputs)}"
     manifest = folder / "manifest.json"
     if manifest.exists() and not force:
@@ -255,12 +277,14 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
             with open(tmp / "initrd.cpio", "wb") as out:
                 build_archive(kernel, agents, libs).write(out)
             (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-            shares = []
+            shares: list[dict[str, Any]] = []
             if agents_dir:
-                shares.append({"tag": AGENTS_TAG, "path": f"../agents/{agents_dir.name}", "readonly": True})
-            fields = {"name": "micro", "system": "x86_64-linux", "kernel": "vmlinux"}
-            fields |= {"initrd": "initrd.cpio", "cmdline": CMDLINE, "shares": shares}
-            write_manifest(tmp, {**fields, "features": list(agents)})
+                shares.append(
+                    {"tag": AGENTS_TAG, "path": f"../agents/{agents_dir.name}", "readonly": True}
+                )
+            fields: dict[str, Any] = {"name": "micro", "system": "x86_64-linux"}
+            fields |= {"kernel": "vmlinux", "initrd": "initrd.cpio", "cmdline": CMDLINE}
+            write_manifest(tmp, {**fields, "shares": shares, "features": list(agents)})
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)

@@ -65,7 +65,9 @@ def run(argv: list[str], what: str, hint: str, cwd: Path | None = None) -> str:
         raise VMError(f"{argv[0]} not found ({what})", hint) from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise VMError(f"{what} failed: {argv[0]} exited {proc.returncode}", hint, details="\n".join(tail))
+        raise VMError(
+            f"{what} failed: {argv[0]} exited {proc.returncode}", hint, details="\n".join(tail)
+        )
     return proc.stdout
 
 
@@ -108,7 +110,9 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         if elf[:4] == b"\x7fELF":
             return elf
         start = bzimage.find(_XZ_MAGIC, start + 1)
-    raise VMError("no XZ-compressed ELF kernel inside the bzImage", "the kernel package is not an XZ build")
+    raise VMError(
+        "no XZ-compressed ELF kernel inside the bzImage", "the kernel package is not an XZ build"
+    )
 
 
 def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
@@ -137,7 +141,9 @@ def load_order(deps: dict[str, tuple[str, list[str]]], wanted: tuple[str, ...]) 
             return
         seen.add(name)
         if name not in deps:
-            raise VMError(f"kernel module {name} not found", "the kernel package lacks it (-cloud-?)")
+            raise VMError(
+                f"kernel module {name} not found", "the kernel package lacks it (-cloud-?)"
+            )
         path, needs = deps[name]
         for dep in needs:
             visit(module_name(dep))

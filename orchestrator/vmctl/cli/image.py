@@ -1,0 +1,59 @@
+"""`vmctl image build|show`: build the micro image, inspect any image's manifest."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from vmctl import images, ui
+from vmctl.cli import app
+
+image_app = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build")
+def build(
+    name: str = typer.Argument(..., help="The image to build: micro."),
+    with_agents: list[str] = typer.Option(
+        [], "--with", help="Agents to carry in the image (opencode). Repeatable."
+    ),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a cached image matches."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Build an image (cached by the content of its inputs); prints its manifest path."""
+    from vmctl import micro
+    from vmctl.errors import ConfigError
+
+    if name != "micro":
+        raise ConfigError(
+            f"vmctl cannot build image {name!r}",
+            "only micro is built here (nixos comes from the flake)",
+        )
+    if as_json:
+        ui.quiet()
+    manifest = images.load_manifest(micro.build_micro(tuple(with_agents), force=force))
+    print(json.dumps(manifest.to_json(), indent=2) if as_json else manifest.path)
+
+
+@image_app.command("show")
+def show(
+    name: str = typer.Argument(..., help="micro, nixos or a manifest path."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show an image's manifest (micro is built first if needed)."""
+    if as_json:
+        ui.quiet()
+    manifest = images.resolve_image(name)
+    if as_json:
+        print(json.dumps(manifest.to_json(), indent=2))
+        return
+    for key, value in manifest.to_json().items():
+        if key == "shares":
+            value = ", ".join(
+                f"{s['tag']}={s['path']}{' (ro)' if s['readonly'] else ''}" for s in value
+            )
+        elif key == "features":
+            value = ", ".join(value) or "-"
+        print(f"{key:10} {value}")
