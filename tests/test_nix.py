@@ -323,3 +323,30 @@ def test_defaults_point_at_this_checkout_and_this_cpu(monkeypatch: pytest.Monkey
     assert nixos.default_config("AMD64") == "agent-x86_64-linux"
     with pytest.raises(VMError):
         nixos.default_config("riscv64")
+
+
+def test_flake_declares_the_agreed_outputs() -> None:
+    """Structure only: evaluating the flake needs nixpkgs (`nix flake check` in CI)."""
+    text = code_of(ROOT / "flake.nix")
+    assert re.search(r'nixpkgs\.url = "github:NixOS/nixpkgs/nixos-\d\d\.\d\d"', text)
+    for system in ("x86_64-linux", "aarch64-linux", "aarch64-darwin", "x86_64-darwin"):
+        assert f'"{system}"' in text
+    for needle in (
+        "nixosModules = {",
+        "guest = ./nixos-modules/guest.nix;",
+        "opencode = ./nixos-modules/opencode.nix;",
+        "llm = ./nixos-modules/llm.nix;",
+        "default = ./nixos-modules/default.nix;",
+        '"agent-${system}"',
+        "inherit mkAgent",
+        "agent-image =",
+        "config.system.build.vmctlManifest",
+        "unit =",
+        "smoke = pkgs.testers.runNixOSTest",
+        "apps =",
+        "devShells =",
+        "formatter =",
+        '-m "not qemu and not llama and not slow and not network"',
+    ):
+        assert needle in text, needle
+    assert nixos.MANIFEST_ATTR in text
