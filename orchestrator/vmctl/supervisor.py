@@ -44,10 +44,8 @@ def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[st
     ctx = sandbox.SandboxContext(
         binary=Path(config.binary), cache=sp.cache, runtime=sp.runtime, model=model
     )
-    cmd = sandbox.sandboxed_command(PROFILE, argv, ctx, env=env)
-    for path, text in cmd.files.items():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.write_text(text)
+    cmd = sandbox.sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
+    cmd.write_files()
     return cmd.argv, cmd.env
 
 

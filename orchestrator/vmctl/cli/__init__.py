@@ -76,24 +76,22 @@ def report(e: VmctlError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning `VmctlError` into one clear line."""
+    from typer._click.exceptions import ClickException
+
     _register()
     args = _split(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="vmctl", standalone_mode=False)
+        rc = app(args=args, prog_name="vmctl", standalone_mode=False)
     except VmctlError as e:
         report(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         ui.err.print("interrupted")
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except ClickException as e:  # usage errors: click's own one-line message
+        e.show()
+        sys.exit(e.exit_code)
+    # With standalone_mode=False click returns typer.Exit's code instead of exiting.
+    sys.exit(rc if isinstance(rc, int) else 0)
