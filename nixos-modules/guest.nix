@@ -208,7 +208,15 @@ in
         what = ws.tag;
         where = ws.mountpoint;
         type = ws.fstype;
-        options = "${ws.options},nosuid,nodev";
+        options = lib.concatStringsSep "," (
+          lib.unique (
+            lib.splitString "," ws.options
+            ++ [
+              "nosuid"
+              "nodev"
+            ]
+          )
+        );
         wantedBy = [ "multi-user.target" ];
         requires = [ "modprobe@9pnet_virtio.service" ];
         after = [ "modprobe@9pnet_virtio.service" ];
@@ -377,7 +385,7 @@ in
         Type = "oneshot";
         RemainAfterExit = true;
         ExecStart = "${pkgs.coreutils}/bin/true";
-        ExecStop = pkgs.writeShellScript "vmctl-poweroff-marker" (marker contract.console.poweroff_marker);
+        ExecStop = "${pkgs.writeShellScript "vmctl-poweroff-marker" (marker contract.console.poweroff_marker)}";
       };
     };
 
