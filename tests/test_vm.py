@@ -1,0 +1,268 @@
+"""Real guests under TCG: the micro image, driven through the `vmctl` CLI.
+
+One detached instance (net model) is shared by the assertions that only
+read or run commands; lifecycle tests (Ctrl-C, SIGKILL, never ready, two at
+once) boot their own. Every test bounds its waits and kills what it starts.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+from vmctl import agents, images, paths
+from vmctl.console import wait_for_marker
+from vmctl.procs import ProcessRef
+
+pytestmark = pytest.mark.qemu
+MODEL = "smoke-model"
+VMCTL = [sys.executable, "-m", "vmctl"]
+
+
+class FakeModel(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.ThreadingHTTPServer:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A private VMCTL_HOME for the module; the image cache is shared (built once)."""
+    need(bool(subprocess.run(["which", "qemu-system-x86_64"], capture_output=True).stdout), "qemu")
+    cache = os.environ.get("VMCTL_CACHE") or str(Path.home() / ".local/state/vmctl/cache")
+    home = tmp_path_factory.mktemp("vm", numbered=True)
+    e = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_CACHE": cache, "VMCTL_QUIET": "1"}
+    old = {k: os.environ.get(k) for k in ("VMCTL_HOME", "VMCTL_CACHE")}
+    os.environ["VMCTL_CACHE"] = cache
+    try:
+        manifest = images.resolve_image("micro").path
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    e["TEST_MANIFEST"] = str(manifest)
+    yield e
+    for root in (home / "instances").glob("*"):  # kill anything a failed test left
+        subprocess.run([*VMCTL, "down", root.name], env=e, timeout=60, check=False)
+
+
+def vmctl(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VMCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def up_args(env: dict[str, str], ws: Path, name: str, *extra: str) -> list[str]:
+    return ["up", "-d", str(ws), "--name", name, "--image", env["TEST_MANIFEST"], *extra]
+
+
+def instance_dir(env: dict[str, str], name: str) -> Path:
+    return Path(env["VMCTL_HOME"]) / "instances" / name
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[int]:
+    srv = serve(FakeModel)
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def shared(
+    env: dict[str, str], model: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """One detached guest with `--net model` against the fake model server."""
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "from-host.txt").write_text("host says hi\n")
+    args = up_args(env, ws, "shared", "--detach", "--model-endpoint", f"127.0.0.1:{model}")
+    r = vmctl(env, *args, "--timeout", "90")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "vmctl exec shared --" in r.stdout
+        yield "shared", ws
+    finally:
+        vmctl(env, "down", "shared", timeout=60)
+
+
+def test_exec_streams_output_and_propagates_status(
+    shared: tuple[str, Path], env: dict[str, str]
+) -> None:
+    r = vmctl(env, "exec", "shared", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert r.returncode == 7
+    assert r.stdout == "out\nerr\n"
+    r = vmctl(env, "exec", "shared", "--", "printf", "%s|", "a b", "it's")
+    assert (r.returncode, r.stdout) == (0, "a b|it's|")
+
+
+def test_workspace_is_shared_both_ways(shared: tuple[str, Path], env: dict[str, str]) -> None:
+    name, ws = shared
+    r = vmctl(env, "exec", name, "--", "sh", "-c", "cat /workspace/from-host.txt > /workspace/out")
+    assert r.returncode == 0, r.stdout
+    assert (ws / "out").read_text() == "host says hi\n"
+    script = "ln -s /etc/passwd /workspace/l && readlink /workspace/l; chmod 4755 /workspace/out"
+    r = vmctl(env, "exec", name, "--", "sh", "-c", script)
+    assert r.stdout.startswith("/etc/passwd\n"), r.stdout  # a symlink inside the guest...
+    assert not (ws / "l").is_symlink(), "a guest symlink must not become a host symlink"
+    assert (ws / "out").stat().st_mode & 0o7777 == 0o644, "guest setuid must stay in xattrs"
+
+
+def test_net_model_reaches_only_the_model(
+    shared: tuple[str, Path], env: dict[str, str], model: int
+) -> None:
+    other = serve(FakeModel)
+    try:
+        probe = "timeout 5 wget -q -O - http://{}/v1/models >/dev/null 2>&1; echo $?"
+        cmds = [probe.format(t) for t in ("10.0.2.2:8080", f"10.0.2.2:{other.server_address[1]}",
+                                          f"10.0.2.254:{model}", "1.1.1.1:80")]  # fmt: skip
+        r = vmctl(env, "exec", "shared", "--", "sh", "-c", "; ".join(cmds))
+    finally:
+        other.shutdown()
+        other.server_close()
+    codes = r.stdout.split()
+    assert codes[0] == "0", r.stdout
+    assert all(c != "0" for c in codes[1:]), r.stdout
+    audit = [
+        json.loads(x)
+        for x in (instance_dir(env, "shared") / "audit.jsonl").read_text().splitlines()
+    ]
+    hits = [a for a in audit if a["request"] == "GET /v1/models HTTP/1.1"]
+    assert hits and hits[-1]["target"] == f"127.0.0.1:{model}" and hits[-1]["bytes_in"] > 0
+
+
+def test_opencode_json_in_guest_is_exact(shared: tuple[str, Path], env: dict[str, str]) -> None:
+    ep = agents.AgentEndpoint("http://10.0.2.2:8080/v1", (MODEL,))
+    expected = agents.guest_files(ep)["opt/vmctl/opencode.json"].decode()
+    r = vmctl(env, "exec", "shared", "--", "cat", "/home/agent/.config/opencode/opencode.json")
+    assert r.returncode == 0
+    assert r.stdout == expected
+    assert json.loads(r.stdout)["model"].endswith(MODEL)
+
+
+def test_status_json(shared: tuple[str, Path], env: dict[str, str], model: int) -> None:
+    r = vmctl(env, "status", "shared", "--json")
+    data = json.loads(r.stdout)
+    assert data["state"] == "running" and data["net"] == "model"
+    assert data["model_endpoint"] == f"127.0.0.1:{model}"
+    assert ProcessRef.of(data["pid"]).alive() and data["uptime_s"] > 0
+
+
+def _no_trace(env: dict[str, str], name: str, pid: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and ProcessRef.of(pid).alive():
+        time.sleep(0.1)
+    assert not ProcessRef.of(pid).alive(), "QEMU still running"
+
+
+def test_second_instance_net_none_then_ephemeral_down(
+    shared: tuple[str, Path], env: dict[str, str], tmp_path: Path
+) -> None:
+    r = vmctl(env, *up_args(env, tmp_path, "second", "--detach", "--ephemeral", "--net", "none"))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = vmctl(env, "exec", "second", "--", "ls", "/sys/class/net")
+        assert r.stdout.split() == ["lo"]
+        assert vmctl(env, "exec", "shared", "--", "true").returncode == 0
+        pid = json.loads(vmctl(env, "status", "second", "--json").stdout)["pid"]
+    finally:
+        assert vmctl(env, "down", "second").returncode == 0
+    _no_trace(env, "second", pid, 5)
+    assert not instance_dir(env, "second").exists()
+
+
+def _foreground_up(env: dict[str, str], ws: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [*VMCTL, *up_args(env, ws, name, "--ephemeral", "--net", "none")],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    log = instance_dir(env, name) / "console.log"
+    try:
+        wait_for_marker(
+            log, "VMCTL-READY", 90, abort=lambda: None if proc.poll() is None else "exited"
+        )
+        meta = json.loads((instance_dir(env, name) / "instance.json").read_text())
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, meta["qemu"]["pid"]
+
+
+def test_ctrl_c_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    proc, pid = _foreground_up(env, tmp_path, "intr")
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        proc.kill()
+        ProcessRef.of(pid).terminate(2)
+    _no_trace(env, "intr", pid, 2)
+    assert not instance_dir(env, "intr").exists()
+
+
+def test_sigkill_of_vmctl_leaves_no_qemu_and_next_run_reaps(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    proc, pid = _foreground_up(env, tmp_path, "killed")
+    ref = ProcessRef.of(pid)
+    try:
+        proc.kill()
+        proc.wait(5)
+        _no_trace(env, "killed", pid, 5)
+    finally:
+        ref.terminate(2)
+    assert instance_dir(env, "killed").exists()
+    code = "from vmctl import instance; print([i.name for i in instance.list_instances()])"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert "killed" not in r.stdout and r.returncode == 0, r.stderr
+    assert not instance_dir(env, "killed").exists()
+
+
+def test_guest_that_never_becomes_ready_fails_clearly(env: dict[str, str], tmp_path: Path) -> None:
+    start = time.monotonic()
+    args = up_args(
+        env, tmp_path, "stuck", "--ephemeral", "--net", "none", "--timeout", "8", "--detach"
+    )
+    r = vmctl(env, *args, "--", "-append", "console=ttyS0 rdinit=/bin/sh", timeout=60)
+    assert r.returncode == 1
+    assert "error: guest stuck did not become ready within 8 s" in r.stderr
+    assert time.monotonic() - start < 40
+    assert not instance_dir(env, "stuck").exists()
+
+
+def test_missing_workspace_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    r = vmctl(env, *up_args(env, tmp_path / "nope", "nows", "--detach"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: workspace") and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
