@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl import agents, images, paths
+from vmctl import agents, images
 from vmctl.console import wait_for_marker
 from vmctl.procs import ProcessRef
 
