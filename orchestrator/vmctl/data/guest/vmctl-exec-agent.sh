@@ -55,10 +55,14 @@ while IFS= read -r req <&3 || [ -n "$req" ]; do
     esac
     [ ${#id} -ge 8 ] && [ ${#id} -le 32 ] || continue
     printf '%sVMCTL-BEGIN %s\n' "$RS" "$id" >&3
-    if [ "$b64" = "$req" ]; then
+    case $b64 in
+        "$req" | "") b64= ;;
+        *[!A-Za-z0-9+/=]*) b64=! ;;
+    esac
+    if [ -z "$b64" ]; then
         printf 'vmctl-exec-agent: request has no command\n' >&3
         status=126
-    elif cmd=$(printf '%s' "$b64" | base64 -d 2>/dev/null); then
+    elif [ "$b64" != ! ] && cmd=$(printf '%s' "$b64" | base64 -d 2>/dev/null); then
         sh -c "$cmd" </dev/null >&3 2>&1 3>&-
         status=$?
     else
