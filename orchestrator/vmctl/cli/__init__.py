@@ -94,4 +94,5 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     # With standalone_mode=False click returns typer.Exit's code instead of exiting.
-    sys.exit(rc if isinstance(rc, int) else 0)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
