@@ -35,7 +35,7 @@ AGENT = Path(micro.__file__).parent / "data" / "guest" / "vmctl-exec-agent.sh"
 @pytest.fixture
 def image_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shared image cache (built by scripts/install.sh): never rebuilt per test."""
-    default = Path(platformdirs.user_state_dir("vmctl", appauthor=False)) / "cache"
+    default = Path(platformdirs.user_cache_dir("vmctl", appauthor=False))
     cache = Path(os.environ.get("VMCTL_CACHE") or default)
     monkeypatch.setenv("VMCTL_CACHE", str(cache))
     return cache

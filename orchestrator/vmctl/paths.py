@@ -7,6 +7,9 @@ overridable with VMCTL_HOME)::
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.sock, console.log,
                        audit.jsonl, overlay.qcow2, fwcfg/
     clients/NAME/      a host client's private config and data
+
+and, below `cache_home()` (platformdirs' user cache folder, VMCTL_CACHE)::
+
     images/            built guest images, by content key
 
 Folders are created 0700. UNIX socket paths are checked against the
@@ -36,10 +39,15 @@ def home() -> Path:
 
 
 def cache_home() -> Path:
-    """Where rebuildable artefacts live (guest images)."""
+    """Where rebuildable artefacts live (guest images, probe results).
+
+    Kept apart from the state folder (platformdirs' user cache folder,
+    overridable with VMCTL_CACHE): a throwaway VMCTL_HOME, as every test
+    uses, still finds the image that scripts/install.sh built once.
+    """
     env = os.environ.get("VMCTL_CACHE")
-    root = Path(env) if env else home() / "cache"
-    return private_dir(root)
+    root = Path(env) if env else Path(platformdirs.user_cache_dir("vmctl", appauthor=False))
+    return private_dir(root.expanduser().absolute())
 
 
 def private_dir(path: Path) -> Path:
