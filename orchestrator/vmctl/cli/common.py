@@ -62,16 +62,13 @@ def ls(
     Console().print(table)
 
 
-def _log_files(name: str) -> list[Path]:
-    """The audit (and console) logs of a server or instance called `name`."""
+def _log_files(name: str, console: bool) -> list[Path]:
+    """The audit log of a server or instance called `name` (or its console log)."""
     found: list[Path] = []
     sp = paths.server(name)
-    if sp.audit.exists():
-        found.append(sp.audit)
     ip = paths.instance(name)
-    for path in (ip.audit, ip.console_log):
-        if path.exists():
-            found.append(path)
+    candidates = [ip.console_log] if console else [sp.audit, ip.audit]
+    found = [path for path in candidates if path.exists()]
     if not found:
         raise NotFoundError(f"no logs for {name!r}", "see `vmctl ls --all`")
     return found
@@ -84,6 +81,13 @@ def _render(line: str, raw: bool) -> str:
         r = json.loads(line)
     except ValueError:
         return line.rstrip("\n")
+    if isinstance(r, dict) and "target" in r and "method" not in r:
+        request = r.get("request") or ""
+        return (
+            f"{r.get('time', '')} {r.get('instance', '')} -> {r['target']} {request} "
+            f"{r.get('error', '')}"
+            f"in={r.get('bytes_in', 0)} out={r.get('bytes_out', 0)} {r.get('duration_s', '')}s"
+        )
     if not isinstance(r, dict) or "method" not in r:
         return json.dumps(r)
     tokens = ""
@@ -101,9 +105,10 @@ def logs(
     name: str = typer.Argument(..., help="Server or instance name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
     as_json: bool = typer.Option(False, "--json", help="Raw JSON lines."),
+    console: bool = typer.Option(False, "--console", help="A guest's serial console log."),
 ) -> None:
-    """Show the audit log of a server (one line per request) or an instance."""
-    files = _log_files(name)
+    """Show the audit log of a server (one line per request) or a guest (one per connection)."""
+    files = _log_files(name, console)
     handles = [f.open(encoding="utf-8", errors="replace") for f in files]
     try:
         for h in handles:
