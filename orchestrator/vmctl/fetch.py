@@ -1,33 +1,37 @@
-"""Model weights on disk: pulled from the hub, verified, checked, resolved.
+"""Model weights on disk: resolved from a spec, fetched when missing, checked.
 
-Downloads go through huggingface_hub into its standard cache (shared with
-llama.cpp's `-hf`), outside any sandbox, honouring HF_ENDPOINT, HF_TOKEN
-and HF_HUB_OFFLINE read at call time. Every file is checked against the
-hub's LFS sha256; a digest sidecar in vmctl's state (keyed by a stamp
-that includes ctime, which no user can set back) spares re-hashing
-gigabytes on each start. A tampered file is deleted and fetched once more,
-then refused. Every part passes `check_gguf` before it is handed out.
+A spec (catalog alias, hub file or quant, local path) becomes a `LocalModel`
+whose every part passed `check_gguf`. Listing the hub and its cache lives
+in `vmctl.hub`; downloading, resuming and verifying against the hub's
+sha256 in `vmctl.download`. `cached_models` is what `vmctl models` shows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl import catalog, paths, state, ui
+from vmctl import catalog
+from vmctl.download import fetch_file
 from vmctl.errors import FetchError, ModelError
-from vmctl.gguf_check import check_gguf, file_stamp
+from vmctl.gguf_check import check_gguf
+from vmctl.hub import (
+    Listing,
+    RemoteFile,
+    file_sha256,
+    hub_cache,
+    list_cached,
+    list_repo,
+    not_cached,
+)
 from vmctl.spec import (
     SPLIT_RE,
     CatalogSpec,
     HubSpec,
     PathSpec,
-    check_repo_file,
     check_repo_id,
     parse_spec,
     pick_mmproj,
@@ -36,9 +40,19 @@ from vmctl.spec import (
     split_parts,
 )
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-REVISION = "main"
+__all__ = [
+    "Listing",
+    "LocalModel",
+    "ModelStatus",
+    "RemoteFile",
+    "cached_models",
+    "embedded_path",
+    "fetch_file",
+    "file_sha256",
+    "hub_cache",
+    "list_repo",
+    "resolve_model",
+]
 
 
 @dataclass(frozen=True)
@@ -64,275 +78,8 @@ class LocalModel:
         }
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int | None
-    sha256: str | None  # the LFS sha256; None for small git files
-
-
-@dataclass(frozen=True)
-class Listing:
-    """A repo's files, from the hub or (offline) from the local cache."""
-
-    repo: str
-    files: dict[str, RemoteFile]
-    offline: str | None  # why the hub was not asked; None when this came from it
-
-
 def _opt(p: Path | None) -> tuple[Path, ...]:
     return () if p is None else (p,)
-
-
-def hub_cache() -> Path:
-    """huggingface_hub's cache folder, from the environment at call time."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base.expanduser() / "huggingface" / "hub"
-
-
-def offline_reason() -> str | None:
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return "HF_HUB_OFFLINE=1" if flag in {"1", "true", "yes", "on"} else None
-
-
-def _hub_kwargs() -> dict[str, Any]:
-    return {"endpoint": os.environ.get("HF_ENDPOINT") or None, "token": os.environ.get("HF_TOKEN")}
-
-
-def _repo_dir(repo: str) -> Path:
-    return hub_cache() / f"models--{repo.replace('/', '--')}"
-
-
-def _not_cached(what: str, reason: str) -> FetchError:
-    if reason == "not pulling":
-        return FetchError(f"{what} is not pulled yet", "run `vmctl pull MODEL` first")
-    hint = (
-        "unset HF_HUB_OFFLINE and run `vmctl pull MODEL`, or use a cached model (`vmctl models`)"
-        if reason.startswith("HF_HUB_OFFLINE")
-        else "check the network and HF_ENDPOINT, then run `vmctl pull MODEL`"
-    )
-    return FetchError(f"{what} is not cached and the hub cannot be reached ({reason})", hint)
-
-
-# -- listing -------------------------------------------------------------------
-
-
-def list_repo(repo: str, *, network: bool = True) -> Listing:
-    """The repo's files: the hub's listing, or the cached snapshot when offline."""
-    reason = offline_reason() or (None if network else "not pulling")
-    if reason is None:
-        try:
-            return _list_online(repo)
-        except _Unreachable as e:
-            reason = str(e)
-    cached = list_cached(repo, reason)
-    if cached is None:
-        raise _not_cached(repo, reason)
-    return cached
-
-
-class _Unreachable(Exception):
-    pass
-
-
-def _list_online(repo: str) -> Listing:
-    import httpx2
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    kw = _hub_kwargs()
-    try:
-        info = HfApi(endpoint=kw["endpoint"], token=kw["token"]).model_info(
-            repo, files_metadata=True, timeout=30
-        )
-    except GatedRepoError as e:
-        raise FetchError(f"{repo} is gated on the hub", "accept its terms and set HF_TOKEN") from e
-    except RepositoryNotFoundError as e:
-        hint = "check the name; a private repo needs HF_TOKEN"
-        raise FetchError(f"no such model repo on the hub: {repo}", hint) from e
-    except OfflineModeIsEnabled as e:
-        raise _Unreachable("HF_HUB_OFFLINE=1") from e
-    except (httpx2.TransportError, HfHubHTTPError) as e:
-        raise _Unreachable(str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from e
-    files: dict[str, RemoteFile] = {}
-    for s in info.siblings or []:
-        try:
-            name = check_repo_file(s.rfilename)
-        except ModelError:
-            continue  # never selectable: odd names are not ours to fetch
-        sha = s.lfs.sha256 if s.lfs else None
-        size = s.lfs.size if s.lfs else s.size
-        files[name] = RemoteFile(name, size, sha if sha and SHA256_RE.match(sha) else None)
-    return Listing(repo, files, None)
-
-
-def _snapshot(repo: str) -> Path | None:
-    rdir = _repo_dir(repo)
-    try:
-        commit = (rdir / "refs" / REVISION).read_text().strip()
-    except OSError:
-        snaps = [p for p in (rdir / "snapshots").glob("*") if COMMIT_RE.match(p.name)]
-        commit = snaps[0].name if len(snaps) == 1 else ""
-    snap = rdir / "snapshots" / commit
-    return snap if COMMIT_RE.match(commit) and snap.is_dir() else None
-
-
-def list_cached(repo: str, reason: str = "cached") -> Listing | None:
-    """The files of the cached snapshot of `repo` (None if nothing is cached)."""
-    snap = _snapshot(repo)
-    if snap is None:
-        return None
-    files: dict[str, RemoteFile] = {}
-    for p in snap.rglob("*"):
-        name = p.relative_to(snap).as_posix()
-        try:
-            check_repo_file(name)
-            if not p.is_file():
-                continue
-            size = p.stat().st_size
-        except (ModelError, OSError):
-            continue
-        files[name] = RemoteFile(name, size, _recorded_sha(repo, p))
-    return Listing(repo, files, reason)
-
-
-# -- digests -------------------------------------------------------------------
-
-
-def _sidecar(repo: str, blob: Path) -> Path:
-    key = blob.name if re.fullmatch(r"[0-9A-Za-z]{8,128}", blob.name) else None
-    key = key or hashlib.sha256(os.fsencode(blob)).hexdigest()
-    folder = paths.home() / "models" / f"models--{repo.replace('/', '--')}"
-    return paths.private_dir(folder) / f"{key}.json"
-
-
-def _recorded_sha(repo: str, pointer: Path) -> str | None:
-    """The hub's sha256 as recorded at download time (sidecar, else the blob name)."""
-    blob = pointer.resolve()
-    try:
-        sha = state.read_json(_sidecar(repo, blob), {"hub_sha256": str})["hub_sha256"]
-    except state.StateError:
-        sha = blob.name
-    return sha if isinstance(sha, str) and SHA256_RE.match(sha) else None
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def digest(repo: str, pointer: Path, hub_sha: str) -> str:
-    """sha256 of the cached file, re-hashed only when its stamp changed."""
-    blob = pointer.resolve()
-    side, stamp = _sidecar(repo, blob), file_stamp(blob)
-    try:
-        rec = state.read_json(side, {"sha256": str, "stamp": dict})
-        if rec["stamp"] == stamp:
-            return str(rec["sha256"])
-    except state.StateError:
-        pass
-    with ui.step(f"verifying {pointer.name}"):
-        sha = file_sha256(blob)
-    state.write_json(side, {"sha256": sha, "hub_sha256": hub_sha, "stamp": stamp})
-    return sha
-
-
-def _evict(repo: str, pointer: Path) -> None:
-    """Remove a bad file: blob, snapshot link and sidecar."""
-    blob = pointer.resolve()
-    _sidecar(repo, blob).unlink(missing_ok=True)
-    blob.unlink(missing_ok=True)
-    pointer.unlink(missing_ok=True)
-
-
-# -- downloading ---------------------------------------------------------------
-
-
-def _tqdm_class() -> Any:
-    if not ui.is_quiet():
-        return None
-    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
-
-    class Silent(hf_tqdm):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-    return Silent
-
-
-def _download(listing: Listing, name: str, *, force: bool = False) -> Path:
-    """One file into the hub cache (or found there when offline)."""
-    import httpx2
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-    )
-
-    what = f"{listing.repo}:{name}"
-    try:
-        found = hf_hub_download(
-            listing.repo,
-            name,
-            revision=REVISION,
-            cache_dir=hub_cache(),
-            local_files_only=listing.offline is not None,
-            force_download=force,
-            tqdm_class=_tqdm_class(),
-            **_hub_kwargs(),
-        )
-    except LocalEntryNotFoundError as e:
-        raise _not_cached(what, listing.offline or "connection failed") from e
-    except EntryNotFoundError as e:
-        raise FetchError(f"the hub has no file {what}", "see the repo's file list") from e
-    except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise FetchError(f"download of {what} failed: {first}", "retry `vmctl pull`") from e
-    return Path(str(found))
-
-
-def fetch_file(listing: Listing, name: str) -> Path:
-    """Download (or find) one file and prove it matches the hub's sha256.
-
-    A mismatch deletes the file and fetches it once more; a second mismatch
-    (or one found offline) is refused, and the bad file is gone either way.
-    """
-    path = _download(listing, name)
-    remote = listing.files.get(name)
-    hub_sha = (remote.sha256 if remote else None) or _recorded_sha(listing.repo, path)
-    if hub_sha is None:
-        return path  # a small git file: huggingface_hub checked it by its git etag
-    if digest(listing.repo, path, hub_sha) == hub_sha:
-        return path
-    _evict(listing.repo, path)
-    what = f"{listing.repo}:{name}"
-    if listing.offline is not None:
-        raise FetchError(
-            f"cached {what} does not match the hub's sha256 and was deleted",
-            "pull it again with the hub reachable (`vmctl pull MODEL`)",
-        )
-    ui.warn(f"cached {what} does not match the hub's sha256; fetching it again")
-    path = _download(listing, name, force=True)
-    got = digest(listing.repo, path, hub_sha)
-    if got != hub_sha:
-        _evict(listing.repo, path)
-        raise FetchError(
-            f"{what} does not match the hub's sha256 (got {got[:12]}, hub says {hub_sha[:12]})",
-            "the download or the mirror (HF_ENDPOINT) is corrupt; the file was deleted",
-        )
-    return path
 
 
 # -- resolving specs -----------------------------------------------------------
@@ -393,7 +140,7 @@ def _pick(hub: HubSpec, listing: Listing, mmproj: bool) -> tuple[tuple[str, ...]
     except ModelError as e:
         if listing.offline is not None:
             want = hub.file or hub.quant or "its default quant"
-            raise _not_cached(f"{hub.repo}:{want}", listing.offline) from e
+            raise not_cached(f"{hub.repo}:{want}", listing.offline) from e
         raise
     sizes = {n: f.size for n, f in listing.files.items()}
     return parts, pick_mmproj(sizes) if mmproj else None
