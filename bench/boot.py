@@ -1,0 +1,125 @@
+"""Boot overhead of `vmctl up` against raw QEMU, exec round trip, vmctl's memory.
+
+One run, side by side, alternating so both see the same host load:
+  up_ratio        median(vmctl up --detach -> ready) / median(raw QEMU -> same marker)
+                  (raw QEMU gets the very argv vmctl builds, started by this script)
+  exec_median_ms  median `vmctl exec NAME -- true` (a fresh CLI process each time)
+  exec_inproc_median_ms  the same request through ExecChannel, no process start
+  vmctl_rss_mb    RSS of a foreground `vmctl up` while its guest runs
+Usage: .venv/bin/python bench/boot.py [--runs 5] [--image micro|MANIFEST]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VMCTL = [sys.executable, "-m", "vmctl"]
+
+
+def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> float:
+    t0 = time.monotonic()
+    argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", name]
+    subprocess.run([*argv, "--net", "none", "--ephemeral", "--detach"], env=env, check=True)
+    took = time.monotonic() - t0
+    subprocess.run([*VMCTL, "down", name], env=env, check=True, timeout=60)
+    return took
+
+
+def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
+    from vmctl import accel, contract, images, paths
+    from vmctl.console import wait_for_marker
+    from vmctl.qemu import InstanceSpec, qemu_argv
+
+    ip = paths.InstancePaths(Path(tempfile.mkdtemp(dir=scratch)))
+    spec = InstanceSpec(name="raw", workspace=ws)
+    qemu = accel.qemu_binary()
+    argv = qemu_argv(
+        spec, images.load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu
+    )
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_marker(ip.console_log, contract.ready_marker(), 120)
+        return time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, float]:
+    from vmctl.console import ExecChannel
+
+    cli = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        subprocess.run([*VMCTL, "exec", name, "--", "true"], env=env, check=True, timeout=30)
+        cli.append(time.monotonic() - t0)
+    ip = Path(env["VMCTL_HOME"]) / "instances" / name
+    chan = ExecChannel(ip / "exec.sock", ip / "lock", name)
+    inproc = []
+    for _ in range(n):
+        time.sleep(0.1)  # back-to-back reconnects can lose a request (see the report)
+        t0 = time.monotonic()
+        assert chan.run("true", lambda b: None, timeout=30) == 0
+        inproc.append(time.monotonic() - t0)
+    return statistics.median(cli) * 1000, statistics.median(inproc) * 1000
+
+
+def rss_while_running(env: dict[str, str], ws: Path, manifest: str) -> float:
+    from vmctl.console import wait_for_marker
+
+    argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "rss", "--net", "none"]
+    proc = subprocess.Popen([*argv, "--ephemeral"], env=env, stdin=subprocess.DEVNULL)
+    try:
+        log = Path(env["VMCTL_HOME"]) / "instances" / "rss" / "console.log"
+        wait_for_marker(log, "VMCTL-READY", 120)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        kb = int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
+        return kb / 1024
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--image", default="micro")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="vb"))
+    os.environ.setdefault("VMCTL_CACHE", str(Path.home() / ".local/state/vmctl/cache"))
+    env = {**os.environ, "VMCTL_HOME": str(scratch / "h"), "VMCTL_QUIET": "1"}
+    os.environ["VMCTL_HOME"] = env["VMCTL_HOME"]
+    from vmctl import images
+
+    manifest = str(images.resolve_image(args.image).path)
+    ws = scratch / "ws"
+    ws.mkdir()
+    ups, raws = [], []
+    for i in range(args.runs):
+        raws.append(timed_raw_qemu(ws, manifest, scratch))
+        ups.append(timed_vmctl_up(env, ws, manifest, f"b{i}"))
+    print(f"up_median_s={statistics.median(ups):.2f}")
+    print(f"raw_median_s={statistics.median(raws):.2f}")
+    print(f"up_ratio={statistics.median(ups) / statistics.median(raws):.2f}")
+    argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "ex", "--net", "none"]
+    subprocess.run([*argv, "--detach", "--ephemeral"], env=env, check=True)
+    try:
+        cli_ms, inproc_ms = exec_round_trips(env, "ex", 15)
+    finally:
+        subprocess.run([*VMCTL, "down", "ex"], env=env, check=False, timeout=60)
+    print(f"exec_median_ms={cli_ms:.0f}")
+    print(f"exec_inproc_median_ms={inproc_ms:.0f}")
+    print(f"vmctl_rss_mb={rss_while_running(env, ws, manifest):.1f}")
+
+
+if __name__ == "__main__":
+    main()
