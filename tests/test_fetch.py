@@ -1,15 +1,21 @@
 """`vmctl pull` against a fake hub on 127.0.0.1 speaking huggingface_hub's file API.
 
 The fake serves model info with LFS sha256s, HEAD with X-Repo-Commit /
-X-Linked-Etag / X-Linked-Size, and GET with Range, so huggingface_hub runs
-its real download path: resume, offline fallback, cache layout.
+X-Linked-Etag / X-Linked-Size, and GET with Range (slowly when asked, so a
+`vmctl pull` can be killed mid-file), so the real download paths run:
+vmctl's resumable one for LFS files, huggingface_hub's for the rest and
+for offline lookups, and the cache layout both share.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,11 +36,24 @@ RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.
 
 
 @dataclass
+class Sent:
+    """Body bytes handed to the socket for one GET, counted before each write
+    so a client that has read everything never sees an older count."""
+
+    name: str
+    range: str
+    n: int = 0
+
+
+@dataclass
 class FakeHub:
     url: str = ""
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
     drop_once: set[str] = field(default_factory=set)  # cut the connection mid-file once
     corrupt: set[str] = field(default_factory=set)  # serve bytes that do not match the sha
+    ignore_range: set[str] = field(default_factory=set)  # answer 200 and the whole file
+    slow: dict[str, float] = field(default_factory=dict)  # seconds per 4 KB sent
+    sent: list[Sent] = field(default_factory=list)  # one per file GET
     log: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Range
     auth: set[str] = field(default_factory=set)  # Authorization headers seen
 
@@ -110,7 +129,7 @@ class Handler(BaseHTTPRequestHandler):
             data = data[:-1] + bytes([data[-1] ^ 1])
         start = 0
         rng = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
-        if rng and self.command == "GET":
+        if rng and self.command == "GET" and name not in self.hub.ignore_range:
             start = int(rng[1])
             meta["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
@@ -126,7 +145,28 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(0.3)  # let the client take in the first half before the cut
             self.close_connection = True
             return
-        self._send(206 if start else 200, meta, body)
+        self._stream(206 if start else 200, meta, body, name)
+
+    def _stream(self, code: int, headers: dict[str, str], body: bytes, name: str) -> None:
+        """Send a file's bytes, 4 KB at a time when slow; record how many got out."""
+        if self.command == "HEAD":
+            return self._send(code, headers)
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        sent = Sent(name, self.headers.get("Range", ""))
+        self.hub.sent.append(sent)
+        delay = self.hub.slow.get(name, 0.0)
+        step = 4096 if delay else max(len(body), 1)
+        try:
+            for i in range(0, len(body), step):
+                sent.n += len(body[i : i + step])
+                self.wfile.write(body[i : i + step])
+                self.wfile.flush()
+                time.sleep(delay)
+        except OSError:  # the client went away (killed)
+            self.close_connection = True
 
 
 def _cli(args: list[str]) -> None:
@@ -358,3 +398,85 @@ def test_unreachable_hub_and_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(FetchError, match=r"^org/m is not cached and the hub cannot be reached \("):
         fetch.resolve_model("org/m:Q4_K_M")
+
+
+NAME = "M-Q4_K_M.gguf"
+
+
+def _partial(data: bytes) -> Path:
+    """Where vmctl keeps the partial download of `data` between runs."""
+    blobs = fetch.hub_cache() / "models--org--m-GGUF" / "blobs"
+    return blobs / f"{_sha(data)}.incomplete"
+
+
+def _wait_for_growth(proc: subprocess.Popen[bytes], partial: Path, least: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size >= least:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"partial never reached {least} bytes (pull exited {proc.poll()})")
+
+
+def test_pull_killed_mid_file_resumes_from_the_partial(
+    hub: FakeHub, gguf_bytes: bytes, tmp_path: Path
+) -> None:
+    """SIGKILL leaves the partial on disk; the next pull asks only for the rest."""
+    from huggingface_hub import hf_hub_download
+
+    hub.add("org/m-GGUF", NAME, gguf_bytes)
+    hub.slow[NAME] = 0.05  # 64 chunks of 4 KB: about 3 s for the whole file
+    partial = _partial(gguf_bytes)
+    with (tmp_path / "pull.err").open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmctl", "pull", f"org/m-GGUF:{NAME}"],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            _wait_for_growth(proc, partial, 16 * 1024)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    kept = partial.stat().st_size
+    assert 0 < kept < len(gguf_bytes), (tmp_path / "pull.err").read_text()
+    hub.slow.clear()
+    hub.log.clear()
+
+    model = fetch.resolve_model(f"org/m-GGUF:{NAME}")
+    assert hub.gets(NAME) == [f"bytes={kept}-"]
+    resent = [s.n for s in hub.sent if s.range == f"bytes={kept}-"]
+    assert resent == [len(gguf_bytes) - kept]
+    assert fetch.file_sha256(model.path) == _sha(gguf_bytes) and not partial.exists()
+    found = hf_hub_download("org/m-GGUF", NAME, cache_dir=fetch.hub_cache(), local_files_only=True)
+    assert Path(found) == model.path and Path(found).read_bytes() == gguf_bytes
+
+
+@pytest.mark.parametrize(
+    ("left", "flag", "gets"),
+    [
+        ("corrupt", None, ["bytes={half}-", ""]),  # the digest catches it: once more from zero
+        ("prefix", "ignore_range", ["bytes={half}-"]),  # 200 instead of 206: taken from zero
+        ("too long", None, [""]),  # cannot be a prefix of the file: dropped before asking
+    ],
+)
+def test_partial_that_cannot_be_resumed_is_fetched_from_zero(
+    hub: FakeHub, gguf_bytes: bytes, left: str, flag: str | None, gets: list[str]
+) -> None:
+    hub.add("org/m-GGUF", NAME, gguf_bytes)
+    if flag == "ignore_range":
+        hub.ignore_range.add(NAME)
+    half = len(gguf_bytes) // 2
+    data = bytearray(gguf_bytes + b"tail" if left == "too long" else gguf_bytes[:half])
+    if left == "corrupt":
+        data[half // 2] ^= 0xFF  # a spliced page: same length, other bytes
+    partial = _partial(gguf_bytes)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+
+    model = fetch.resolve_model(f"org/m-GGUF:{NAME}")
+    assert hub.gets(NAME) == [g.format(half=half) for g in gets]
+    assert model.path.read_bytes() == gguf_bytes and not partial.exists()
+    resent = len(gguf_bytes) - half if left == "corrupt" else 0
+    assert sum(s.n for s in hub.sent) == len(gguf_bytes) + resent

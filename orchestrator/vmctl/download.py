@@ -204,7 +204,12 @@ def _fetch_blob(repo: str, src: Source, blob: Path) -> None:
     """Resume (or start) the partial, verify it, move it to `blob`; once more from zero."""
     partial = blob.with_name(blob.name + PARTIAL)
     for attempt in (1, 2):
-        got = _complete(src, partial)
+        try:
+            got = _complete(src, partial)
+        except OSError as e:  # the disk, not the network: a full disk, a read-only cache
+            raise FetchError(
+                f"cannot write {partial}: {e.strerror or e}", "check the disk and HF_HUB_CACHE"
+            ) from e
         if got == src.sha256:
             partial.replace(blob)
             remember(repo, blob, got, src.sha256)
@@ -249,19 +254,22 @@ def _complete(src: Source, path: Path) -> str:
     if path.exists() and path.stat().st_size > src.size:
         path.unlink()  # longer than the file: not a prefix of it
     path.touch()
-    free = shutil.disk_usage(path.parent).free
-    if free < src.size - path.stat().st_size:
+    have, free = path.stat().st_size, shutil.disk_usage(path.parent).free
+    if free < src.size - have:
         raise FetchError(
-            f"not enough disk space for {src.what} ({src.size >> 20} MiB, {free >> 20} MiB free)",
-            f"free space in {path.parent} (or set HF_HUB_CACHE elsewhere)",
+            f"not enough disk space for {src.what}: "
+            f"{(src.size - have) >> 20} MiB to go, {free >> 20} MiB free",
+            f"free space in {path.parent} or point HF_HUB_CACHE elsewhere",
         )
+    if have:
+        ui.info(f"resuming {src.what} at {have >> 20} of {src.size >> 20} MiB")
     with path.open("r+b") as f, _progress(src) as bar:
         part, misses = _Partial(f, src.size, bar), 0
         while part.offset < src.size:
             before, error = part.offset, None
             try:
                 _get_range(src, part)
-            except httpx2.TransportError as e:
+            except httpx2.RequestError as e:
                 error = e  # a dropped connection: ask again from where the file ends
             misses = 0 if part.offset > before else misses + 1
             if misses > RETRIES:
@@ -313,7 +321,7 @@ def _progress(src: Source) -> Iterator[Any]:
     """A byte progress bar on stderr, silent when vmctl is quiet."""
     from huggingface_hub.utils.tqdm import tqdm
 
-    name = src.what.rsplit("/", 1)[-1]
+    name = src.what.partition(":")[2].rsplit("/", 1)[-1]
     bar = tqdm(  # type: ignore[no-untyped-call]
         total=src.size,
         unit="B",

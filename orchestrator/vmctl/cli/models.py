@@ -29,7 +29,7 @@ def pull(
     no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Skip the vision projector."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Download a model into the Hugging Face cache, verified against the hub's sha256."""
+    """Download a model into the Hugging Face cache (resuming an interrupted pull), verified."""
     if as_json:
         ui.quiet()
     local = fetch.resolve_model(model, pull=True, mmproj=not no_mmproj)
