@@ -32,7 +32,7 @@ from vmctl.cli import main
 from vmctl.errors import FetchError, ModelError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+RESOLVE = re.compile(r"^(?P<cdn>/cdn)?/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class FakeHub:
     ignore_range: set[str] = field(default_factory=set)  # answer 200 and the whole file
     slow: dict[str, float] = field(default_factory=dict)  # seconds per 4 KB sent
     sent: list[Sent] = field(default_factory=list)  # one per file GET
+    cdn: set[str] = field(default_factory=set)  # redirect to another origin, as the hub does
+    cdn_auth: list[str] = field(default_factory=list)  # Authorization headers the CDN saw
     log: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Range
     auth: set[str] = field(default_factory=set)  # Authorization headers seen
 
@@ -106,8 +108,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == "/api/agent-harnesses":  # huggingface_hub's own telemetry, not the file API
+            return self._missing("NotFound")
         self.hub.log.append((self.command, path, self.headers.get("Range", "")))
-        self.hub.auth.add(self.headers.get("Authorization", ""))
+        auth = self.headers.get("Authorization", "")
+        (self.hub.cdn_auth.append if path.startswith("/cdn/") else self.hub.auth.add)(auth)
         if path.startswith("/api/models/"):
             return self._info(path.removeprefix("/api/models/"))
         m = RESOLVE.match(path)
@@ -125,6 +130,10 @@ class Handler(BaseHTTPRequestHandler):
             "X-Linked-Size": str(len(data)),
             "Accept-Ranges": "bytes",
         }
+        if name in self.hub.cdn and not m["cdn"]:
+            port = self.server.server_address[1]
+            where = {"Location": f"http://localhost:{port}/cdn{path}", "Content-Length": "0"}
+            return self._send(302, {**meta, **where})
         if name in self.hub.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 1])
         start = 0
@@ -480,3 +489,20 @@ def test_partial_that_cannot_be_resumed_is_fetched_from_zero(
     assert model.path.read_bytes() == gguf_bytes and not partial.exists()
     resent = len(gguf_bytes) - half if left == "corrupt" else 0
     assert sum(s.n for s in hub.sent) == len(gguf_bytes) + resent
+
+
+def test_resume_through_a_cdn_redirect_keeps_the_token_home(
+    hub: FakeHub, gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub redirects LFS files to a CDN: Range goes along, Authorization does not."""
+    monkeypatch.setenv("HF_TOKEN", "hf_vmctl_test_token")
+    hub.add("org/m-GGUF", NAME, gguf_bytes)
+    hub.cdn.add(NAME)
+    half = len(gguf_bytes) // 2
+    _partial(gguf_bytes).parent.mkdir(parents=True)
+    _partial(gguf_bytes).write_bytes(gguf_bytes[:half])
+    model = fetch.resolve_model(f"org/m-GGUF:{NAME}")
+    cdn_gets = [rng for m, p, rng in hub.log if m == "GET" and p.startswith("/cdn/")]
+    assert cdn_gets == [f"bytes={half}-"] and hub.cdn_auth == [""]
+    assert hub.auth == {"Bearer hf_vmctl_test_token"}
+    assert model.path.read_bytes() == gguf_bytes

@@ -180,7 +180,7 @@ def _source(repo: str, remote: RemoteFile) -> Source:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    kw, what = hub_kwargs(), f"{repo}:{remote.name}"
+    kw, what, sha = hub_kwargs(), f"{repo}:{remote.name}", remote.sha256
     url = hf_hub_url(repo, remote.name, revision=REVISION, endpoint=kw["endpoint"])
     try:
         meta = get_hf_file_metadata(url, token=kw["token"], endpoint=kw["endpoint"])
@@ -189,15 +189,14 @@ def _source(repo: str, remote: RemoteFile) -> Source:
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
         raise FetchError(f"download of {what} failed: {first_line(e)}", "retry `vmctl pull`") from e
     commit, size = meta.commit_hash or "", meta.size or remote.size
-    if meta.etag != remote.sha256 or not COMMIT_RE.match(commit) or size is None:
+    if sha is None or meta.etag != sha or not COMMIT_RE.match(commit) or size is None:
         raise FetchError(
             f"the hub's answer for {what} does not match its file listing",
             "the repo may have changed meanwhile: run `vmctl pull` again",
         )
     headers = build_hf_headers(token=kw["token"])
     headers["Accept-Encoding"] = "identity"  # byte offsets must be offsets into the file
-    assert remote.sha256 is not None  # the caller's condition, checked above through etag
-    return Source(what, url, headers, size, remote.sha256, commit)
+    return Source(what, url, headers, size, sha, commit)
 
 
 def _fetch_blob(repo: str, src: Source, blob: Path) -> None:
