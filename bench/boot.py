@@ -44,6 +44,8 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
     argv = qemu_argv(
         spec, images.load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu
     )
+    for fifo in (ip.exec_in, ip.exec_out):
+        os.mkfifo(fifo, 0o600)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -63,10 +65,9 @@ def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, flo
         subprocess.run([*VMCTL, "exec", name, "--", "true"], env=env, check=True, timeout=30)
         cli.append(time.monotonic() - t0)
     ip = Path(env["VMCTL_HOME"]) / "instances" / name
-    chan = ExecChannel(ip / "exec.sock", ip / "lock", name)
+    chan = ExecChannel(ip / "exec.in", ip / "exec.out", ip / "lock", name)
     inproc = []
     for _ in range(n):
-        time.sleep(0.1)  # back-to-back reconnects can lose a request (see the report)
         t0 = time.monotonic()
         assert chan.run("true", lambda b: None, timeout=30) == 0
         inproc.append(time.monotonic() - t0)

@@ -44,7 +44,7 @@ CHANNELS = [
     ",logfile=/st/instances/t1/console.log,logappend=on",
     "-serial", "chardev:con",
     "-device", "virtio-serial-pci,id=vser0",
-    "-chardev", "socket,id=exec,path=/st/instances/t1/exec.sock,server=on,wait=off",
+    "-chardev", "pipe,id=exec,path=/st/instances/t1/exec",
     "-device", "virtserialport,chardev=exec,name=org.vmctl.exec",
     "-device", "virtio-rng-pci",
     "-fsdev", "local,id=ws,path=/home/u/proj,security_model=mapped-xattr,fmode=0644,dmode=0755",

@@ -1,3 +1,3 @@
-from vmctl.cli import main
+from vmctl.entry import main
 
 main()

@@ -97,12 +97,31 @@ def locked(lock: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
 
 
 class ExecChannel:
-    """Client of the guest's `org.vmctl.exec` port (see the module docstring)."""
+    """Client of the guest's `org.vmctl.exec` port (see the module docstring).
 
-    def __init__(self, sock_path: Path, lock_path: Path, name: str = "guest"):
-        self.sock_path = sock_path
+    QEMU's `pipe` chardev holds both FIFOs open, so opening them never
+    blocks and a client that dies mid-command leaves only bytes behind,
+    which the next client skips: it reads nothing until its own BEGIN.
+    """
+
+    def __init__(self, fifo_in: Path, fifo_out: Path, lock_path: Path, name: str = "guest"):
+        self.fifo_in = fifo_in
+        self.fifo_out = fifo_out
         self.lock_path = lock_path
         self.name = name
+
+    def _open(self) -> tuple[int, int]:
+        try:
+            rfd = os.open(self.fifo_out, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise VMError(f"cannot reach the exec channel of {self.name}: {e.strerror}") from e
+        try:
+            wfd = os.open(self.fifo_in, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            os.close(rfd)
+            raise VMError(f"exec channel of {self.name} is not open: is the guest running?") from e
+        os.set_blocking(wfd, True)
+        return rfd, wfd
 
     def run(
         self,
@@ -114,17 +133,18 @@ class ExecChannel:
         req_id = "".join(secrets.choice(ID_ALPHABET) for _ in range(16))
         line = f"{req_id} {base64.b64encode(command.encode()).decode()}\n".encode()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with locked(self.lock_path), socket.socket(socket.AF_UNIX) as sock:
+        with locked(self.lock_path):
+            rfd, wfd = self._open()
             try:
-                sock.connect(str(self.sock_path))
-            except OSError as e:
-                raise VMError(f"cannot reach the exec channel of {self.name}: {e}") from e
-            sock.sendall(line)
-            return self._read_reply(sock, req_id, on_output, deadline)
+                os.write(wfd, line)
+                return self._read_reply(rfd, req_id, on_output, deadline)
+            finally:
+                os.close(rfd)
+                os.close(wfd)
 
     def _read_reply(
         self,
-        sock: socket.socket,
+        rfd: int,
         req_id: str,
         on_output: Callable[[bytes], None],
         deadline: float | None,
@@ -138,11 +158,14 @@ class ExecChannel:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise VMError(f"command in {self.name} did not finish in time")
-            ready, _, _ = select.select([sock], [], [], left)
+            ready, _, _ = select.select([rfd], [], [], left)
             if not ready:
                 continue
-            data = sock.recv(65536)
-            if not data:
+            try:
+                data = os.read(rfd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:  # no writer: QEMU is gone
                 raise VMError(f"exec channel of {self.name} closed mid-command")
             buf += data
             if not started:

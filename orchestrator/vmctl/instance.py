@@ -200,7 +200,7 @@ class Instance:
 
     # ---- use ----
     def exec_channel(self) -> ExecChannel:
-        return ExecChannel(self.paths.exec, self.paths.lock, self.name)
+        return ExecChannel(self.paths.exec_in, self.paths.exec_out, self.paths.lock, self.name)
 
     def qmp(self, timeout: float = 5.0) -> QMP:
         return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
@@ -245,7 +245,12 @@ class Instance:
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
-                for sock in (self.paths.qmp, self.paths.console, self.paths.exec):
+                for sock in (
+                    self.paths.qmp,
+                    self.paths.console,
+                    self.paths.exec_in,
+                    self.paths.exec_out,
+                ):
                     sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Instance:
@@ -322,6 +327,8 @@ def up(
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
         if spec.net == "model":
             write_relay(spec, inst.paths)
+        for fifo in (inst.paths.exec_in, inst.paths.exec_out):
+            os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)

@@ -4,7 +4,7 @@ The layout (below `home()`, default platformdirs' user state folder,
 overridable with VMCTL_HOME)::
 
     servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
-    instances/NAME/    instance.json, qmp.sock, console.sock, exec.sock, console.log,
+    instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
                        audit.jsonl, overlay.qcow2, fwcfg/
     clients/NAME/      a host client's private config and data
 
@@ -135,8 +135,18 @@ class InstancePaths:
 
     @property
     def exec(self) -> Path:
-        """Host end of the guest's `org.vmctl.exec` virtio-serial port."""
-        return check_socket_path(self.root / "exec.sock")
+        """Base name of the exec port's FIFO pair (QEMU's `pipe` chardev)."""
+        return self.root / "exec"
+
+    @property
+    def exec_in(self) -> Path:
+        """Requests to the guest: QEMU reads this FIFO."""
+        return self.root / "exec.in"
+
+    @property
+    def exec_out(self) -> Path:
+        """Replies from the guest: QEMU writes this FIFO."""
+        return self.root / "exec.out"
 
     @property
     def console_log(self) -> Path:

@@ -170,7 +170,13 @@ def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
 
 
 def channel_argv(paths: InstancePaths) -> list[str]:
-    """QMP, the log console (with its logfile) and the exec port: three sockets."""
+    """QMP and the log console on sockets; the exec port on a FIFO pair.
+
+    The exec port uses a `pipe` chardev: QEMU holds both FIFOs open, so the
+    guest's side of the port stays connected between `vmctl exec` calls
+    and its agent blocks in read() instead of seeing EOF and restarting,
+    which made every call wait for a respawn (about a second).
+    """
     port = contract.raw()["console"]["exec_port"]
     return [
         "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
@@ -180,7 +186,7 @@ def channel_argv(paths: InstancePaths) -> list[str]:
         f",logfile={opt(paths.console_log)},logappend=on",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=exec,path={opt(paths.exec)},server=on,wait=off",
+        "-chardev", f"pipe,id=exec,path={opt(paths.exec)}",
         "-device", f"virtserialport,chardev=exec,name={opt(port)}",
     ]  # fmt: skip
 

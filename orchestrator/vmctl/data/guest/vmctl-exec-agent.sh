@@ -45,7 +45,19 @@ if [ -n "$ready" ]; then
     : >"$ready"
 fi
 
-while IFS= read -r req <&3 || [ -n "$req" ]; do
+# read() on the port returns EOF while no host client is connected (a
+# socket chardev between clients): wait and read on, never exit. vmctl's
+# own pipe chardev stays connected, so this costs nothing there.
+next_request() {
+    while :; do
+        if IFS= read -r req <&3 || [ -n "$req" ]; then
+            return 0
+        fi
+        usleep 50000 2>/dev/null || sleep 1
+    done
+}
+
+while next_request; do
     req=${req%"$(printf '\r')"}
     id=${req%% *}
     b64=${req#* }
