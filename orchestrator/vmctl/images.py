@@ -170,12 +170,28 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> Path:
     return target
 
 
-def resolve_image(name_or_path: str, with_agents: tuple[str, ...] = ()) -> ImageManifest:
-    """`micro` (built if needed), `nixos` (from the flake), or a manifest path."""
+def resolve_image(
+    name_or_path: str,
+    with_agents: tuple[str, ...] | None = None,
+    *,
+    flake: str | None = None,
+    config: str | None = None,
+) -> ImageManifest:
+    """`micro` (built if needed), `nixos` (from the flake), or a manifest path.
+
+    For `micro` without `with_agents`, an already built image with opencode
+    is preferred, then one without; only when neither exists is a plain one
+    built (`vmctl image build micro --with opencode` adds the agent).
+    """
     if name_or_path == "micro":
         from vmctl import micro
 
-        return load_manifest(micro.build_micro(with_agents))
+        wanted = [with_agents] if with_agents is not None else [("opencode",), ()]
+        for agents in wanted:
+            built = micro.find_built(agents)
+            if built is not None:
+                return load_manifest(built)
+        return load_manifest(micro.build_micro(wanted[-1]))
     if name_or_path == "nixos":
         try:
             nixos = importlib.import_module("vmctl.nixos")
@@ -184,7 +200,7 @@ def resolve_image(name_or_path: str, with_agents: tuple[str, ...] = ()) -> Image
                 "the nixos image is not available in this vmctl",
                 "use --image micro or a manifest path",
             ) from None
-        return load_manifest(Path(nixos.build_manifest()))
+        return load_manifest(Path(nixos.build_manifest(flake, config)))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "manifest.json"

@@ -231,6 +231,36 @@ def _check_agents(with_agents: tuple[str, ...]) -> tuple[str, ...]:
     return agents
 
 
+def own_key(agents: tuple[str, ...]) -> str:
+    """A key over the inputs vmctl itself ships (init, exec agent, contract).
+
+    It needs no apt, ldd or hashing of large binaries, so `vmctl up` can
+    find a built image in milliseconds; an image built by an older vmctl
+    (another init or agent) never matches. `vmctl image build` checks the
+    full key, host packages included.
+    """
+    own = {
+        "revision": REVISION,
+        "init": _sha(guest_file("micro-init.sh.j2").encode()),
+        "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "contract": contract.raw(),
+        "cmdline": CMDLINE,
+        "agents": {a: OPENCODE_VERSION for a in agents},
+    }
+    return _sha(json.dumps(own, sort_keys=True).encode())[:16]
+
+
+def find_built(agents: tuple[str, ...]) -> Path | None:
+    """The newest built micro image for `agents` matching this vmctl, if any."""
+    key = own_key(_check_agents(agents))
+    found = []
+    for manifest in paths.images_dir().glob("micro-*/manifest.json"):
+        stamp = manifest.parent / "own-key"
+        if stamp.is_file() and stamp.read_text().strip() == key:
+            found.append((manifest.stat().st_mtime, manifest))
+    return max(found)[1] if found else None
+
+
 def image_key(inputs: dict[str, Any]) -> str:
     """A short content key over every input (same inputs, same folder)."""
     return _sha(json.dumps(inputs, sort_keys=True).encode())[:16]
@@ -268,6 +298,7 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
     folder = paths.images_dir() / f"micro-{image_key(inputs)}"
     manifest = folder / "manifest.json"
     if manifest.exists() and not force:
+        (folder / "own-key").write_text(own_key(agents) + "\n")
         return manifest
     kernel = micro_kernel.fetch_kernel(package, version)
     with ui.step(f"building the micro image{' with ' + ', '.join(agents) if agents else ''}"):
@@ -277,6 +308,7 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
             with open(tmp / "initrd.cpio", "wb") as out:
                 build_archive(kernel, agents, libs).write(out)
             (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+            (tmp / "own-key").write_text(own_key(agents) + "\n")
             shares: list[dict[str, Any]] = []
             if agents_dir:
                 shares.append(

@@ -81,19 +81,17 @@ def _plan_model(
     return endpoint, net, agents.guest_files(ep)
 
 
-def _image(image: str) -> tuple[Any, str]:
-    from vmctl import images
+def _image(
+    image: str, with_agents: list[str] | None, flake: str | None, config: str | None
+) -> tuple[Any, str]:
+    from vmctl import images, nixos
 
     if image == "auto":
-        try:
-            from vmctl import nixos  # type: ignore[attr-defined]
-
-            reason = nixos.nix_available()
-        except ImportError:
-            reason = "this vmctl has no NixOS image support"
+        reason = nixos.nix_available(flake)
         image = "micro" if reason else "nixos"
         ui.info(f"image: {image}" + (f" ({reason})" if reason else " (Nix can build it here)"))
-    return images.resolve_image(image), image
+    agents = tuple(with_agents) if with_agents else None
+    return images.resolve_image(image, agents, flake=flake, config=config), image
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -102,6 +100,11 @@ def up(
     ephemeral: bool = typer.Option(False, "--ephemeral", help="Remove everything at exit."),
     name: str | None = typer.Option(None, "--name", help="Instance name (default: generated)."),
     image: str = typer.Option("auto", "--image", help="auto | micro | nixos | PATH."),
+    with_agents: list[str] = typer.Option(
+        [], "--with", help="micro: agents the image must carry (opencode)."
+    ),
+    flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
+    config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
     net: str | None = typer.Option(None, "--net", help="full | model | none."),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
@@ -114,12 +117,14 @@ def up(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
+    from vmctl import accel as accel_mod
     from vmctl import instance, paths
     from vmctl.qemu import InstanceSpec, parse_endpoint, parse_forward
 
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
     ws = _workspace(directory)
+    accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
     endpoint, policy, files = _plan_model(model_endpoint, model, net)
     spec = InstanceSpec(
@@ -135,7 +140,7 @@ def up(
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
     )
-    manifest, image_name = _image(image)
+    manifest, image_name = _image(image, with_agents, flake, config)
     inst = instance.up(
         spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
     )
