@@ -1,0 +1,63 @@
+"""The whole product once: opencode inside an ephemeral guest, against SmolLM2
+served on the host by `vmctl serve`, through the model-only network.
+
+Slow by nature (opencode under TCG takes about a minute per turn), so it is
+one test that asserts on everything that crosses a boundary: the guest's
+request reaches the gateway (audited, from the relay), the reply reaches
+opencode, the guest's connection is in the instance's audit, and nothing
+of the guest is left afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ServedModel, vmctl_cmd
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.llama]
+
+
+def test_opencode_in_guest_against_vmctl_serve(
+    vmctl_server: ServedModel, qemu_bin: Path, tmp_path: Path
+) -> None:
+    env = vmctl_server.env()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "hello.txt").write_text("hello from the host\n")
+    name = "e2e"
+    up = subprocess.run(
+        vmctl_cmd(
+            "up", "-d", str(ws), "--ephemeral", "--detach", "--name", name, "--image", "micro",
+            "--with", "opencode", "--net", "model",
+            "--model-endpoint", f"127.0.0.1:{vmctl_server.port}", "--json",
+        ),
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    before = len(vmctl_server.audit_lines())
+    try:
+        run = subprocess.run(
+            vmctl_cmd("exec", name, "--", "opencode", "run", "Reply with one word: hello"),
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.strip(), "opencode printed no reply"
+        requests = [
+            r
+            for r in vmctl_server.audit_lines()[before:]
+            if r["path"] == "/v1/chat/completions"
+        ]
+        assert requests and all(r["status"] == 200 for r in requests)
+        assert all(r["model"] == vmctl_server.alias for r in requests)
+        guest_audit = Path(env["VMCTL_HOME"]) / "instances" / name / "audit.jsonl"
+        lines = [json.loads(x) for x in guest_audit.read_text().splitlines()]
+        assert any("/v1/chat/completions" in str(x.get("request")) for x in lines)
+        assert all(x["target"] == f"127.0.0.1:{vmctl_server.port}" for x in lines)
+    finally:
+        subprocess.run(vmctl_cmd("down", name), env=env, timeout=120, check=False)
+    assert not (Path(env["VMCTL_HOME"]) / "instances" / name).exists()
+    assert (ws / "hello.txt").read_text() == "hello from the host\n"
