@@ -69,6 +69,11 @@ def llama_server_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def bwrap_bin() -> Path:
+    """bubblewrap; Linux only, so elsewhere (the macOS CI job) its tests skip."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bubblewrap is Linux-only")
     found = shutil.which("bwrap")
     need(found is not None, "bubblewrap is not installed")
     return Path(str(found))

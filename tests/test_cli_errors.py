@@ -8,8 +8,8 @@ fix exists, and no Python traceback.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,11 +37,13 @@ def assert_one_line(out: subprocess.CompletedProcess[str], *needles: str) -> Non
         assert needle in out.stderr, out.stderr
 
 
+@pytest.mark.llama
 def test_unknown_model(llama_server_bin: Path) -> None:
     out = run("serve", "qwen9.9-1t", "--port", str(free_port()))
     assert_one_line(out, "qwen9.9-1t", "vmctl models")
 
 
+@pytest.mark.llama
 def test_corrupt_gguf_never_reaches_llama_server(tmp_path: Path, llama_server_bin: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
@@ -51,6 +53,7 @@ def test_corrupt_gguf_never_reaches_llama_server(tmp_path: Path, llama_server_bi
     assert not list(Path(os.environ["VMCTL_HOME"]).glob("servers/*/server.log"))
 
 
+@pytest.mark.llama
 def test_not_a_gguf_at_all(tmp_path: Path, llama_server_bin: Path) -> None:
     bad = tmp_path / "notes.gguf"
     bad.write_text("hello, I am text\n")
@@ -72,6 +75,7 @@ def test_missing_qemu(tmp_path: Path) -> None:
     assert_one_line(out, "qemu")
 
 
+@pytest.mark.qemu
 def test_forced_kvm_when_kvm_is_unusable(tmp_path: Path, qemu_bin: Path) -> None:
     """These machines have a /dev/kvm that fails; `--accel kvm` must say so in one line."""
     from vmctl import accel
@@ -98,7 +102,8 @@ def test_stop_unknown_server() -> None:
     assert_one_line(run("stop", "nosuch"), "vmctl ls")
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bwrap to be absent-testable")
+@pytest.mark.llama
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bwrap is Linux-only")
 def test_sandbox_unavailable_never_runs_unconfined(tmp_path: Path, llama_server_bin: Path) -> None:
     """No bwrap on PATH (and no fallback): serve refuses instead of running unsandboxed."""
     bin_dir = tmp_path / "bin"
