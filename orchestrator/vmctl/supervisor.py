@@ -49,7 +49,9 @@ def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[st
     return cmd.argv, cmd.env
 
 
-def _meta(config: ServerConfig, llama: ProcessRef | None, state: str) -> dict[str, object]:
+def _meta(
+    config: ServerConfig, llama: ProcessRef | None, state: str, started: float
+) -> dict[str, object]:
     return {
         "name": config.name,
         "url": f"http://{config.host}:{config.port}",
@@ -61,7 +63,7 @@ def _meta(config: ServerConfig, llama: ProcessRef | None, state: str) -> dict[st
         "model": config.model_path,
         "supervisor": ProcessRef.of(os.getpid()).to_json(),
         "llama": llama.to_json() if llama else None,
-        "started": time.time(),
+        "started": started,
         "state": state,
     }
 
@@ -115,6 +117,7 @@ async def supervise(
         loop.add_signal_handler(sig, stop.set)
     llama: ProcessRef | None = None
     proc: subprocess.Popen[bytes] | None = None
+    started = time.time()
     try:
         argv, env = launch_command(config, sp)
         if not config.sandbox:
@@ -127,10 +130,10 @@ async def supervise(
                 cwd=sp.runtime, start_new_session=True,
             )  # fmt: skip
         llama = ProcessRef.of(proc.pid)
-        write_json(sp.meta, _meta(config, llama, "loading"))
+        write_json(sp.meta, _meta(config, llama, "loading", started))
         with ui.step(f"loading {config.alias}"):
             await _wait_healthy(gateway, proc, sp.log)
-        write_json(sp.meta, _meta(config, llama, "ready"))
+        write_json(sp.meta, _meta(config, llama, "ready", started))
         if on_ready:
             on_ready(config)
         while not stop.is_set() and proc.poll() is None:
@@ -151,4 +154,4 @@ async def supervise(
         await gateway.close()
         shutil.rmtree(sp.runtime, ignore_errors=True)
         with contextlib.suppress(OSError):
-            write_json(sp.meta, _meta(config, llama, "stopped"))
+            write_json(sp.meta, _meta(config, llama, "stopped", started))
