@@ -26,8 +26,8 @@ def fast_exec(args: list[str]) -> int | None:
     if len(args) < 4 or args[0] != "exec" or args[2] != "--" or args[1].startswith("-"):
         return None
     from vmctl import paths
-    from vmctl.console import ExecChannel
     from vmctl.errors import VmctlError
+    from vmctl.execchan import ExecChannel
     from vmctl.procs import ProcessRef
     from vmctl.state import StateError, read_json
 

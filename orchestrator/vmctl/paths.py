@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from vmctl.errors import ConfigError
 
 SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
@@ -34,7 +32,12 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
 def home() -> Path:
     """vmctl's state root, created 0700."""
     env = os.environ.get("VMCTL_HOME")
-    root = Path(env) if env else Path(platformdirs.user_state_dir("vmctl", appauthor=False))
+    if env:
+        root = Path(env)
+    else:
+        import platformdirs  # lazily: `vmctl exec` start-up counts
+
+        root = Path(platformdirs.user_state_dir("vmctl", appauthor=False))
     return private_dir(root.expanduser().absolute())
 
 
@@ -46,7 +49,12 @@ def cache_home() -> Path:
     uses, still finds the image that scripts/install.sh built once.
     """
     env = os.environ.get("VMCTL_CACHE")
-    root = Path(env) if env else Path(platformdirs.user_cache_dir("vmctl", appauthor=False))
+    if env:
+        root = Path(env)
+    else:
+        import platformdirs
+
+        root = Path(platformdirs.user_cache_dir("vmctl", appauthor=False))
     return private_dir(root.expanduser().absolute())
 
 

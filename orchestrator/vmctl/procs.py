@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ def start_time(pid: int) -> str | None:
         # Field 22 (starttime) counts from after the parenthesised comm.
         fields = stat[stat.rfind(b")") + 2 :].split()
         return fields[19].decode() if len(fields) > 19 else None
+    import subprocess  # only off Linux; `vmctl exec` start-up counts
+
     try:
         out = subprocess.run(
             ["/bin/ps", "-o", "lstart=", "-p", str(pid)],
