@@ -123,7 +123,49 @@ def _hf_cache() -> Check:
     return Check("model cache", True, f"{cache} (shared with llama.cpp -hf)")
 
 
-CHECKS: list[Callable[[], Check]] = [_qemu, _accel, _sandbox, _llama, _nix, _models, _hf_cache]
+def _image() -> Check:
+    if not sys.platform.startswith("linux"):
+        return Check("guest image", True, "built on demand (vmctl up)")
+    from vmctl import micro
+
+    for agents in (("opencode",), ()):
+        built = micro.find_built(agents)
+        if built is not None:
+            with_ = f" with {', '.join(agents)}" if agents else ""
+            return Check("guest image", True, f"micro{with_}: {built.parent}")
+    return Check(
+        "guest image",
+        False,
+        "no micro image built for this vmctl",
+        "vmctl image build micro --with opencode (or let vmctl up build a plain one)",
+    )
+
+
+def _clients() -> Check:
+    from vmctl import clients
+
+    found, missing = [], []
+    for name in ("llm", "opencode", "claude"):
+        try:
+            found.append(f"{name}={clients.get(name).find(None)}")
+        except VmctlError:
+            missing.append(name)
+    detail = ", ".join(found) or "none found"
+    fix = f"missing {', '.join(missing)}: scripts/install-agents.sh" if missing else None
+    return Check("host clients", not missing, detail, fix)
+
+
+CHECKS: list[Callable[[], Check]] = [
+    _qemu,
+    _accel,
+    _sandbox,
+    _llama,
+    _nix,
+    _models,
+    _hf_cache,
+    _image,
+    _clients,
+]
 
 
 def run_checks() -> list[Check]:
