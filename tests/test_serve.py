@@ -66,6 +66,16 @@ def test_anthropic_sdk_messages(vmctl_server: ServedModel) -> None:
     assert reply.content and reply.content[0].type == "text"
     last = vmctl_server.audit_lines()[-1]
     assert last["path"] == "/v1/messages" and last["status"] == 200
+    with client.messages.stream(
+        model=vmctl_server.alias,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "Count to three."}],
+    ) as stream:
+        pieces = list(stream.text_stream)
+    assert len(pieces) > 1 and "".join(pieces).strip()
+    last = vmctl_server.audit_lines()[-1]
+    assert last["path"] == "/v1/messages" and last["status"] == 200
+    assert int(str(last["completion_tokens"])) > 0
 
 
 def test_32_concurrent_requests_none_lost(vmctl_server: ServedModel) -> None:
