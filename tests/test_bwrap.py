@@ -8,7 +8,7 @@ import pytest
 
 from vmctl import bwrap, policy, sandbox
 from vmctl.errors import SandboxError
-from vmctl.policy import SandboxContext
+from vmctl.resolve import SandboxContext, resolve
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def server(tmp_path: Path) -> tuple[list[str], SandboxContext]:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     ctx = SandboxContext(binary=Path("/bin/true"), cache=run / "cache", runtime=run, model=(model,))
-    res = policy.resolve(policy.load("llama-server"), ctx, "linux")
+    res = resolve(policy.load("llama-server"), ctx, "linux")
     return bwrap.render(res, ["/bin/true", "--port", "x"], Path("/usr/bin/bwrap")), ctx
 
 
@@ -90,13 +90,13 @@ def test_client_profile_gets_private_tmp_and_socket(tmp_path: Path) -> None:
         d.mkdir()
     sock.write_text("")  # stands in for the socket file
     ctx = SandboxContext(binary=Path("/bin/sh"), workspace=ws, state=state, endpoint_socket=sock)
-    res = policy.resolve(policy.load("shell"), ctx, "linux")
+    res = resolve(policy.load("shell"), ctx, "linux")
     argv = bwrap.render(res, ["sh"], Path("/usr/bin/bwrap"))
     assert pairs(argv, "--bind") == sorted([str(state), str(ws)])
     assert str(sock) in pairs(argv, "--ro-bind")
     assert pairs(argv, "--remount-ro") == ["/"]
     port_only = SandboxContext(binary=Path("/bin/sh"), workspace=ws, state=state, endpoint_port=80)
-    res = policy.resolve(policy.load("shell"), port_only, "linux")
+    res = resolve(policy.load("shell"), port_only, "linux")
     with pytest.raises(SandboxError, match="UNIX socket"):
         bwrap.render(res, ["sh"], Path("/usr/bin/bwrap"))
 

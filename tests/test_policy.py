@@ -9,7 +9,7 @@ import pytest
 
 from vmctl import paths, policy, sandbox
 from vmctl.errors import ConfigError, SandboxError
-from vmctl.policy import SandboxContext
+from vmctl.resolve import SandboxContext, resolve
 
 SHIPPED = {"llama-server", "llm", "opencode", "claude", "shell"}
 
@@ -40,7 +40,7 @@ def test_shipped_profiles_load_and_render_for_both_platforms(tmp_path: Path) -> 
         pol = policy.load(name)
         assert pol.description and pol.network in policy.NETWORK_MODES
         for plat in policy.PLATFORMS:
-            res = policy.resolve(pol, full_ctx(tmp_path), plat, strict=False)
+            res = resolve(pol, full_ctx(tmp_path), plat, strict=False)
             assert res.read or res.write
     assert policy.load("llama-server").network == "bind"
     assert policy.load("llama-server").kill_on_outbound and not policy.load("llama-server").fork
@@ -91,7 +91,7 @@ def test_resolution_canonicalises_symlinks(tmp_path: Path) -> None:
     (tmp_path / "alias").symlink_to(real)
     ctx = full_ctx(tmp_path)
     ctx = SandboxContext(**{**ctx.__dict__, "workspace": tmp_path / "alias"})
-    res = policy.resolve(policy.load("shell"), ctx, "linux")
+    res = resolve(policy.load("shell"), ctx, "linux")
     assert real in res.write and tmp_path / "alias" not in res.write
     assert any(link.path == tmp_path / "alias" for link in res.links)
     assert res.setenv["HOME"] == str(ctx.state)
@@ -102,17 +102,17 @@ def test_resolution_canonicalises_symlinks(tmp_path: Path) -> None:
 def test_control_characters_refused(tmp_path: Path, bad: str) -> None:
     ctx = SandboxContext(**{**full_ctx(tmp_path).__dict__, "workspace": tmp_path / bad})
     with pytest.raises(SandboxError, match="control character") as e:
-        policy.resolve(policy.load("shell"), ctx, "linux", strict=False)
+        resolve(policy.load("shell"), ctx, "linux", strict=False)
     assert "\n" not in e.value.message.replace(repr(bad), "")
 
 
 def test_missing_placeholder_and_missing_path(tmp_path: Path) -> None:
     ctx = SandboxContext(binary=Path("/bin/sh"))
     with pytest.raises(SandboxError, match=r"needs \{workspace\}"):
-        policy.resolve(policy.load("shell"), ctx, "linux")
+        resolve(policy.load("shell"), ctx, "linux")
     ctx = SandboxContext(**{**full_ctx(tmp_path).__dict__, "model": (tmp_path / "gone.gguf",)})
     with pytest.raises(SandboxError, match="does not exist"):
-        policy.resolve(policy.load("llama-server"), ctx, "linux")
+        resolve(policy.load("llama-server"), ctx, "linux")
 
 
 def test_placeholders_used() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmctl import bwrap, sandbox
-from vmctl.policy import within
+from vmctl.resolve import within
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bwrap is Linux")
 

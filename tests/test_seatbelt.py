@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from vmctl import sandbox, seatbelt
 from vmctl.errors import SandboxError
-from vmctl.policy import SandboxContext
+from vmctl.resolve import SandboxContext
 
 SExp = Union[str, "list[SExp]"]
 TOKEN = re.compile(r'\s+|;[^\n]*|\(|\)|"(?:[^"\\]|\\.)*"|[^\s()";]+')

@@ -29,7 +29,7 @@ from vmctl import agents, paths, sandbox, ui
 from vmctl.agents import AgentEndpoint
 from vmctl.bridge import HostRelay
 from vmctl.errors import ClientError, ConfigError
-from vmctl.policy import SandboxContext
+from vmctl.resolve import SandboxContext
 
 INSTALL_AGENTS = "scripts/install-agents.sh"
 #: opencode's plugin package; an empty install of it stops its npm run.

@@ -22,7 +22,8 @@ from typing import Protocol
 
 from vmctl import bwrap, paths, policy, seatbelt
 from vmctl.errors import ConfigError, SandboxError
-from vmctl.policy import SECRET_RE, Resolved, SandboxContext, check_path_text
+from vmctl.policy import SECRET_RE
+from vmctl.resolve import Resolved, SandboxContext, check_path_text, resolve, within
 
 __all__ = [
     "SandboxContext",
@@ -135,7 +136,7 @@ def _argv0(res: Resolved, argv: list[str]) -> list[str]:
                 name = str(folder / name)
                 break
     real = Path(os.path.realpath(name)) if policy.current_platform() == res.platform else None
-    if real is not None and not policy.within(real, res.exec):
+    if real is not None and not within(real, res.exec):
         raise SandboxError(
             f"{argv[0]} is not an executable profile {res.policy.name} allows",
             "pass it as the binary (or extra_exec), or use a profile that lists it",
@@ -160,7 +161,7 @@ def sandboxed_command(
     """
     key = _platform(platform)
     strict = key == policy.current_platform() and not render_only
-    res = policy.resolve(policy.load(profile), ctx, key, strict=strict)
+    res = resolve(policy.load(profile), ctx, key, strict=strict)
     argv = _argv0(res, argv) if strict else list(argv)
     cmd = BACKENDS[key].command(res, argv, profile_dir or _profile_dir())
     full_env = clean_env(res.env, {**res.setenv, **env})
