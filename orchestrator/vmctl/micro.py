@@ -26,7 +26,7 @@ from vmctl.errors import ConfigError, VMError
 from vmctl.images import write_manifest
 from vmctl.micro_kernel import Kernel, run
 
-REVISION = 1  # bump when the image layout below changes
+REVISION = 2  # bump when the image layout below changes
 OPENCODE_VERSION = "1.18.33"
 KNOWN_AGENTS = ("opencode",)
 CMDLINE = "console=ttyS0 panic=-1 loglevel=4"
@@ -42,7 +42,19 @@ INITTAB = """\
 ::once:/init ready
 ::respawn:/init agent
 ::respawn:/init power-button
-::askfirst:-/bin/sh
+::askfirst:-/bin/su -l -s /bin/sh agent
+"""
+#: The console login (as `agent`, like the NixOS guest's autologin) sees the
+#: same environment as exec'd commands: /etc/vmctl/env read literally.
+PROFILE = """\
+if [ -r /etc/vmctl/env ]; then
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in [A-Za-z_]*=*) key=${line%%=*}
+            case $key in *[!A-Za-z0-9_]*) ;; *) export "$line" ;; esac ;; esac
+    done </etc/vmctl/env
+fi
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+grep -qs ' /workspace ' /proc/mounts && cd /workspace
 """
 
 
@@ -195,6 +207,7 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     )
     a.file("etc/group", f"root:x:0:\nagent:x:{gid}:\n".encode())
     a.file("etc/hosts", b"127.0.0.1 localhost\n")
+    a.file("etc/profile", PROFILE.encode())
     a.file(
         "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
     )
