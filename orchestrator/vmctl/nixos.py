@@ -107,8 +107,9 @@ def nix_available(flake: str | None = None, *, timeout: float = 5.0) -> str | No
         except OSError as e:
             return f"nix cannot run: {e}"
         if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"nix cannot evaluate {flake} offline: {last}"
+            lines = r.stderr.strip().splitlines() or ["no output"]
+            errors = [ln.removeprefix("error:").strip() for ln in lines if ln.startswith("error:")]
+            return f"nix cannot evaluate {flake} offline: {(errors or lines)[-1]}"
     return None
 
 
