@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import free_port, need
 from vmctl import agents, images
 from vmctl.console import wait_for_marker
 from vmctl.procs import ProcessRef
@@ -106,7 +106,9 @@ def shared(
     ws = tmp_path_factory.mktemp("ws")
     (ws / "from-host.txt").write_text("host says hi\n")
     args = up_args(env, ws, "shared", "--detach", "--model-endpoint", f"127.0.0.1:{model}")
-    r = vmctl(env, *args, "--timeout", "90")
+    forward = free_port()
+    env["TEST_FORWARD"] = str(forward)
+    r = vmctl(env, *args, "-p", f"{forward}:8000", "--timeout", "90")
     try:
         assert r.returncode == 0, r.stderr
         assert "vmctl exec shared --" in r.stdout
@@ -266,3 +268,23 @@ def test_missing_workspace_is_one_line(env: dict[str, str], tmp_path: Path) -> N
     assert r.returncode == 2
     assert r.stderr.startswith("error: workspace") and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_port_forward_is_loopback_only(shared: tuple[str, Path], env: dict[str, str]) -> None:
+    """`-p HOST:GUEST` reaches a guest server, bound on the host's 127.0.0.1 only."""
+    import urllib.request
+
+    name, ws = shared
+    (ws / "page.txt").write_text("served from the guest\n")
+    r = vmctl(env, "exec", name, "--", "httpd", "-p", "8000", "-h", "/workspace")
+    assert r.returncode == 0, r.stdout
+    port = int(env["TEST_FORWARD"])
+    url = f"http://127.0.0.1:{port}/page.txt"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.read() == b"served from the guest\n"
+    listening = [
+        line.split()[1]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
+    ]
+    assert listening == [f"0100007F:{port:04X}"]
