@@ -86,6 +86,10 @@ def serve(
         model_args=list(local.server_args),
         extra_args=passthrough(),
     )
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        ui.warn(
+            f"--host {host} without --api-key: anyone who can reach this address can use the model"
+        )
     if detach:
         server.launch_detached(config)
         _announce(config, as_json)
