@@ -257,3 +257,29 @@ def test_ls_logs_and_stop(vmctl_server: ServedModel) -> None:
     )
     last = json.loads(logs.stdout.splitlines()[-1])
     assert last["path"] == "/v1/chat/completions" and last["status"] == 200
+
+
+def test_sigkilled_supervisor_leaves_nothing_running(
+    tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smollm2: Path
+) -> None:
+    """A crash of vmctl itself: llama-server dies with it, the next `vmctl ls` reaps."""
+    home = tmp_path_factory.mktemp("kill")
+    env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
+    port = free_port()
+    subprocess.run(
+        vmctl_cmd("serve", "-d", "--port", str(port), "--name", "crash"),
+        env=env, check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    meta = json.loads((home / "servers" / "crash" / "server.json").read_text())
+    pids = _server_pids(home, "crash")
+    os.kill(int(meta["supervisor"]["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    out = subprocess.run(vmctl_cmd("ls", "--json"), env=env, capture_output=True, text=True)
+    assert json.loads(out.stdout)["servers"] == []
+    assert not (home / "servers" / "crash" / "run").exists()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
