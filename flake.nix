@@ -39,6 +39,7 @@
           self.packages.${pkgs.stdenv.hostPlatform.system}.vmctl.pythonDependencies
           ++ (with ps; [
             pytest
+            pytest-asyncio # tests/test_gateway.py: async tests fail without it (pytest >= 8.4)
             pytest-timeout
             hypothesis
             openai
@@ -81,6 +82,7 @@
         default = {
           type = "app";
           program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.vmctl;
+          meta.description = "vmctl, the command-line tool";
         };
       });
 
@@ -88,7 +90,13 @@
         unit =
           pkgs.runCommand "vmctl-unit-tests"
             {
-              nativeBuildInputs = [ (pythonForTests pkgs) ];
+              nativeBuildInputs = [
+                (pythonForTests pkgs)
+                pkgs.cpio
+                # tests/test_images.py runs `busybox sh`; only that name, so
+                # busybox's applets do not shadow coreutils on PATH.
+                (pkgs.writeShellScriptBin "busybox" ''exec ${lib.getExe' pkgs.busybox "busybox"} "$@"'')
+              ];
               src = ./.; # the flake's source: git-tracked files only
             }
             ''
