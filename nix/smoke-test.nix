@@ -103,13 +103,13 @@ in
         s.connect(str(agent.state_dir / "exec.sock"))
         cmd = base64.b64encode(b"id -un; pwd; printenv OPENCODE_CONFIG LLM_USER_PATH")
         s.sendall(b"smoketest01 " + cmd + b"\n")
-        out = b""
-        while b"VMCTL-END smoketest01 " not in out or not out.endswith(b"\n"):
+        reply = b""  # bytes; `out` below is str (the driver type-checks this script)
+        while b"VMCTL-END smoketest01 " not in reply or not reply.endswith(b"\n"):
             chunk = s.recv(4096)
-            assert chunk, out
-            out += chunk
+            assert chunk, reply
+            reply += chunk
         s.close()
-        text = out.decode()
+        text = reply.decode()
         assert "VMCTL-END smoketest01 0" in text, text
         lines = text.split("VMCTL-BEGIN smoketest01\n", 1)[1].splitlines()
         assert lines[0] == "${contract.user.name}", lines
