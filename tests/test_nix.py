@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,80 @@ def test_smoke_test_takes_markers_and_names_from_the_contract() -> None:
     assert contract_path_in(path) == ROOT / "orchestrator/vmctl/data/guest-contract.json"
     copies = [v for v in contract_literals() if v in code_of(path)]
     assert copies == [], copies
+
+
+# The NixOS test driver type-checks (mypy) the test script before any VM
+# starts; this renders it the way Nix would and runs the same check against
+# a stub of the driver's Machine API (only the methods the script uses).
+MACHINE_STUB = """
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+class Machine:
+    state_dir: Path
+    def start(self, allow_reboot: bool = False) -> None: pass
+    def wait_for_console_text(self, regex: str, timeout: int | None = None) -> None: pass
+    def wait_for_unit(self, unit: str, user: str | None = None, timeout: int = 900) -> None: pass
+    def succeed(self, *commands: str, timeout: int | None = None) -> str: return ""
+    def fail(self, *commands: str, timeout: int | None = None) -> str: return ""
+    def send_monitor_command(self, command: str) -> str: return ""
+    def wait_for_shutdown(self) -> None: pass
+@contextmanager
+def subtest(name: str) -> Iterator[None]:
+    yield
+agent: Machine
+"""
+
+
+def rendered_smoke_script() -> str:
+    """nix/smoke-test.nix's testScript with its `${...}` filled in as Nix would."""
+    import textwrap
+
+    text = (ROOT / "nix/smoke-test.nix").read_text()
+    body = text[text.index("testScript = ''") + len("testScript = ''") : text.rindex("'';")]
+    raw = contract.raw()
+    files = ",\n".join(
+        f'("{f.name.removeprefix(raw["fw_cfg"]["prefix"])}", "{f.dest}", "{f.owner}", "{f.mode}")'
+        for f in contract.fw_cfg_files()
+    )
+    net = raw["network"]
+    fixed = {
+        "filesPy": files,
+        "expected": "/nix/store/x-vmctl-expected-agent-files",
+        "model": "smoke-model",
+        "baseUrl": f"http://{net['model_host']}:{net['model_port']}/v1",
+        "toString (net.model_port + 1)": str(net["model_port"] + 1),
+    }
+    short = {"contract": "", "ws": "workspace.", "net": "network."}
+
+    def value(m: re.Match[str]) -> str:
+        expr = m.group(1)
+        if expr in fixed:
+            return fixed[expr]
+        head, _, rest = expr.partition(".")
+        node: object = raw
+        for key in (short[head] + rest).strip(".").split("."):
+            assert isinstance(node, dict), expr
+            node = node[key]
+        return str(node)
+
+    # Nix strips the ''-string's indentation before interpolating.
+    return re.sub(r"\$\{([^}]+)\}", value, textwrap.dedent(body))
+
+
+def test_smoke_test_script_type_checks_like_the_test_driver(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    script = tmp_path / "test_script.py"
+    script.write_text(MACHINE_STUB + rendered_smoke_script())
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-implicit-optional", "--no-error-summary", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_python_reads_the_same_contract_file_as_guest_nix() -> None:
