@@ -8,9 +8,13 @@ instead of skipping it, so a green run means the real thing ran.
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -161,3 +165,80 @@ def vmctl_server(
         yield served
     finally:
         subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
+
+
+# --- a stand-in HTTP peer -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StubRequest:
+    """One request an `HttpStub` received."""
+
+    method: str
+    path: str
+    headers: Message
+    body: bytes
+
+
+#: How a stub answers a request: (status, body).
+Answer = Callable[[StubRequest], tuple[int, bytes]]
+#: The `http_stub` fixture: start a stub that answers through `Answer`.
+StubFactory = Callable[[Answer], "HttpStub"]
+
+
+class HttpStub:
+    """A loopback HTTP server that answers through one function and records every request.
+
+    Fakes the peer (a model endpoint, an upstream), not vmctl's code: each
+    answer carries Content-Length and closes the connection, as HTTP/1.0 does.
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self.requests: list[StubRequest] = []
+        requests = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                req = StubRequest(self.command, self.path, self.headers, self.rfile.read(length))
+                requests.append(req)
+                status, body = answer(req)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_stub() -> Iterator[StubFactory]:
+    """Starts `HttpStub`s (`http_stub(answer)`); every one is stopped after the test."""
+    stubs: list[HttpStub] = []
+
+    def start(answer: Answer) -> HttpStub:
+        stubs.append(HttpStub(answer))
+        return stubs[-1]
+
+    try:
+        yield start
+    finally:
+        for stub in stubs:
+            stub.close()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import StubFactory, StubRequest
 from vmctl import agents, contract
 from vmctl.agents import AgentEndpoint
 from vmctl.errors import ConfigError
@@ -167,36 +165,21 @@ def test_module_entry_writes_the_guest_files(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in out.iterdir()} == expected
 
 
-class _Models(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.headers.get("Authorization") != "Bearer k":
-            self.send_response(401)
-            self.end_headers()
-            return
-        data = [
-            {"id": "m1", "meta": {"n_ctx_train": 8192, "n_ctx": 4096}},
-            {"id": "m2", "meta": {"n_ctx_train": 32768}},
-            {"id": "bad id\n"},
-        ]
-        body = json.dumps({"object": "list", "data": data}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _models(req: StubRequest) -> tuple[int, bytes]:
+    """/v1/models behind a key, with llama-server's context metadata."""
+    if req.headers.get("Authorization") != "Bearer k":
+        return 401, b""
+    data = [
+        {"id": "m1", "meta": {"n_ctx_train": 8192, "n_ctx": 4096}},
+        {"id": "m2", "meta": {"n_ctx_train": 32768}},
+        {"id": "bad id\n"},
+    ]
+    return 200, json.dumps({"object": "list", "data": data}).encode()
 
 
 @pytest.fixture
-def models_server() -> Iterator[str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Models)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def models_server(http_stub: StubFactory) -> str:
+    return f"{http_stub(_models).url}/v1"
 
 
 def test_discover_reads_ids_and_the_smallest_context(models_server: str) -> None:

@@ -8,7 +8,6 @@ against SmolLM2 served by `vmctl serve` and read the gateway's audit.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServedModel, free_port, need
+from conftest import HttpStub, ServedModel, StubFactory, StubRequest, free_port, need
 from vmctl import clients
 
 SECRET = "AKIA-vmctl-canary-secret"
@@ -43,36 +42,16 @@ def vmctl_run(
     )
 
 
-class _Endpoint(http.server.BaseHTTPRequestHandler):
-    """A fake OpenAI endpoint: /health, /v1/models; remembers every path."""
-
-    seen: list[str]
-
-    def do_GET(self) -> None:
-        self.seen.append(self.path)
-        body = b'{"status":"ok"}'
-        if self.path.startswith("/v1/models"):
-            body = json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _openai(req: StubRequest) -> tuple[int, bytes]:
+    """A fake OpenAI endpoint: /health and /v1/models."""
+    if req.path.startswith("/v1/models"):
+        return 200, json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode()
+    return 200, b'{"status":"ok"}'
 
 
 @pytest.fixture
-def endpoint() -> Iterator[tuple[str, list[str]]]:
-    seen: list[str] = []
-    handler = type("H", (_Endpoint,), {"seen": seen})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def endpoint(http_stub: StubFactory) -> HttpStub:
+    return http_stub(_openai)
 
 
 @pytest.fixture
@@ -140,19 +119,19 @@ def test_escapes_fail_under_each_profile(
     client: str,
     tmp_path: Path,
     workspace: Path,
-    endpoint: tuple[str, list[str]],
+    endpoint: HttpStub,
     other_listener: tuple[int, list[object]],
     home_canary: Path,
     vmctl_home: Path,
     bwrap_bin: Path,
 ) -> None:
-    url, seen = endpoint
+    url = endpoint.url
     other, accepted = other_listener
     outside = tmp_path / "outside.txt"  # next to the workspace, on the host
     home_escape = Path.home() / f".vmctl-escape-{uuid.uuid4().hex[:8]}"
     probe = tmp_path / "tools" / "bin" / "probe"
     probe.parent.mkdir(parents=True)
-    port = int(url.rsplit(":", 1)[1])
+    port = endpoint.port
     probe.write_text(
         PROBE.format(
             py=PY,
@@ -174,7 +153,7 @@ def test_escapes_fail_under_each_profile(
     assert not outside.exists()
     assert res["write_home"] != "ok" and not home_escape.exists()
     assert res["read_canary"] != "ok"
-    assert res["endpoint"] == "ok" and "/v1/models?probe=1" in seen
+    assert res["endpoint"] == "ok" and "/v1/models?probe=1" in endpoint.paths
     assert res["other_port"] != "ok" and accepted == []
     assert res["internet"] != "ok"
     assert res["aws"] is None
@@ -184,16 +163,16 @@ def test_escapes_fail_under_each_profile(
 
 
 def test_opencode_config_lives_in_its_state_folder(
-    tmp_path: Path, workspace: Path, endpoint: tuple[str, list[str]], vmctl_home: Path
+    tmp_path: Path, workspace: Path, endpoint: HttpStub, vmctl_home: Path
 ) -> None:
-    url, _ = endpoint
+    url = endpoint.url
     out = vmctl_run(
         "opencode", "-w", str(workspace), "--endpoint", url, "--client-bin", "/bin/true"
     )
     assert out.returncode == 0, out.stderr
     config = vmctl_home / "clients" / "opencode" / "state" / "config" / "opencode"
     data = json.loads((config / "opencode.json").read_text())
-    port = url.rsplit(":", 1)[1]
+    port = endpoint.port
     assert data["provider"]["llama"]["options"]["baseURL"] == f"http://127.0.0.1:{port}/v1"
     assert data["model"] == data["small_model"] == "llama/fake-model"
     assert (config / "node_modules").is_dir()
@@ -202,8 +181,8 @@ def test_opencode_config_lives_in_its_state_folder(
     assert list(workspace.iterdir()) == []
 
 
-def test_exit_status_is_the_clients(workspace: Path, endpoint: tuple[str, list[str]]) -> None:
-    url, _ = endpoint
+def test_exit_status_is_the_clients(workspace: Path, endpoint: HttpStub) -> None:
+    url = endpoint.url
     out = vmctl_run("shell", "-w", str(workspace), "--endpoint", url, "--", "-c", "exit 7")
     assert out.returncode == 7, out.stderr
 
@@ -245,15 +224,22 @@ def _client_or_skip(name: str) -> None:
         need(False, f"{name} not installed (scripts/install-agents.sh)")
 
 
+def _run_posts(
+    served: ServedModel, ws: Path, client: str, *args: str
+) -> tuple[str, list[dict[str, object]]]:
+    """`vmctl run CLIENT -- ARGS` against `served` (found, not named): output, POSTs audited."""
+    before = len(served.audit_lines())
+    out = vmctl_run(client, "-w", str(ws), "--", *args, env=served.env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(ws.iterdir()) == []
+    return out.stdout, [a for a in _new_audit(served, before) if a["method"] == "POST"]
+
+
 @pytest.mark.slow
 @pytest.mark.llama
 def test_llm_answers_through_the_gateway(vmctl_server: ServedModel, workspace: Path) -> None:
-    before = len(vmctl_server.audit_lines())
-    # No --endpoint: vmctl finds the running `vmctl serve` itself.
-    out = vmctl_run("llm", "-w", str(workspace), "--", "Say hello.", env=vmctl_server.env())
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
-    posts = [a for a in _new_audit(vmctl_server, before) if a["method"] == "POST"]
+    answer, posts = _run_posts(vmctl_server, workspace, "llm", "Say hello.")
+    assert answer.strip()
     assert [(a["path"], a["status"]) for a in posts] == [("/v1/chat/completions", 200)]
 
 
@@ -261,16 +247,11 @@ def test_llm_answers_through_the_gateway(vmctl_server: ServedModel, workspace: P
 @pytest.mark.llama
 def test_opencode_run_completes_a_request(vmctl_server: ServedModel, workspace: Path) -> None:
     _client_or_skip("opencode")
-    before = len(vmctl_server.audit_lines())
-    out = vmctl_run("opencode", "-w", str(workspace), "--", "run", "Say hello.",
-                    env=vmctl_server.env(), timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    posts = [a for a in _new_audit(vmctl_server, before) if a["method"] == "POST"]
+    _, posts = _run_posts(vmctl_server, workspace, "opencode", "run", "Say hello.")
     assert posts and all(a["path"] == "/v1/chat/completions" for a in posts)
     assert all(a["status"] == 200 for a in posts)
     # Trimmed for an 8k model: no title request, no tool schemas.
     assert len(posts) == 1 and int(str(posts[0]["bytes_in"])) < 4096
-    assert list(workspace.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -2,44 +2,25 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import StubFactory, StubRequest
 from vmctl.relay import request_line
 
 
-class Hello(http.server.BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        reply = b'{"echo": ' + json.dumps(body.decode()).encode() + b"}"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(reply)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _echo(req: StubRequest) -> tuple[int, bytes]:
+    return 200, b'{"echo": ' + json.dumps(req.body.decode()).encode() + b"}"
 
 
 @pytest.fixture
-def server() -> Iterator[int]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def server(http_stub: StubFactory) -> int:
+    return http_stub(_echo).port
 
 
 def run_relay(port: int, audit: Path, data: bytes) -> bytes:
