@@ -15,13 +15,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import HttpStub, ServedModel, StubFactory, StubRequest, free_port, need
+from conftest import HttpStub, ServedModel, StubFactory, StubRequest, free_port, need, vmctl_cmd
 from vmctl import clients
 
 SECRET = "AKIA-vmctl-canary-secret"
@@ -267,3 +269,51 @@ def test_claude_code_reaches_the_messages_route(vmctl_server: ServedModel, works
     posts = [a for a in _new_audit(vmctl_server, before) if a["method"] == "POST"]
     assert posts and all(str(a["path"]).startswith("/v1/messages") for a in posts)
     assert any(a["status"] == 200 for a in posts)
+
+
+# --- a server with an API key: the client must be told it, and send it -------
+
+KEY = "vmctl-test-k3y"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smollm2: Path
+) -> Iterator[ServedModel]:
+    """`vmctl serve --api-key`, in its own VMCTL_HOME; a keyless request gets 401."""
+    home = tmp_path_factory.mktemp("key")
+    env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
+    name = "k"
+    argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, "--api-key", KEY]
+    try:
+        out = subprocess.run(vmctl_cmd("serve", *argv), env=env, capture_output=True, text=True,
+                             timeout=300, check=False)  # fmt: skip
+        assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"
+        served = ServedModel(home, name, json.loads(out.stdout.strip().splitlines()[-1]))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{served.base_url}/models", timeout=10)
+        assert refused.value.code == 401
+        yield served
+    finally:
+        subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_llm_sends_the_servers_api_key(keyed_server: ServedModel, workspace: Path) -> None:
+    answer, posts = _run_posts(keyed_server, workspace, "llm", "Say hello.")
+    assert answer.strip()
+    assert [(a["path"], a["status"]) for a in posts] == [("/v1/chat/completions", 200)]
+    keys = keyed_server.home / "clients" / "llm" / "state" / "keys.json"
+    assert json.loads(keys.read_text()) == {"vmctl": KEY}
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_opencode_sends_the_servers_api_key(keyed_server: ServedModel, workspace: Path) -> None:
+    _client_or_skip("opencode")
+    _, posts = _run_posts(keyed_server, workspace, "opencode", "run", "Say hello.")
+    assert posts and all((a["path"], a["status"]) == ("/v1/chat/completions", 200) for a in posts)
+    config = keyed_server.home / "clients" / "opencode" / "state" / "config" / "opencode"
+    data = json.loads((config / "opencode.json").read_text())
+    assert data["provider"]["llama"]["options"]["apiKey"] == KEY
