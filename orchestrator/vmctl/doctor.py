@@ -48,13 +48,13 @@ def _accel() -> Check:
     arch = "aarch64" if platform.machine() in ("arm64", "aarch64") else "x86_64"
     qemu = shutil.which(f"qemu-system-{arch}")
     if not qemu:
-        return Check("accelerator", False, "no QEMU to probe with")
+        return Check("accelerator", False, "no QEMU to probe with", "install QEMU first")
     try:
         from vmctl import accel
 
         chosen = accel.choose("auto", qemu)
     except ImportError:
-        return Check("accelerator", False, "accelerator probe not available")
+        return Check("accelerator", False, "accelerator probe not available", "reinstall vmctl")
     except VmctlError as e:
         return Check("accelerator", False, e.message, e.hint)
     name = getattr(chosen, "name", str(chosen))
@@ -91,7 +91,7 @@ def _nix() -> Check:
     try:
         from vmctl.nixos import nix_available
     except ImportError:
-        return Check("nix", False, "nixos backend not available")
+        return Check("nix", False, "nixos backend not available", "reinstall vmctl")
     reason = nix_available()
     if reason:
         return Check(
@@ -108,7 +108,7 @@ def _models() -> Check:
     except VmctlError as e:
         return Check("embedded model", False, e.message, e.hint)
     except ImportError:
-        return Check("embedded model", False, "model resolver not available")
+        return Check("embedded model", False, "model resolver not available", "reinstall vmctl")
     size = local.path.stat().st_size / 1e6
     return Check("embedded model", True, f"{local.alias}: {local.path} ({size:.0f} MB)")
 
@@ -175,5 +175,6 @@ def run_checks() -> list[Check]:
         try:
             results.append(check())
         except Exception as e:  # a broken probe must not hide the others
-            results.append(Check(check.__name__.strip("_"), False, f"check failed: {e}"))
+            fix = "a bug in vmctl doctor: please report it"
+            results.append(Check(check.__name__.strip("_"), False, f"check failed: {e}", fix))
     return results
