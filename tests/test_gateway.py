@@ -170,3 +170,20 @@ def test_authorized_compares_in_constant_time_semantics() -> None:
     assert authorized(Req(), "k")  # type: ignore[arg-type]
     assert not authorized(Req(), "kk")  # type: ignore[arg-type]
     assert authorized(Req(), None)  # type: ignore[arg-type]
+
+
+async def test_client_hanging_up_mid_stream_is_not_a_502(gateway: tuple[str, Path]) -> None:
+    """A client that stops reading is the client's doing: audited as such, never 502."""
+    url, audit = gateway
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer sekrit"}) as s:
+        payload = {"model": "m1", "stream": True}
+        async with s.post(f"{url}/v1/chat/completions", json=payload) as r:
+            await r.content.readany()
+            r.connection.transport.abort()  # type: ignore[union-attr]
+    for _ in range(50):
+        if audit.exists() and audit.read_text():
+            break
+        await asyncio.sleep(0.1)
+    (line,) = audit_lines(audit)
+    assert line["status"] == 200
+    assert line["client_gone"] is True

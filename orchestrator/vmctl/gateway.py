@@ -188,7 +188,9 @@ class Gateway:
             else:
                 body = await request.read()
                 record["model"] = request_model(body) or self.config.alias
-                response, tail = await self._forward(request, body)
+                response, tail, client_gone = await self._forward(request, body)
+                if client_gone:
+                    record["client_gone"] = True
         except (aiohttp.ClientError, OSError) as e:
             response = _error(502, f"model server unavailable: {e}", "server_error")
         except asyncio.CancelledError:
@@ -209,7 +211,15 @@ class Gateway:
         record.update(token_usage(tail))
         self.audit.write(record)
 
-    async def _forward(self, request: web.Request, body: bytes) -> tuple[web.StreamResponse, bytes]:
+    async def _forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[web.StreamResponse, bytes, bool]:
+        """Relay one request; the flag is True when the client hung up mid-reply.
+
+        A failed write to the client is the client's doing (it stopped
+        reading after `[DONE]`, or was killed), not the model server's: it
+        is audited with the upstream status and `client_gone`, never as 502.
+        """
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         # The key is the gateway's business; llama-server itself has none.
         headers.pop("Authorization", None)
@@ -225,10 +235,26 @@ class Gateway:
             await response.prepare(request)
             tail = b""
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
                 tail = (tail + chunk)[-TAIL_BYTES:]
+                if not await _send(response, chunk):
+                    return response, tail, True
+            return response, tail, not await _send(response, None)
+
+
+async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
+    """Write a chunk (None: the end) to the client; False if the client is gone.
+
+    Only client-side write errors are caught here, so an upstream reset
+    still surfaces as a 502.
+    """
+    try:
+        if chunk is None:
             await response.write_eof()
-            return response, tail
+        else:
+            await response.write(chunk)
+    except ConnectionResetError:
+        return False
+    return True
 
 
 def _body_of(response: web.StreamResponse) -> bytes:
