@@ -165,7 +165,7 @@ def test_escapes_fail_under_each_profile(
 
 
 def test_opencode_config_lives_in_its_state_folder(
-    tmp_path: Path, workspace: Path, endpoint: HttpStub, vmctl_home: Path
+    tmp_path: Path, workspace: Path, endpoint: HttpStub, vmctl_home: Path, bwrap_bin: Path
 ) -> None:
     url = endpoint.url
     out = vmctl_run(
@@ -183,7 +183,7 @@ def test_opencode_config_lives_in_its_state_folder(
     assert list(workspace.iterdir()) == []
 
 
-def test_exit_status_is_the_clients(workspace: Path, endpoint: HttpStub) -> None:
+def test_exit_status_is_the_clients(workspace: Path, endpoint: HttpStub, bwrap_bin: Path) -> None:
     url = endpoint.url
     out = vmctl_run("shell", "-w", str(workspace), "--endpoint", url, "--", "-c", "exit 7")
     assert out.returncode == 7, out.stderr
@@ -240,7 +240,9 @@ def _run_posts(
 @pytest.mark.slow
 @pytest.mark.llama
 def test_llm_answers_through_the_gateway(vmctl_server: ServedModel, workspace: Path) -> None:
-    answer, posts = _run_posts(vmctl_server, workspace, "llm", "Say hello.")
+    answer, posts = _run_posts(
+        vmctl_server, workspace, "llm", "Say hello.", "-o", "max_tokens", "64"
+    )
     assert answer.strip()
     assert [(a["path"], a["status"]) for a in posts] == [("/v1/chat/completions", 200)]
 
@@ -301,7 +303,9 @@ def keyed_server(
 @pytest.mark.slow
 @pytest.mark.llama
 def test_llm_sends_the_servers_api_key(keyed_server: ServedModel, workspace: Path) -> None:
-    answer, posts = _run_posts(keyed_server, workspace, "llm", "Say hello.")
+    answer, posts = _run_posts(
+        keyed_server, workspace, "llm", "Say hello.", "-o", "max_tokens", "64"
+    )
     assert answer.strip()
     assert [(a["path"], a["status"]) for a in posts] == [("/v1/chat/completions", 200)]
     keys = keyed_server.home / "clients" / "llm" / "state" / "keys.json"
