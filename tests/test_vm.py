@@ -288,3 +288,29 @@ def test_port_forward_is_loopback_only(shared: tuple[str, Path], env: dict[str, 
         if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
     ]
     assert listening == [f"0100007F:{port:04X}"]
+
+
+def test_console_attach_logs_in_as_agent(shared: tuple[str, Path], env: dict[str, str]) -> None:
+    """`vmctl console` on a real terminal, driven with pexpect like a person would."""
+    import pexpect
+
+    name, _ = shared
+    loud = {k: v for k, v in env.items() if k != "VMCTL_QUIET"}
+    child = pexpect.spawn(
+        VMCTL[0], [*VMCTL[1:], "console", name], env=loud, timeout=60, encoding="utf-8"
+    )
+    try:
+        child.expect("Ctrl-] detaches")  # attached: what we type now reaches the guest
+        # busybox asks for Enter before it starts the login shell.
+        child.sendline("")
+        child.expect(r"/workspace \$ ")
+        child.sendline("id -un; echo ok-$((6 * 7))")
+        child.expect("ok-42")
+        assert "agent" in (child.before or "")
+        child.sendcontrol("]")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    # Detaching leaves the guest running.
+    assert vmctl(env, "exec", name, "--", "true").returncode == 0
