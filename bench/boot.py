@@ -46,6 +46,9 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
     argv = qemu_argv(
         spec, images.load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu
     )
+    # vmctl starts QEMU paused (-S) and continues it once attached to the
+    # console; raw QEMU just runs.
+    argv = [a for a in argv if a != "-S"]
     for fifo in (ip.exec_in, ip.exec_out):
         os.mkfifo(fifo, 0o600)
     t0 = time.monotonic()

@@ -34,7 +34,7 @@ class Manifest:
 HEAD = [
     "qemu-system-x86_64", "-name", "guest=vmctl-t1", "-M", "q35",
     "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "2",
-    "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+    "-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
     "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.cpio",
 ]  # fmt: skip
 CHANNELS = [

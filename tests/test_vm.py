@@ -314,3 +314,18 @@ def test_console_attach_logs_in_as_agent(shared: tuple[str, Path], env: dict[str
     assert child.exitstatus == 0
     # Detaching leaves the guest running.
     assert vmctl(env, "exec", name, "--", "true").returncode == 0
+
+
+def test_kernel_panic_fails_fast_with_the_panic_line(env: dict[str, str], tmp_path: Path) -> None:
+    """The console is watched from the first line: a panic ends the wait at once."""
+    start = time.monotonic()
+    args = up_args(
+        env, tmp_path, "panics", "--ephemeral", "--net", "none", "--timeout", "100", "--detach"
+    )
+    r = vmctl(env, *args, "--", "-append", "console=ttyS0 rdinit=/nonexistent", timeout=120)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "error: guest panics failed to boot" in r.stderr
+    assert "Kernel panic" in r.stderr
+    assert time.monotonic() - start < 60
+    assert not instance_dir(env, "panics").exists()

@@ -67,6 +67,76 @@ def wait_for_marker(
         time.sleep(0.02)
 
 
+#: Lines after which a guest will never become ready.
+FATAL = (
+    r"Kernel panic - not syncing[^\r\n]*\r?\n",
+    r"Attempted to kill init[^\r\n]*\r?\n",
+)
+
+
+def expect_ready(
+    sock_path: Path,
+    marker: str,
+    timeout: float,
+    *,
+    start: Callable[[], None],
+    abort: Callable[[], str | None],
+) -> float:
+    """Attach to the console with pexpect, call `start`, expect `marker`.
+
+    The guest is paused until `start` (QMP `cont`) runs, so the whole boot
+    passes through this connection. A kernel panic or QEMU exiting ends the
+    wait at once (VMError); the timeout raises TimeoutError.
+    """
+    from pexpect import EOF, TIMEOUT, fdpexpect
+
+    sock = _connect(sock_path, abort)
+    try:
+        child = fdpexpect.fdspawn(sock.fileno(), timeout=0.5, maxread=65536)
+        began = time.monotonic()
+        start()
+        patterns = [marker.encode(), *(p.encode() for p in FATAL), EOF, TIMEOUT]
+        while True:
+            i = child.expect(patterns)
+            if i == 0:
+                return time.monotonic() - began
+            if i <= len(FATAL):
+                line = child.after.decode(errors="replace").strip()
+                raise VMError(f"the guest's kernel failed: {line}")
+            if i == len(FATAL) + 1:  # EOF: QEMU closed the console
+                raise VMError(abort() or "the console closed")
+            reason = abort()
+            if reason:
+                raise VMError(reason)
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"{marker} not seen within {timeout:.0f} s")
+    except TimeoutError:
+        raise  # an OSError too, but not a console failure
+    except OSError as e:
+        raise VMError(f"lost the console: {e.strerror or e}") from e
+    finally:
+        sock.close()
+
+
+def _connect(sock_path: Path, abort: Callable[[], str | None]) -> socket.socket:
+    """Connect to QEMU's console socket, which appears shortly after QEMU starts."""
+    from vmctl.poll import Timeout, wait_until
+
+    def attempt() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(sock_path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        return wait_until(attempt, timeout=10.0, what="the console", interval=0.02, abort=abort)
+    except Timeout as e:
+        raise VMError(f"cannot attach to the console: {e.last}") from None
+
+
 def attach(sock_path: Path, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
     """Join the serial console interactively until Ctrl-] or the guest goes away."""
     sock = socket.socket(socket.AF_UNIX)

@@ -24,7 +24,7 @@ from typing import Any
 
 from vmctl import accel as accel_mod
 from vmctl import contract, paths, ui
-from vmctl.console import ExecChannel, tail_lines, wait_for_marker
+from vmctl.console import ExecChannel, expect_ready, tail_lines
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.qemu import InstanceSpec, ManifestLike, qemu_argv
@@ -175,21 +175,30 @@ class Instance:
 
     def wait_ready(self, timeout: float) -> float:
         """Block until the guest prints its ready marker; seconds waited."""
+
+        def start() -> None:
+            with self.qmp(timeout=10.0) as mon:
+                mon.cont()
+
+        logs = (
+            "the lines above end its console log (ephemeral: nothing is kept)"
+            if self.ephemeral
+            else f"see {self.paths.console_log} and {self.paths.qemu_log}"
+        )
         try:
-            return wait_for_marker(
-                self.paths.console_log, contract.ready_marker(), timeout, abort=self._died
+            return expect_ready(
+                self.paths.console, contract.ready_marker(), timeout, start=start, abort=self._died
             )
         except VMError as e:
             raise VMError(
                 f"guest {self.name} failed to boot: {e.message}",
-                f"see {self.paths.qemu_log}",
-                details=tail_lines(self.paths.qemu_log) or tail_lines(self.paths.console_log),
+                logs,
+                details=tail_lines(self.paths.console_log, 8) or tail_lines(self.paths.qemu_log),
             ) from None
         except TimeoutError:
             raise VMError(
                 f"guest {self.name} did not become ready within {timeout:.0f} s",
-                "the image's init never printed the ready marker; check its kernel "
-                f"command line and {self.paths.console_log}",
+                f"its init never printed the ready marker; {logs}",
                 details=tail_lines(self.paths.console_log),
             ) from None
 

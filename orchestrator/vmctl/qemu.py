@@ -212,7 +212,9 @@ def qemu_argv(
     """The full QEMU command line; the user's extra arguments go last, verbatim."""
     argv = [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
-    argv += ["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
+    # -S: the CPU waits until vmctl is attached to the serial console and
+    # continues it over QMP, so no line of the boot is ever missed.
+    argv += ["-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     argv += ["-kernel", no_comma(manifest.kernel, "kernel")]
     argv += ["-initrd", no_comma(manifest.initrd, "initrd")]
     argv += ["-append", kernel_cmdline(spec, manifest.cmdline)]

@@ -65,6 +65,10 @@ class QMP:
         result = self.cmd("query-status")
         return result if isinstance(result, dict) else {}
 
+    def cont(self) -> None:
+        """Start the CPU of a QEMU started with -S."""
+        self.cmd("cont")
+
     def powerdown(self) -> None:
         """Ask the guest to shut down (ACPI power button)."""
         self.cmd("system_powerdown")
