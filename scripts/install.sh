@@ -27,9 +27,11 @@ install_system() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
+  # Always refresh the lists: the micro image fetches Debian's kernel package.
+  log "apt-get update"
+  as_root apt-get update -qq
   if ((${#missing[@]})); then
     log "installing system packages: ${missing[*]}"
-    as_root apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi
 }
