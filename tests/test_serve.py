@@ -283,3 +283,18 @@ def test_sigkilled_supervisor_leaves_nothing_running(
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+    # Its audit log is kept until the user removes it.
+    assert (home / "servers" / "crash" / "audit.jsonl").exists()
+    out = subprocess.run(vmctl_cmd("rm", "crash"), env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not (home / "servers" / "crash").exists()
+
+
+def test_rm_refuses_a_running_server(vmctl_server: ServedModel) -> None:
+    out = subprocess.run(
+        vmctl_cmd("rm", vmctl_server.name), env=vmctl_server.env(), capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    _one_line_error(out.stderr)
+    assert "vmctl stop" in out.stderr
+    assert vmctl_server.audit.exists()

@@ -124,3 +124,37 @@ def logs(
     finally:
         for h in handles:
             h.close()
+
+
+@app.command()
+def rm(name: str = typer.Argument(..., help="A stopped server or instance.")) -> None:
+    """Remove a stopped server's or persistent guest's folder (logs included)."""
+    import shutil
+
+    from vmctl.errors import VmctlError
+
+    removed = []
+    for root, running in _stopped_or_running(name):
+        if running:
+            raise VmctlError(
+                f"{name} is running", f"stop it first: vmctl stop {name} / vmctl down {name}"
+            )
+        shutil.rmtree(root)
+        removed.append(root)
+    if not removed:
+        raise NotFoundError(f"nothing named {name!r}", "see `vmctl ls --all`")
+    print(f"removed {name}")
+
+
+def _stopped_or_running(name: str) -> list[tuple[Path, bool]]:
+    """(folder, running) for a server and an instance called `name`."""
+    found = []
+    sroot = paths.server(name).root
+    if sroot.is_dir():
+        info = next((s for s in server.list_servers(True) if s.name == name), None)
+        found.append((sroot, bool(info and info.running)))
+    iroot = paths.instance(name).root
+    if iroot.is_dir():
+        running = any(i.name == name and i.running for i in _instances())
+        found.append((iroot, running))
+    return found
