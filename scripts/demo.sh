@@ -12,6 +12,7 @@ workspace="${1:-$PWD}"
 cleanup() {
   "$vmctl" down demo-vm >/dev/null 2>&1 || true
   "$vmctl" stop demo-model >/dev/null 2>&1 || true
+  "$vmctl" rm demo-model >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,11 @@ def _render(line: str, raw: bool) -> str:
         return line.rstrip("\n")
     if isinstance(r, dict) and "target" in r and "method" not in r:
         request = r.get("request") or ""
+        when = r.get("time", "")
+        if isinstance(when, int | float):
+            when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
         return (
-            f"{r.get('time', '')} {r.get('instance', '')} -> {r['target']} {request} "
+            f"{when} {r.get('instance', '')} -> {r['target']} {request} "
             f"{r.get('error', '')}"
             f"in={r.get('bytes_in', 0)} out={r.get('bytes_out', 0)} {r.get('duration_s', '')}s"
         )
