@@ -29,6 +29,7 @@ from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.qemu import InstanceSpec, ManifestLike, qemu_argv
 from vmctl.qmp import QMP
+from vmctl.relay import write_script
 from vmctl.state import StateError, read_json, write_json
 
 POWERDOWN_TIMEOUT_S = 10.0
@@ -305,16 +306,6 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
     return inst
 
 
-def write_relay(spec: InstanceSpec, ipaths: paths.InstancePaths) -> None:
-    """The guestfwd script: exec this venv's python running vmctl.relay."""
-    assert spec.model_endpoint is not None
-    host, port = spec.model_endpoint
-    argv = [sys.executable, "-m", "vmctl.relay", "--target", f"{host}:{port}"]
-    argv += ["--audit", str(ipaths.audit), "--instance", spec.name]
-    ipaths.relay.write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
-    ipaths.relay.chmod(0o700)
-
-
 def up(
     spec: InstanceSpec,
     manifest: ManifestLike,
@@ -335,7 +326,8 @@ def up(
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
         if spec.net == "model":
-            write_relay(spec, inst.paths)
+            assert spec.model_endpoint is not None
+            write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)

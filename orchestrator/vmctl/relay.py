@@ -84,6 +84,20 @@ def audit(path: Path, record: dict[str, object]) -> None:
         os.close(fd)
 
 
+def write_script(script: Path, target: tuple[str, int], audit_path: Path, instance: str) -> None:
+    """The guestfwd `cmd:` script: exec this Python running the relay.
+
+    QEMU splits -netdev values on commas, so the relay is a comma-free
+    script path; the script itself carries the arguments.
+    """
+    import shlex
+
+    argv = [sys.executable, "-m", "vmctl.relay", "--target", f"{target[0]}:{target[1]}"]
+    argv += ["--audit", str(audit_path), "--instance", instance]
+    script.write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
+    script.chmod(0o700)
+
+
 def relay(target: tuple[str, int], audit_path: Path, instance: str) -> int:
     """Serve one guest connection on fds 0/1; always leaves an audit line."""
     started = time.time()
