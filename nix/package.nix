@@ -43,6 +43,8 @@ python3Packages.buildPythonApplication {
     root = ../.;
     fileset = lib.fileset.unions [
       ../pyproject.toml
+      ../setup.py
+      ../MANIFEST.in
       (lib.fileset.maybeMissing ../README.md)
       ../orchestrator
       ../host-profiles
@@ -53,10 +55,7 @@ python3Packages.buildPythonApplication {
   nativeBuildInputs = [ makeWrapper ];
   dependencies = pythonDependencies;
 
-  # policy.py looks for host-profiles/ next to the package.
-  postInstall = ''
-    cp -r host-profiles $out/${python3Packages.python.sitePackages}/vmctl/host-profiles
-  '';
+  # setup.py copies host-profiles/ into the package, as for any wheel.
   makeWrapperArgs = [
     "--prefix"
     "PATH"
