@@ -6,11 +6,14 @@ it into the wheel. Without it a plain `pip install .` would find no policy.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from conftest import need
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +32,9 @@ def _source_copy(dest: Path) -> Path:
 
 
 def test_wheel_carries_profiles_contract_and_guest_files(tmp_path: Path) -> None:
+    # Not inside a Nix build sandbox, which has neither pip nor a git checkout.
+    need(importlib.util.find_spec("pip") is not None, "pip")
+    need(shutil.which("git") is not None and (ROOT / ".git").exists(), "a git checkout")
     src = _source_copy(tmp_path / "src")
     out = tmp_path / "dist"
     subprocess.run(
