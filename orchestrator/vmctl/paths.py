@@ -7,6 +7,8 @@ overridable with VMCTL_HOME)::
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
                        audit.jsonl, overlay.qcow2, fwcfg/
     clients/NAME/      a host client's private config and data
+    events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
+                       client-NAME.jsonl); outlives its subject until `vmctl rm`
 
 and, below `cache_home()` (platformdirs' user cache folder, VMCTL_CACHE)::
 
@@ -197,6 +199,11 @@ def instances_dir() -> Path:
 
 def clients_dir() -> Path:
     return private_dir(home() / "clients")
+
+
+def events_dir() -> Path:
+    """Event logs (see vmctl.events): kept apart so they outlive their subject."""
+    return private_dir(home() / "events")
 
 
 def images_dir() -> Path:
