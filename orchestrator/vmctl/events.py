@@ -36,7 +36,7 @@ WHO_KINDS = ("guest", "client", "server", "host")
 #: A subject's file is rotated once (to `.1`) past this size.
 MAX_LOG_BYTES = 32 << 20
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_SUBJECT_RE = re.compile(r"^(guest|client|server)-[a-z0-9][a-z0-9._-]{0,39}$")
+_SUBJECT_RE = re.compile(r"^(guest|client|server|host)-[a-z0-9][a-z0-9._-]{0,39}$")
 
 
 def now() -> str:
@@ -70,6 +70,8 @@ class Event:
     tokens_out: int | None = None
     model: str | None = None
     detail: str | None = None
+    #: The server whose gateway answered a request (`vmctl logs SERVER` shows them).
+    server: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

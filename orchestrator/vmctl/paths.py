@@ -115,6 +115,11 @@ class ServerPaths:
         return check_socket_path(self.runtime / "llama.sock")
 
     @property
+    def routes(self) -> Path:
+        """The gateway's socket for vmctl's sidecars (vmctl.routes)."""
+        return check_socket_path(self.runtime / "routes.sock")
+
+    @property
     def cache(self) -> Path:
         """The only folder llama-server may write."""
         return self.runtime / "cache"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from vmctl import paths, ui
+from vmctl import events, paths, ui
 from vmctl.errors import ServerError
 from vmctl.gateway import Gateway, GatewayConfig
 from vmctl.procs import ProcessRef
@@ -68,6 +68,18 @@ def _meta(
     }
 
 
+def lifecycle(config: ServerConfig, action: str, **fields: object) -> None:
+    """One lifecycle event (serve, ready, restart, crash, stop) in the server's file."""
+    path = events.subject_file(paths.events_dir(), "server", config.name)
+    with contextlib.suppress(OSError), events.EventLog(path) as log:
+        log.write(
+            events.Event(
+                "lifecycle", "server", config.name, "supervisor", action,
+                server=config.name, **fields,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+
+
 async def _healthy(session: aiohttp.ClientSession) -> bool:
     try:
         async with session.get("http://llama/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -102,8 +114,11 @@ async def supervise(
     paths.private_dir(sp.cache)
     sp.socket.unlink(missing_ok=True)
     gateway = Gateway(
-        GatewayConfig(config.host, config.port, sp.socket, sp.audit, config.api_key, config.alias)
-    )
+        GatewayConfig(
+            config.host, config.port, sp.socket, paths.events_dir(), config.api_key,
+            config.alias, name=config.name, routes=sp.routes,
+        )
+    )  # fmt: skip
     try:
         await gateway.start()
     except OSError as e:
@@ -134,6 +149,7 @@ async def supervise(
         with ui.step(f"loading {config.alias}"):
             await _wait_healthy(gateway, proc, sp.log)
         write_json(sp.meta, _meta(config, llama, "ready", started))
+        lifecycle(config, "ready", model=config.alias, detail=f"{config.host}:{config.port}")
         if on_ready:
             on_ready(config)
         while not stop.is_set() and proc.poll() is None:
