@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from vmctl import events
-from vmctl.gateway import Gateway, GatewayConfig, authorized, token_usage
+from vmctl.serve.gateway import Gateway, GatewayConfig, authorized, token_usage
 
 
 def free_port() -> int:

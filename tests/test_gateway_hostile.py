@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from vmctl import events, routes
-from vmctl.gateway import Gateway, GatewayConfig
+from vmctl.serve.gateway import Gateway, GatewayConfig
 
 KEY = b"Host: m\r\nAuthorization: Bearer sekrit\r\n"
 

@@ -35,7 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vmctl import events
 from vmctl.events import Event, EventLog
-from vmctl.wire import (
+from vmctl.serve.wire import (
     HOP_BY_HOP,
     error_response,
     quiet_logger,
