@@ -186,8 +186,21 @@ class InstancePaths:
 
     @property
     def relay(self) -> Path:
-        """The guestfwd relay script (no commas: it sits inside -netdev)."""
+        """The guestfwd forwarder script (no commas: it sits inside -netdev)."""
         return self.root / "relay"
+
+    @property
+    def sidecar(self) -> Path:
+        """The guest sidecar's socket, where forwarders hand over guest connections."""
+        return check_socket_path(self.root / "sidecar.sock")
+
+    @property
+    def sidecar_config(self) -> Path:
+        return self.root / "sidecar.json"
+
+    @property
+    def sidecar_log(self) -> Path:
+        return self.root / "sidecar.log"
 
     @property
     def lock(self) -> Path:

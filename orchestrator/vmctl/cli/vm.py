@@ -114,6 +114,9 @@ def up(
     cpus: int = typer.Option(2, "--cpus"),
     accel: str = typer.Option("auto", "--accel", help="auto | kvm | hvf | tcg."),
     detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
+    max_conns: int = typer.Option(
+        32, "--max-conns", min=1, max=4096, help="Model connections the guest may hold at once."
+    ),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -144,7 +147,13 @@ def up(
     )
     manifest, image_name = _image(image, with_agents, flake, config)
     inst = instance.up(
-        spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
+        spec,
+        manifest,
+        image=image_name,
+        fwcfg=files,
+        timeout=timeout,
+        detach=detach,
+        max_conns=max_conns,
     )
     if detach:
         if as_json:

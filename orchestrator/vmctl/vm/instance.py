@@ -25,7 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
-from vmctl.sidecars.relay import write_script
+from vmctl.sidecars import guestpath
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
 from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
@@ -252,6 +252,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            _stop_sidecar(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -314,6 +315,7 @@ def up(
     fwcfg: dict[str, bytes] | None = None,
     timeout: float = 120.0,
     detach: bool = False,
+    max_conns: int = guestpath.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
@@ -325,9 +327,7 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        if spec.net == "model":
-            assert spec.model_endpoint is not None
-            write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
+        start_sidecar(inst, spec, max_conns)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
@@ -340,6 +340,30 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
+    """The guest's sidecar: its guarded model path (net model) and its watchdog.
+
+    Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
+    and stops a QEMU whose `vmctl up` died before the guest was ready.
+    """
+    host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
+    config = guestpath.SidecarConfig(
+        spec.name, str(inst.paths.sidecar), str(inst.paths.meta), host, port, max_conns
+    )
+    try:
+        pid = guestpath.launch(inst.paths, config)
+    except OSError as e:
+        raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
+    inst.meta["sidecar"] = ProcessRef.of(pid).to_json()
+    inst.save()
+
+
+def _stop_sidecar(meta: dict[str, Any]) -> None:
+    ref = _ref(meta, "sidecar")
+    if ref is not None and ref.alive():
+        ref.terminate(timeout=3.0)
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
@@ -356,6 +380,8 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    if qemu is None or not qemu.alive():
+        _stop_sidecar(meta)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
