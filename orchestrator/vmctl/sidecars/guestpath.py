@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -263,10 +264,10 @@ class Sidecar:
                 for t in done:
                     exc = t.exception()
                     result = "reset" if exc is not None else t.result()
-                    if result != "guest_closed":  # the guest half-closing: await the reply
+                    if result == "guest_closed":  # a half-close: the reply may still come
                         reason = result
-                        return reason
-                    reason = result
+                        continue
+                    return reason if result == "upstream_closed" and reason != "closed" else result
         finally:
             for t in tasks:
                 t.cancel()
@@ -306,8 +307,11 @@ def _ref(data: object) -> ProcessRef | None:
 async def run(config: SidecarConfig) -> None:
     sidecar = Sidecar(config)
     serving = asyncio.create_task(sidecar.serve())
+    watching = asyncio.create_task(sidecar.watch_guest())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, watching.cancel)
     try:
-        await sidecar.watch_guest()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
     finally:
         serving.cancel()
         Path(config.listen).unlink(missing_ok=True)
