@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from vmctl.procs import ProcessRef
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 VMCTL = [sys.executable, "-m", "vmctl"]
 HELD = 300
+KEY = "sekrit-key"
 
 
 def vmctl(
@@ -63,7 +66,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     port = free_port()
     e["TEST_PORT"] = str(port)
     r = vmctl(e, "serve", "--detach", "--no-sandbox", "--llama-server", str(standin),
-              "--port", str(port), "--name", "s1", timeout=300)  # fmt: skip
+              "--port", str(port), "--name", "s1", "--api-key", KEY, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     try:
         yield e
@@ -117,6 +120,19 @@ def test_guest_request_is_attributed_and_its_control_bytes_escaped(
     assert "\\x1b]2;pwned\\x07" in vmctl(env, "events", "--who", "box").stdout
     host_lines = vmctl(env, "events", "--who", "local").stdout
     assert "guest:box" not in host_lines
+
+
+def test_guest_holds_no_credential_and_no_world_writable_root(
+    env: dict[str, str], box: str
+) -> None:
+    """The route names the guest, so the server's key never enters it; it needs none."""
+    look = "stat -c '%a %U' / /etc/vmctl/env; grep -rl sekrit /etc /home 2>/dev/null; true"
+    r = vmctl(env, "exec", box, "--", "sh", "-c", look)
+    assert r.stdout.splitlines() == ["755 root", "600 agent"], r.stdout
+    url = f"http://127.0.0.1:{env['TEST_PORT']}/v1/models"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=10)
+    assert e.value.code == 401  # host callers still need the key
 
 
 def test_300_held_connections_cost_little_are_refused_past_the_cap_and_released(

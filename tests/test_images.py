@@ -148,7 +148,8 @@ def test_init_renders_the_contract() -> None:
         assert c["console"][marker] in text
     for f in contract.fw_cfg_files():
         assert f'"$fw/"{f.name}/raw' in text and f.dest in text
-    assert "chmod 0644 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert "chmod 0600 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert "chmod 0755 /  #" in text  # the root is not world-writable
     assert c["workspace"]["options"] in text and "mount_tag" not in text
     subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
     for shell in (["busybox", "sh"], ["bash", "--posix"]):

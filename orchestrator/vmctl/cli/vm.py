@@ -6,6 +6,7 @@ modules are imported inside the verbs so `vmctl exec` starts fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import signal
@@ -78,6 +79,9 @@ def _plan_model(
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
+    if server and net == "model":
+        # The guest's sidecar route is authenticated by who the guest is: no key inside.
+        ep = dataclasses.replace(ep, api_key=None)
     return endpoint, net, agents.guest_files(ep)
 
 
