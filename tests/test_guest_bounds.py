@@ -80,8 +80,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 def box(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ws = tmp_path_factory.mktemp("ws")
     r = vmctl(env, "up", "-d", str(ws), "--name", "box", "--image", env["TEST_MANIFEST"],
-              "--accel", "tcg", "--detach", "--model-endpoint", f"127.0.0.1:{env['TEST_PORT']}",
-              "--timeout", "240", timeout=300)  # fmt: skip
+              "--accel", "tcg", "--detach", "--timeout", "240", timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     yield "box"
     vmctl(env, "down", "box", timeout=60)
@@ -181,7 +180,7 @@ def test_sigkill_of_up_detach_during_boot_leaves_no_qemu(
 ) -> None:
     proc = subprocess.Popen(
         [*VMCTL, "up", "-d", str(tmp_path), "--name", "killed", "--image", env["TEST_MANIFEST"],
-         "--accel", "tcg", "--detach", "--model-endpoint", f"127.0.0.1:{env['TEST_PORT']}"],
+         "--accel", "tcg", "--detach"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     qemu: ProcessRef | None = None

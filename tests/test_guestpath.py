@@ -242,3 +242,18 @@ def test_request_clock_frames_pipelined_bodies_and_chunks() -> None:
     assert c.started == 5.0  # a trickled head keeps its first byte's time
     c.feed(b"y\r\n", 9.0)
     assert c.started == 5.0
+
+
+async def test_a_bridged_host_client_is_named_by_its_route(home: Path, served: int) -> None:
+    """`vmctl run`'s bridge takes the same kind of route: the gateway names the client."""
+    from vmctl.sidecars.bridge import HostRelay
+
+    sock = home / "ep.sock"
+    with HostRelay(sock, "127.0.0.1", served, who="opencode"):
+        c = socket.socket(socket.AF_UNIX)
+        await asyncio.get_running_loop().sock_connect(c, str(sock))
+        c.sendall(REQ[:-2] + b"Connection: close\r\n\r\n")
+        assert (await read_until_closed(c)).startswith(b"HTTP/1.1 200")
+        c.close()
+    (e,) = events.read_file(home / "events" / "client-opencode.jsonl")
+    assert (e.who_kind, e.who, e.server, e.status) == ("client", "opencode", "s1", 200)

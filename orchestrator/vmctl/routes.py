@@ -19,6 +19,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from vmctl import paths
+from vmctl.procs import ProcessRef
+from vmctl.state import StateError, read_json
+
 PREAMBLE = b"VMCTL-ROUTE"
 PREAMBLE_MAX = 128
 PREAMBLE_TIMEOUT_S = 5.0
@@ -95,3 +99,20 @@ async def listen(path: Path, attach: Attach) -> asyncio.Server:
     finally:
         os.umask(old)
     return server
+
+
+def find_route(host: str, port: int) -> Path | None:
+    """The routes socket of the running `vmctl serve` that listens on host:port, if any."""
+    with contextlib.suppress(OSError):
+        for root in sorted(paths.servers_dir().iterdir()):
+            sp = paths.ServerPaths(root)
+            try:
+                meta = read_json(sp.meta, {"port": int, "supervisor": dict})
+                alive = ProcessRef.from_json(meta["supervisor"]).alive()
+            except (StateError, ValueError):
+                continue
+            if alive and meta["port"] == port and meta.get("host") in (host, "0.0.0.0"):
+                with contextlib.suppress(OSError, Exception):
+                    if sp.routes.exists():
+                        return sp.routes
+    return None

@@ -367,7 +367,7 @@ def _run_bridged(
     listen = ["--listen", f"127.0.0.1:{target.port}", "--socket", str(sock)]
     inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--", *client.argv(binary, args)]
     try:
-        with HostRelay(sock, target.host, target.port, root / "relay.jsonl"):
+        with HostRelay(sock, target.host, target.port, root / "relay.jsonl", client.name):
             cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
             return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
     finally:

@@ -76,23 +76,6 @@ def _json_error(message: str) -> bytes:
     return BUSY % (len(body), body.encode())
 
 
-def find_route(host: str, port: int) -> Path | None:
-    """The routes socket of the running `vmctl serve` that listens on host:port, if any."""
-    with contextlib.suppress(OSError):
-        for root in sorted(paths.servers_dir().iterdir()):
-            sp = paths.ServerPaths(root)
-            try:
-                meta = read_json(sp.meta, {"port": int, "supervisor": dict})
-                alive = ProcessRef.from_json(meta["supervisor"]).alive()
-            except (StateError, ValueError):
-                continue
-            if alive and meta["port"] == port and meta.get("host") in (host, "0.0.0.0"):
-                with contextlib.suppress(OSError, Exception):
-                    if sp.routes.exists():
-                        return sp.routes
-    return None
-
-
 class Sidecar:
     """Receives guest connections from forwarders and serves each destination."""
 
@@ -178,7 +161,7 @@ class Sidecar:
     async def _model(self, guest: socket.socket, where: dict[str, object]) -> None:
         cfg = self.config
         start = time.monotonic()
-        route = find_route(cfg.target_host, cfg.target_port)
+        route = routes.find_route(cfg.target_host, cfg.target_port)
         g_reader, g_writer = await asyncio.open_connection(sock=guest, limit=CHUNK)
         try:
             if route is not None:
