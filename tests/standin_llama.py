@@ -38,7 +38,11 @@ async def models(_: web.Request) -> web.Response:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
+    try:
+        body = json.loads(await request.read())
+        assert isinstance(body, dict)
+    except (ValueError, AssertionError, ConnectionError):  # as llama-server: 400, no traceback
+        return web.json_response({"error": {"message": "invalid JSON", "code": 400}}, status=400)
     anthropic = request.path.startswith("/v1/messages")
     n = int(body.get("max_tokens") or CHUNKS)
     if not body.get("stream"):

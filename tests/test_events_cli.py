@@ -103,3 +103,23 @@ def test_logs_of_a_server_include_its_callers_requests_and_rm_removes_a_guests(
         os.utime(f, (0, 0))
     vmctl(tmp_path, "events", VMCTL_EVENTS_KEEP_DAYS="1")
     assert list((tmp_path / "events").iterdir()) == []
+
+
+def test_events_follow_prints_new_lines_escaped(tmp_path: Path) -> None:
+    seed(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmctl", "events", "-f", "--who", "box"],
+        env={**os.environ, "VMCTL_HOME": str(tmp_path), "VMCTL_EVENTS_KEEP_DAYS": "0"},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        old = [proc.stdout.readline() for _ in range(2)]
+        assert all("guest:box" in line for line in old)
+        with EventLog(events.subject_file(tmp_path / "events", "guest", "box")) as log:
+            log.write(Event("request", "guest", "box", "gateway", "GET /new\x1b[2J", status=200))
+        new = proc.stdout.readline()
+        assert "GET /new\\x1b[2J 200" in new
+    finally:
+        proc.kill()
+        proc.wait()

@@ -123,3 +123,33 @@ def test_restart_no_lets_the_server_stop(home: Path) -> None:
         assert lifecycle(home) == ["ready", "crash"]
     finally:
         subprocess.run([*VMCTL, "stop", "s1"], env=env, timeout=60, check=False)
+
+
+def test_hostile_requests_to_a_real_server_each_audited_no_traceback_anywhere(home: Path) -> None:
+    """The odd and hostile list against `vmctl serve` itself: lines equal requests."""
+    import asyncio
+
+    from test_gateway_hostile import HOSTILE, raw
+
+    env, port = serve(home, "--api-key", "sekrit")
+    try:
+        sent = 0
+        for what, data, n in HOSTILE:
+            reply = asyncio.run(raw(port, data, wait=35 if what == "stalled body" else 3))
+            assert reply.startswith(b"HTTP/1."), what
+            sent += n
+        deadline = time.monotonic() + 10
+        found: list[events.Event] = []
+        while time.monotonic() < deadline:
+            found = [
+                e for e in events.read_all((home / "events").glob("*.jsonl")) if e.kind == "request"
+            ]
+            if len(found) >= sent:
+                break
+            time.sleep(0.2)
+        assert len(found) == sent
+    finally:
+        subprocess.run([*VMCTL, "stop", "s1"], env=env, timeout=60, check=False)
+    for f in home.rglob("*"):
+        if f.is_file() and f.suffix in (".log", ".jsonl", ".json"):
+            assert "Traceback" not in f.read_text(errors="replace"), f
