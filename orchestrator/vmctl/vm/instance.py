@@ -317,7 +317,7 @@ def up(
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin)
+    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
     inst = new_instance(spec, image)
