@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import bwrap, sandbox
-from vmctl.resolve import within
+from vmctl.sandbox import bwrap
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox.resolve import within
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bwrap is Linux")
 

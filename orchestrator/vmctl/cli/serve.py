@@ -7,12 +7,13 @@ from typing import Any
 
 import typer
 
-from vmctl import server, ui
+from vmctl import ui
 from vmctl.cli import app, passthrough
+from vmctl.serve import server
 
 
 def _resolve(model: str | None, mmproj: bool) -> Any:
-    from vmctl.fetch import resolve_model
+    from vmctl.models.fetch import resolve_model
 
     return resolve_model(model, pull=True, mmproj=mmproj)
 

@@ -29,7 +29,7 @@ import subprocess
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.resolve import Resolved, check_path_text, minimal, within
+from vmctl.sandbox.resolve import Resolved, check_path_text, minimal, within
 
 PROBE_TIMEOUT = 15.0
 

@@ -5,7 +5,7 @@ gets (`none`, `bind` its own socket, or `connect` to the model endpoint) and
 which environment variables pass. It is data (host-profiles/*.toml, format
 in host-profiles/README.md), parsed strictly: an unknown key is an error
 naming the key and the file. Placeholders stay unfilled here;
-`vmctl.resolve` fills them from a `SandboxContext` and canonicalises every
+`vmctl.sandbox.resolve` fills them from a `SandboxContext` and canonicalises every
 path, so the renderers (`seatbelt`, `bwrap`) only ever see checked paths.
 """
 
@@ -207,7 +207,7 @@ def load_file(path: Path) -> Policy:
 
 def search_path() -> list[Path]:
     """Where profiles are looked up, first match wins."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the vmctl package
     dirs = [here / "host-profiles", here.parents[1] / "host-profiles"]
     env = os.environ.get("VMCTL_PROFILES_DIR")
     return ([Path(env)] if env else []) + dirs

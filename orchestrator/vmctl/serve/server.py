@@ -4,7 +4,7 @@ The model is resolved (and pulled, outside any sandbox) by the caller; this
 module builds llama-server's argv, wraps it with the `llama-server` host
 profile, supervises it and the gateway, and owns the server's state folder
 (paths.ServerPaths). A detached server is the same supervisor re-executed
-as `python -m vmctl.server CONFIG` in its own session.
+as `python -m vmctl.serve.server CONFIG` in its own session.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> Serv
     sp.meta.unlink(missing_ok=True)
     with open(sp.log, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmctl.server", str(cfg)],
+            [sys.executable, "-m", "vmctl.serve.server", str(cfg)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -273,14 +273,14 @@ def run_foreground(
     """Supervise in this process until Ctrl-C or SIGTERM."""
     sp = prepare(config)
     check_port_free(config.host, config.port)
-    from vmctl.supervisor import supervise
+    from vmctl.serve.supervisor import supervise
 
     asyncio.run(supervise(config, sp, on_ready))
 
 
 def main(argv: list[str]) -> int:
-    """Entry of a detached supervisor: `python -m vmctl.server CONFIG`."""
-    from vmctl.supervisor import supervise
+    """Entry of a detached supervisor: `python -m vmctl.serve.server CONFIG`."""
+    from vmctl.serve.supervisor import supervise
 
     cfg = Path(argv[0])
     try:

@@ -3,7 +3,7 @@
 `resolve()` fills a policy's placeholders from a `SandboxContext` and
 canonicalises every path (Seatbelt matches real paths: /tmp is
 /private/tmp on macOS), collecting the symlinks met on the way so bwrap
-can recreate them. Kept apart from the strict loader in `vmctl.policy`:
+can recreate them. Kept apart from the strict loader in `vmctl.sandbox.policy`:
 that one reads files, this one reads the live filesystem.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.policy import BAD_CHARS, PLACEHOLDER_RE, Policy, Rules, current_platform
+from vmctl.sandbox.policy import BAD_CHARS, PLACEHOLDER_RE, Policy, Rules, current_platform
 
 
 @dataclass(frozen=True)
