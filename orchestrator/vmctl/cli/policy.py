@@ -27,7 +27,7 @@ def _scope(name: str | None) -> str | None:
     """`--for NAME`: an existing guest instance or a known client, else one clear line."""
     if name is None:
         return None
-    from vmctl.clients import CLIENTS
+    from vmctl.clients.registry import CLIENTS
 
     paths.check_name(name, "--for name")
     if name in CLIENTS or paths.instance(name).meta.exists():
