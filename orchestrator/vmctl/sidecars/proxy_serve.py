@@ -1,0 +1,163 @@
+"""Where the egress proxy runs: a thread inside vmctl, or a guest's own sidecar.
+
+`ProxyThread` serves plain streams on a UNIX socket (the bridge carries a
+`vmctl run` client's connections there). The guest sidecar
+(`python -m vmctl.sidecars.proxy_serve ...`) listens on a UNIX socket for
+the guestfwd connector: each connection starts with one byte, `F` with the
+guest connection's socket attached (SCM_RIGHTS), or `S` followed by the
+stream itself when the connector could not pass a socket. The sidecar
+exits when its socket file goes away (the guest's folder was removed) or
+on SIGTERM from `vmctl down`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from vmctl import egress
+from vmctl.sidecars.proxy import HEAD_MAX, EgressProxy, ProxyConfig
+
+FD_TIMEOUT_S = 5.0
+
+
+async def _serve_unix(proxy: EgressProxy, path: Path) -> asyncio.Server:
+    path.unlink(missing_ok=True)
+    old = os.umask(0o077)
+    try:
+        return await asyncio.start_unix_server(proxy.handle, str(path), limit=HEAD_MAX)
+    finally:
+        os.umask(old)
+
+
+class ProxyThread:
+    """The proxy on a UNIX socket, in a daemon thread of this process."""
+
+    def __init__(self, config: ProxyConfig, socket_path: Path):
+        self.proxy = EgressProxy(config)
+        self.socket_path = socket_path
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(_serve_unix(self.proxy, self.socket_path), self.loop)
+        self._server = fut.result(timeout=10)
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            self.loop.call_soon_threadsafe(self._server.close)
+            self._server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.socket_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ProxyThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _handoff(proxy: EgressProxy, conn: socket.socket) -> None:
+    """One connector: take the guest's socket it passes, or its stream."""
+    loop = asyncio.get_running_loop()
+    conn.setblocking(False)
+    try:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(conn.fileno(), wake)
+        try:
+            await asyncio.wait_for(ready, FD_TIMEOUT_S)
+        finally:
+            loop.remove_reader(conn.fileno())
+        msg, fds, _flags, _addr = socket.recv_fds(conn, 1, 1)
+    except (TimeoutError, OSError):
+        conn.close()
+        return
+    if msg == b"F" and len(fds) == 1:
+        conn.close()
+        conn = socket.socket(fileno=fds[0])
+        conn.setblocking(False)
+    else:
+        for fd in fds:
+            os.close(fd)
+        if msg != b"S":
+            conn.close()
+            return
+    reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_MAX)
+    await proxy.handle(reader, writer)
+
+
+async def serve_sidecar(config: ProxyConfig, path: Path) -> None:
+    proxy = EgressProxy(config)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    inode = path.stat().st_ino
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def accept() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = asyncio.ensure_future(_handoff(proxy, conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    acceptor = asyncio.ensure_future(accept())
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+        try:
+            if path.stat().st_ino != inode:
+                break
+        except OSError:
+            break  # the socket (the guest's folder) is gone
+    acceptor.cancel()
+    for t in list(tasks):
+        t.cancel()
+    listener.close()
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vmctl.sidecars.proxy_serve", description=__doc__)
+    p.add_argument("--socket", required=True, type=Path)
+    p.add_argument("--who-kind", required=True, choices=("guest", "client"))
+    p.add_argument("--who", required=True)
+    p.add_argument("--preset", required=True)
+    p.add_argument("--resolve", action="append", default=[], help="HOST:ADDR")
+    p.add_argument("--events", required=True, type=Path, help="the event log folder")
+    a = p.parse_args(argv)
+    config = ProxyConfig(a.who_kind, a.who, a.preset, egress.resolve_map(a.resolve), a.events)
+    asyncio.run(serve_sidecar(config, a.socket))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
