@@ -78,7 +78,25 @@ def _plan_model(
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    return endpoint, net, agents.guest_files(ep)
+    return endpoint, net, agents.guest_files(ep, proxy=net == "model")
+
+
+def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
+    """`--net` and `--policy` together; `--net full` is `--policy open`, said loudly."""
+    if net == "full":
+        if policy not in (None, "open"):
+            raise ConfigError(f"--net full and --policy {policy} disagree", "drop --net full")
+        ui.warn(
+            "--net full is --policy open now: the guest reaches any public address by name "
+            "through vmctl's egress proxy (logged); the host's loopback, private and "
+            "metadata addresses stay closed unless `vmctl policy allow CIDR:PORT` names them"
+        )
+        return "model", "open"
+    if policy is not None and net == "none":
+        raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
+    if policy is not None:
+        return "model", policy
+    return net, None
 
 
 def _image(
@@ -106,7 +124,15 @@ def up(
     ),
     flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
-    net: str | None = typer.Option(None, "--net", help="full | model | none."),
+    net: str | None = typer.Option(
+        None, "--net", help="model (= --policy locked) | none | full (= --policy open)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset: locked | balanced | open (see `vmctl policy`)."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
     publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
@@ -128,12 +154,19 @@ def up(
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    net, preset = _net_policy(net, policy)
+    endpoint, net, files = _plan_model(model_endpoint, model, net)
+    if net == "model":
+        preset = preset or "locked"
+    elif resolve:
+        raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     spec = InstanceSpec(
         name=name,
         workspace=ws,
-        net=policy,
-        model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
+        net=net,
+        policy=preset,
+        resolve=tuple(resolve),
+        model_endpoint=parse_endpoint(endpoint) if endpoint and net != "none" else None,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
         cpus=cpus,

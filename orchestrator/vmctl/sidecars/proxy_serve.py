@@ -16,13 +16,17 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from vmctl import egress
+from vmctl.procs import ProcessRef
 from vmctl.sidecars.proxy import HEAD_MAX, EgressProxy, ProxyConfig
 
 FD_TIMEOUT_S = 5.0
@@ -143,6 +147,42 @@ async def serve_sidecar(config: ProxyConfig, path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.stat().st_ino == inode:
             path.unlink()
+
+
+CONNECT_PY = Path(__file__).with_name("proxy_connect.py")
+
+
+def write_connect_script(script: Path, socket_path: Path) -> None:
+    """The guestfwd `cmd:` script (comma-free path): the connector for this guest."""
+    argv = [sys.executable, "-I", "-S", str(CONNECT_PY), str(socket_path)]
+    script.write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
+    script.chmod(0o700)
+
+
+def start_sidecar(
+    socket_path: Path, who: str, preset: str, resolve: tuple[str, ...], log: Path, home: Path
+) -> ProcessRef:
+    """Start a guest's proxy in its own session; returns once it listens."""
+    argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(socket_path)]
+    argv += ["--who-kind", "guest", "--who", who, "--preset", preset]
+    argv += ["--events", str(home / "events")]
+    for r in resolve:
+        argv += ["--resolve", r]
+    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k in keep} | {"VMCTL_HOME": str(home)}
+    socket_path.unlink(missing_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=env, cwd=socket_path.parent, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not socket_path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise OSError(f"the egress proxy did not start (see {log})")
+        time.sleep(0.05)
+    return ProcessRef.of(proc.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
