@@ -6,6 +6,7 @@ sidecar fed by the real guestfwd connector) and reads the event log.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HttpStub, StubFactory
-from vmctl import egress, events, paths
+from vmctl import egress, events, paths, procs
 from vmctl.egress_log import aggregate, egress_events
 from vmctl.sidecars import proxy_connect
 from vmctl.sidecars.proxy import ProxyConfig
@@ -212,7 +213,11 @@ def test_guest_sidecar_takes_the_connectors_socket(tmp_path: Path, stub: HttpStu
     sock = tmp_path / "proxy.sock"
     argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(sock),
             "--who-kind", "guest", "--who", "g1", "--preset", "balanced",
-            "--resolve", "pkg.test:127.0.0.1", "--events", str(paths.events_dir())]  # fmt: skip
+            "--resolve", "pkg.test:127.0.0.1", "--events", str(paths.events_dir()),
+            "--instance-meta", str(tmp_path / "instance.json")]  # fmt: skip
+    qemu = subprocess.Popen(["sleep", "60"])  # stands in for the guest's QEMU
+    meta = {"qemu": {"pid": qemu.pid, "start": procs.start_time(qemu.pid)}}
+    (tmp_path / "instance.json").write_text(json.dumps(meta))
     side = subprocess.Popen(argv)
     try:
         for _ in range(100):
@@ -232,11 +237,15 @@ def test_guest_sidecar_takes_the_connectors_socket(tmp_path: Path, stub: HttpStu
         while chunk := guest.recv(4096):
             out += chunk
         assert out.startswith(b"HTTP/1.0 200"), out
-        sock.unlink()  # the guest's folder is gone: the sidecar exits by itself
+        assert side.poll() is None
+        qemu.kill()  # the guest is gone (a killed vmctl, a poweroff): the sidecar follows
+        qemu.wait()
         assert side.wait(timeout=10) == 0
+        assert not sock.exists()
     finally:
-        side.kill()
-        side.wait()
+        for p in (side, qemu):
+            p.kill()
+            p.wait()
     rows = aggregate(egress_events("g1"))
     assert [(r.who, r.host, r.decision, r.count) for r in rows] == [
         ("guest-g1", "pkg.test", "allow", 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -106,7 +107,23 @@ async def _handoff(proxy: EgressProxy, conn: socket.socket) -> None:
     await proxy.handle(reader, writer)
 
 
-async def serve_sidecar(config: ProxyConfig, path: Path) -> None:
+def _guest_gone(meta: Path | None) -> bool:
+    """True once the guest's QEMU, recorded in its instance.json, has exited."""
+    if meta is None:
+        return False
+    try:
+        ref = json.loads(meta.read_text()).get("qemu")
+    except (OSError, ValueError, AttributeError):
+        return not meta.parent.exists()
+    if ref is None:
+        return False  # QEMU not started yet
+    try:
+        return not ProcessRef.from_json(ref).alive()
+    except ValueError:
+        return True
+
+
+async def serve_sidecar(config: ProxyConfig, path: Path, meta: Path | None = None) -> None:
     proxy = EgressProxy(config)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,7 +153,7 @@ async def serve_sidecar(config: ProxyConfig, path: Path) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 2.0)
         try:
-            if path.stat().st_ino != inode:
+            if path.stat().st_ino != inode or _guest_gone(meta):
                 break
         except OSError:
             break  # the socket (the guest's folder) is gone
@@ -160,12 +177,23 @@ def write_connect_script(script: Path, socket_path: Path) -> None:
 
 
 def start_sidecar(
-    socket_path: Path, who: str, preset: str, resolve: tuple[str, ...], log: Path, home: Path
+    socket_path: Path,
+    who: str,
+    preset: str,
+    resolve: tuple[str, ...],
+    log: Path,
+    home: Path,
+    meta: Path,
 ) -> ProcessRef:
-    """Start a guest's proxy in its own session; returns once it listens."""
+    """Start a guest's proxy in its own session; returns once it listens.
+
+    It stops on SIGTERM (`vmctl down`), or by itself within seconds once
+    the QEMU recorded in `meta` is gone (a killed vmctl, a guest that
+    powered off) or the guest's folder is removed.
+    """
     argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(socket_path)]
     argv += ["--who-kind", "guest", "--who", who, "--preset", preset]
-    argv += ["--events", str(home / "events")]
+    argv += ["--events", str(home / "events"), "--instance-meta", str(meta)]
     for r in resolve:
         argv += ["--resolve", r]
     keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
@@ -193,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", required=True)
     p.add_argument("--resolve", action="append", default=[], help="HOST:ADDR")
     p.add_argument("--events", required=True, type=Path, help="the event log folder")
+    p.add_argument("--instance-meta", type=Path, help="exit once this guest's QEMU is gone")
     a = p.parse_args(argv)
     config = ProxyConfig(a.who_kind, a.who, a.preset, egress.resolve_map(a.resolve), a.events)
-    asyncio.run(serve_sidecar(config, a.socket))
+    asyncio.run(serve_sidecar(config, a.socket, a.instance_meta))
     return 0
 
 
