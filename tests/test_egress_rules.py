@@ -204,3 +204,40 @@ def test_policy_cli_round_trip_and_bad_input(vmctl_home: Path) -> None:
     assert vmctl(vmctl_home, "policy", "rm", "*.npmjs.org:443").returncode == 0
     r = vmctl(vmctl_home, "policy", "ls", "--json")
     assert [x["target"] for x in json.loads(r.stdout)["rules"]] == ["pypi.org"]
+
+
+def test_policy_adds_the_proxy_guestfwd_on_the_guarded_path() -> None:
+    from vmctl.paths import InstancePaths
+    from vmctl.vm.qemu import InstanceSpec, net_argv
+
+    root = InstancePaths(Path("/st/instances/t1"))
+    spec = InstanceSpec(
+        "t1", Path("/ws"), net="model", model_endpoint=("127.0.0.1", 8080), policy="open"
+    )
+    netdev = net_argv(spec, root)[1]
+    assert "restrict=on" in netdev
+    assert netdev.endswith(
+        ",guestfwd=tcp:10.0.2.2:8080-cmd:/st/instances/t1/relay"
+        ",guestfwd=tcp:10.0.2.2:3128-cmd:/st/instances/t1/proxy-connect"
+    )
+    for kw, says in [
+        ({"policy": "wide"}, "unknown policy preset"),
+        ({"policy": "open", "resolve": ("x.test",)}, "--resolve 'x.test' is not HOST:ADDR"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            InstanceSpec("t1", Path("/ws"), net="model", model_endpoint=("h", 1), **kw)  # type: ignore[arg-type]
+
+
+def test_up_and_run_refuse_bad_policy_flags_in_one_line(vmctl_home: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for args, says in [
+        (("up", "-d", str(ws), "--net", "none", "--policy", "open"), "needs a network"),
+        (("up", "-d", str(ws), "--net", "full", "--policy", "locked"), "disagree"),
+        (("run", "shell", "-w", str(ws), "--policy", "wide"), "unknown policy preset 'wide'"),
+        (("run", "shell", "-w", str(ws), "--resolve", "a.test:1.2.3.4"), "needs the egress proxy"),
+    ]:
+        r = vmctl(vmctl_home, *args)
+        assert r.returncode != 0 and says in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (vmctl_home / "instances").exists() or not any((vmctl_home / "instances").iterdir())
