@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmctl import agents, contract, egress, paths, ui
+from vmctl import agents, egress, paths, ui
 from vmctl.agents import AgentEndpoint
 from vmctl.endpoint import Target, find_endpoint
 from vmctl.errors import ClientError, ConfigError
 from vmctl.sandbox import launch as sandbox
 from vmctl.sandbox.resolve import SandboxContext
 from vmctl.sidecars.bridge import HostRelay
-from vmctl.sidecars.proxy import ProxyConfig
-from vmctl.sidecars.proxy_serve import ProxyThread
+from vmctl.sidecars.proxy_serve import client_proxy
 
 INSTALL_AGENTS = "scripts/install-agents.sh"
 #: opencode's plugin package; an empty install of it stops its npm run.
@@ -386,13 +385,9 @@ def _run_bridged(
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, runtime, ignore_errors=True)
         if req.policy is not None:
-            px_sock = paths.check_socket_path(runtime / "px.sock")
-            config = ProxyConfig("client", client.name, req.policy,
-                                 egress.resolve_map(req.resolve), paths.events_dir())  # fmt: skip
-            stack.enter_context(ProxyThread(config, px_sock))
-            port = contract.raw()["network"]["proxy_port"]
-            listen += ["--listen", f"127.0.0.1:{port}", "--socket", str(px_sock)]
-            env |= agents.proxy_env(f"http://127.0.0.1:{port}", "127.0.0.1,localhost")
+            px = client_proxy(client.name, req.policy, req.resolve, runtime)
+            listen += stack.enter_context(px).bridge_args
+            env |= px.env
         inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--"]
         inner += client.argv(binary, req.args)
         stack.enter_context(HostRelay(sock, target.host, target.port, root / "relay.jsonl"))

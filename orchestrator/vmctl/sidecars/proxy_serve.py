@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from vmctl import egress
+from vmctl import agents, contract, egress, paths
 from vmctl.procs import ProcessRef
 from vmctl.sidecars.proxy import HEAD_MAX, EgressProxy, ProxyConfig
 
@@ -71,6 +71,26 @@ class ProxyThread:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def port(self) -> int:
+        """Where the bridge listens for it inside a sandbox (the contract's proxy port)."""
+        return int(contract.raw()["network"]["proxy_port"])
+
+    @property
+    def bridge_args(self) -> list[str]:
+        return ["--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket_path)]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """HTTP(S)_PROXY at the bridged port; the model (loopback) is reached directly."""
+        return agents.proxy_env(f"http://127.0.0.1:{self.port}", "127.0.0.1,localhost")
+
+
+def client_proxy(client: str, preset: str, resolve: tuple[str, ...], folder: Path) -> ProxyThread:
+    """The proxy for one `vmctl run` of `client`, on `folder`/px.sock (not started)."""
+    config = ProxyConfig("client", client, preset, egress.resolve_map(resolve), paths.events_dir())
+    return ProxyThread(config, paths.check_socket_path(folder / "px.sock"))
 
 
 async def _handoff(proxy: EgressProxy, conn: socket.socket) -> None:
