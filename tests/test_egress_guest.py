@@ -104,6 +104,8 @@ def test_balanced_guest_through_the_proxy(
         json.loads((Path(env["VMCTL_HOME"]) / "instances/g1/instance.json").read_text())["proxy"]
     )
     try:
+        status = json.loads(ok(env, "status", "g1", "--json"))
+        assert (status["net"], status["policy"]) == ("model", "balanced")
         assert guest(env, "g1", "echo $http_proxy $HTTPS_PROXY $NO_PROXY").split() == [
             "http://10.0.2.2:3128", "http://10.0.2.2:3128", "10.0.2.2,localhost,127.0.0.1",
         ]  # fmt: skip
@@ -146,6 +148,7 @@ def test_net_full_is_open_and_never_loopback(
     r = up(env, tmp_path, "g2", "--net", "full")
     assert "--net full is --policy open now" in r.stderr
     try:
+        assert json.loads(ok(env, "status", "g2", "--json"))["policy"] == "open"
         by_ip = f"http://127.0.0.1:{hello.port}/"
         for url in (by_ip, f"http://localhost:{hello.port}/", f"http://pkg.test:{hello.port}/"):
             out = guest(env, "g2", raw_get(url))

@@ -263,7 +263,8 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
+    keys = ("name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards")
+    for key in keys:
         value = data.get(key)
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")

@@ -56,6 +56,7 @@ class InstanceInfo:
     ephemeral: bool
     detached: bool
     net: str
+    policy: str | None  # the egress preset of its proxy (vmctl.egress); None: no proxy
     model_endpoint: str | None
     forwards: list[str]
     workspace: str
@@ -95,6 +96,7 @@ def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
         ephemeral=bool(spec.get("ephemeral")),
         detached=meta.get("owner") is None,
         net=str(spec.get("net")),
+        policy=spec.get("policy"),
         model_endpoint=spec.get("model_endpoint"),
         forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
         workspace=str(spec.get("workspace")),
