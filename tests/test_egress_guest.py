@@ -118,6 +118,8 @@ def test_balanced_guest_through_the_proxy(
         ok(env, "policy", "deny", "bad.x.test", "--for", "g1")
         out = guest(env, "g1", f"timeout 30 wget -q -O - {pkg}")
         assert out == BODY.decode()
+        # busybox wget ignores NO_PROXY: asked for the model, the proxy goes to the model.
+        assert guest(env, "g1", "timeout 30 wget -q -O - http://10.0.2.2:8080/") == BODY.decode()
         out = guest(env, "g1", CONNECT.format(port=tls.port))
         assert out.startswith("HTTP/1.1 200 Connection established") and out.endswith("secret")
         out = guest(env, "g1", raw_get(f"http://other.test:{hello.port}/"))
@@ -134,8 +136,10 @@ def test_balanced_guest_through_the_proxy(
     counts = {(r["host"], r["decision"]): r["count"] for r in rows}
     assert counts == {
         ("pkg.test", "deny"): 2, ("pkg.test", "allow"): 1, ("tls.test", "allow"): 1,
-        ("other.test", "deny"): 1, ("bad.x.test", "deny"): 1,
+        ("other.test", "deny"): 1, ("bad.x.test", "deny"): 1, ("10.0.2.2", "allow"): 1,
     }  # fmt: skip
+    model_row = next(r for r in rows if r["host"] == "10.0.2.2")
+    assert model_row["rule"] == "model: the caller's model endpoint"
     tls_row = next(r for r in rows if r["host"] == "tls.test")
     assert tls_row["bytes_down"] > 500 and tls_row["rule"].startswith("allow 127.0.0.1/32")
 

@@ -101,8 +101,9 @@ def test_run_shell_under_balanced_then_open(
     pkg, other = f"http://pkg.test:{hello.port}/", f"http://other.test:{hello.port}/"
     bad, ok = f"http://bad.x.test:{hello.port}/", f"http://ok.x.test:{hello.port}/"
     late = f"http://late.test:{hello.port}/"
+    model_url = f"http://127.0.0.1:{model.port}/v1/models"  # asked of the proxy: the model
     probe = start_probe(workspace, model, "balanced", pkg, f"https://tls.test:{tls.port}/",
-                        other, bad, ok, late, "WAIT", late)  # fmt: skip
+                        other, bad, ok, late, model_url, "WAIT", late)  # fmt: skip
     for _ in range(600):
         if (workspace / "waiting").exists() or probe.poll() is not None:
             break
@@ -117,6 +118,7 @@ def test_run_shell_under_balanced_then_open(
     assert out[bad][0][0] == 403 and "rule: deny bad.x.test (for shell)" in str(out[bad][0][1])
     assert out[ok][0][0] == 200
     assert [code for code, _ in out[late]] == [403, 200]  # the next connection sees the rule
+    assert out[model_url][0][0] == 200 and "fake-model" in str(out[model_url][0][1])
 
     loop_ip, loop_name = f"http://127.0.0.1:{hello.port}/", f"http://localhost:{hello.port}/"
     vmctl("policy", "rm", f"127.0.0.1:{hello.port}", "--for", "shell")
@@ -132,6 +134,7 @@ def test_run_shell_under_balanced_then_open(
         ("pkg.test", "allow"): 1, ("pkg.test", "deny"): 1, ("tls.test", "allow"): 1,
         ("other.test", "deny"): 1, ("bad.x.test", "deny"): 1, ("ok.x.test", "allow"): 1,
         ("late.test", "deny"): 1, ("late.test", "allow"): 1, ("127.0.0.1", "deny"): 2,
+        ("127.0.0.1", "allow"): 1,
         ("localhost", "deny"): 1,
     }  # fmt: skip
     assert all(r["who"] == "client-shell" for r in rows)

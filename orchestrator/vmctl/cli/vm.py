@@ -52,9 +52,15 @@ def _running_server() -> tuple[str, str | None, str | None] | None:
 
 
 def _plan_model(
-    endpoint: str | None, model: str | None, net: str | None
+    endpoint: str | None, model: str | None, net: str | None, proxy_env: bool = False
 ) -> tuple[str | None, str, dict[str, bytes]]:
-    """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
+    """Endpoint, network policy and fw_cfg agent files, saying what was chosen.
+
+    `proxy_env`: the env file points HTTP(S)_PROXY at the egress proxy
+    (balanced, open); under locked nothing but the model is meant to be
+    reached, so tools are not sent to the proxy (busybox wget, for one,
+    ignores NO_PROXY and would ask the proxy for the model).
+    """
     from vmctl import agents
     from vmctl.vm.qemu import parse_endpoint
 
@@ -78,7 +84,7 @@ def _plan_model(
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    return endpoint, net, agents.guest_files(ep, proxy=net == "model")
+    return endpoint, net, agents.guest_files(ep, proxy=proxy_env and net == "model")
 
 
 def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
@@ -155,7 +161,9 @@ def up(
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
     net, preset = _net_policy(net, policy)
-    endpoint, net, files = _plan_model(model_endpoint, model, net)
+    endpoint, net, files = _plan_model(
+        model_endpoint, model, net, proxy_env=preset not in (None, "locked")
+    )
     if net == "model":
         preset = preset or "locked"
     elif resolve:

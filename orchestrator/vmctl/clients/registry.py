@@ -385,7 +385,9 @@ def _run_bridged(
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, runtime, ignore_errors=True)
         if req.policy is not None:
-            px = client_proxy(client.name, req.policy, req.resolve, runtime)
+            px = client_proxy(
+                client.name, req.policy, req.resolve, runtime, (target.host, target.port)
+            )
             listen += stack.enter_context(px).bridge_args
             env |= px.env
         inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--"]

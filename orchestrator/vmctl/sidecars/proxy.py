@@ -76,6 +76,10 @@ class ProxyConfig:
     events_dir: Path | None = None
     max_connections: int = MAX_CONNECTIONS
     idle_timeout: float = IDLE_TIMEOUT_S
+    #: The model endpoint, and the address the caller knows it by (10.0.2.2:8080
+    #: in a guest): a client that ignores NO_PROXY still reaches the model.
+    model: tuple[str, int] | None = None
+    model_as: tuple[str, int] | None = None
 
 
 class EgressProxy:
@@ -143,8 +147,13 @@ class EgressProxy:
             host, port = _authority(authority, 80)
             att.path = "/" + rest
         att.host, att.port = host, port
-        addresses = await self._decide(host, port, att)
-        up_reader, up_writer = await self._connect(addresses, port, att)
+        if self.config.model is not None and (host, port) == self.config.model_as:
+            att.decision, att.rule = "allow", "model: the caller's model endpoint"
+            host_port = self.config.model
+            up_reader, up_writer = await self._connect([host_port[0]], host_port[1], att)
+        else:
+            addresses = await self._decide(host, port, att)
+            up_reader, up_writer = await self._connect(addresses, port, att)
         if method == "CONNECT":
             writer.write(f"{version} 200 Connection established\r\n\r\n".encode())
             att.status = 200

@@ -87,9 +87,16 @@ class ProxyThread:
         return agents.proxy_env(f"http://127.0.0.1:{self.port}", "127.0.0.1,localhost")
 
 
-def client_proxy(client: str, preset: str, resolve: tuple[str, ...], folder: Path) -> ProxyThread:
-    """The proxy for one `vmctl run` of `client`, on `folder`/px.sock (not started)."""
+def client_proxy(
+    client: str, preset: str, resolve: tuple[str, ...], folder: Path, model: tuple[str, int]
+) -> ProxyThread:
+    """The proxy for one `vmctl run` of `client`, on `folder`/px.sock (not started).
+
+    The client knows the model as 127.0.0.1:PORT (the bridge); asked through
+    the proxy for that, the proxy goes to the model itself.
+    """
     config = ProxyConfig("client", client, preset, egress.resolve_map(resolve), paths.events_dir())
+    config.model, config.model_as = model, ("127.0.0.1", model[1])
     return ProxyThread(config, paths.check_socket_path(folder / "px.sock"))
 
 
@@ -204,6 +211,7 @@ def start_sidecar(
     log: Path,
     home: Path,
     meta: Path,
+    model: tuple[str, int] | None = None,
 ) -> ProcessRef:
     """Start a guest's proxy in its own session; returns once it listens.
 
@@ -216,6 +224,8 @@ def start_sidecar(
     argv += ["--events", str(home / "events"), "--instance-meta", str(meta)]
     for r in resolve:
         argv += ["--resolve", r]
+    if model is not None:
+        argv += ["--model", f"{model[0]}:{model[1]}"]
     keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keep} | {"VMCTL_HOME": str(home)}
     socket_path.unlink(missing_ok=True)
@@ -242,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolve", action="append", default=[], help="HOST:ADDR")
     p.add_argument("--events", required=True, type=Path, help="the event log folder")
     p.add_argument("--instance-meta", type=Path, help="exit once this guest's QEMU is gone")
+    p.add_argument("--model", help="HOST:PORT of the model, which the guest knows by the contract")
     a = p.parse_args(argv)
     config = ProxyConfig(a.who_kind, a.who, a.preset, egress.resolve_map(a.resolve), a.events)
+    if a.model:
+        host, _, port = a.model.rpartition(":")
+        net = contract.raw()["network"]
+        config.model = (host.strip("[]"), int(port))
+        config.model_as = (str(net["model_host"]), int(net["model_port"]))
     asyncio.run(serve_sidecar(config, a.socket, a.instance_meta))
     return 0
 

@@ -356,7 +356,7 @@ def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
     try:
         ref = proxy_serve.start_sidecar(
             inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
-            inst.paths.proxy_log, paths.home(), inst.paths.meta,
+            inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
         )  # fmt: skip
     except OSError as e:
         raise VMError(str(e)) from None
