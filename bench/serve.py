@@ -23,7 +23,7 @@ fast as it can (no model; tests/standin_llama.py), side by side in one run:
 Rates are measured at the client, from the arrival of the first to the last
 streamed token, with prompt caching off and a fixed token count, and
 alternated (ABAB...) so drift on a busy machine hits both sides alike.
-Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N] [--ceiling-only]
+Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N] [--gpu] [--ceiling-only]
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ceiling-only", action="store_true", help="No model: the gateway only.")
+    parser.add_argument(
+        "--gpu", action="store_true", help="serve with --gpu (a GPU build of llama-server)"
+    )
     args = parser.parse_args()
     from ceiling import ceiling
 
@@ -136,11 +139,12 @@ def main() -> None:
             print(f"{key}={value:.3f}", flush=True)
     if args.ceiling_only:
         return
+    gpu = ("--gpu",) if args.gpu else ()
     with tempfile.TemporaryDirectory(prefix="vb") as tmp:
         home = Path(tmp)
         try:
-            healthy = start(home, "sbx", 18181)
-            start(home, "nosbx", 18182, "--no-sandbox")
+            healthy = start(home, "sbx", 18181, *gpu)
+            start(home, "nosbx", 18182, "--no-sandbox", *gpu)
             results = asyncio.run(measure(home, args.rounds, args.tokens))
         finally:
             for name in ("sbx", "nosbx"):

@@ -61,6 +61,11 @@ def serve(
     restart: str = typer.Option(
         "on-failure", "--restart", help="on-failure (with backoff) | no: when llama-server dies."
     ),
+    gpu: bool | None = typer.Option(
+        None,
+        "--gpu/--no-gpu",
+        help="Bind the GPU into the sandbox (default: when llama-server is a GPU build).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
 ) -> None:
     """Serve a model with llama-server in a default-deny sandbox, behind an audited gateway.
@@ -92,6 +97,7 @@ def serve(
         restart=restart,
         model_args=list(local.server_args),
         extra_args=passthrough(),
+        gpu=list(server.gpu_kinds(binary, gpu)),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         ui.warn(

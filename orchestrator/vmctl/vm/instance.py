@@ -56,6 +56,7 @@ class InstanceInfo:
     ephemeral: bool
     detached: bool
     net: str
+    policy: str | None  # the egress preset of its proxy (vmctl.egress); None: no proxy
     model_endpoint: str | None
     forwards: list[str]
     workspace: str
@@ -95,6 +96,7 @@ def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
         ephemeral=bool(spec.get("ephemeral")),
         detached=meta.get("owner") is None,
         net=str(spec.get("net")),
+        policy=spec.get("policy"),
         model_endpoint=spec.get("model_endpoint"),
         forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
         workspace=str(spec.get("workspace")),
@@ -253,6 +255,7 @@ class Instance:
             self.shutdown(powerdown_timeout)
         finally:
             _stop_sidecar(self.meta)
+            _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -319,7 +322,7 @@ def up(
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin)
+    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
     inst = new_instance(spec, image)
@@ -328,6 +331,8 @@ def up(
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
         start_sidecar(inst, spec, max_conns)
+        if spec.policy is not None:
+            _start_proxy(inst, spec)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
@@ -366,6 +371,30 @@ def _stop_sidecar(meta: dict[str, Any]) -> None:
         ref.terminate(timeout=3.0)
 
 
+def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
+    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU."""
+    from vmctl.sidecars import proxy_serve
+
+    write_connect = proxy_serve.write_connect_script
+    write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
+    try:
+        ref = proxy_serve.start_sidecar(
+            inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
+            inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
+        )  # fmt: skip
+    except OSError as e:
+        raise VMError(str(e)) from None
+    inst.meta["proxy"] = ref.to_json()
+    inst.meta["spec"] |= {"policy": spec.policy, "resolve": list(spec.resolve)}
+    inst.save()
+
+
+def _stop_proxy(meta: dict[str, Any]) -> None:
+    ref = _ref(meta, "proxy")
+    if ref is not None:
+        ref.terminate(timeout=5.0)
+
+
 def reap_one(ipaths: paths.InstancePaths) -> bool:
     """Clean up one instance whose owner or QEMU died; True if its folder went away."""
     try:
@@ -382,6 +411,7 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         qemu.terminate(timeout=5.0)
     if qemu is None or not qemu.alive():
         _stop_sidecar(meta)
+    _stop_proxy(meta)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
