@@ -323,7 +323,7 @@ def test_micro_guest_keeps_the_contract(boot: Callable[[], Guest], workspace: Pa
         "/workspace",
         "k $x",
         "644 agent",
-        "644 root",
+        "600 agent",  # the env file (which may hold a key): the agent's alone
         '{"model": "llama/test"}',
     ]
     assert "nosuid" in lines[6] and "nodev" in lines[6]
