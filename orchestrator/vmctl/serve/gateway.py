@@ -233,7 +233,7 @@ class Gateway:
         if response is not None:
             down = response.body_length if response.prepared else len(_body_of(response))
             status = status or response.status
-        tokens = token_usage(fields.pop("tail", b""))
+        tokens = token_usage(bytes(fields.pop("tail", b""))[-TAIL_BYTES:])
         self.record(
             request,
             status=status,
@@ -326,11 +326,12 @@ class Gateway:
                 if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, value)
             await response.prepare(request)
-            tail = b""
+            tail = fields["tail"] = bytearray()  # the last bytes: where the usage is
             try:
                 async for chunk in upstream.content.iter_any():
-                    tail = (tail + chunk)[-TAIL_BYTES:]
-                    fields["tail"] = tail
+                    tail += chunk
+                    if len(tail) > 2 * TAIL_BYTES:  # trimmed now and then, not per chunk
+                        del tail[:-TAIL_BYTES]
                     if not await _send(response, chunk):
                         fields["reason"] = "client_gone"
                         return response
