@@ -257,3 +257,27 @@ async def test_a_bridged_host_client_is_named_by_its_route(home: Path, served: i
         c.close()
     (e,) = events.read_file(home / "events" / "client-opencode.jsonl")
     assert (e.who_kind, e.who, e.server, e.status) == ("client", "opencode", "s1", 200)
+
+
+async def test_the_egress_proxy_takes_the_model_address_through_the_guests_route(
+    home: Path, served: int
+) -> None:
+    """A tool that ignores NO_PROXY asks the egress proxy for the model: still the guest's."""
+    from vmctl.sidecars.proxy import ProxyConfig
+    from vmctl.sidecars.proxy_serve import ProxyThread
+
+    cfg = ProxyConfig(
+        "guest", "box", "balanced", {}, paths.events_dir(),
+        model=("127.0.0.1", served), model_as=("10.0.2.2", 8080),
+    )  # fmt: skip
+    px = ProxyThread(cfg, home / "px.sock").start()
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        await asyncio.get_running_loop().sock_connect(c, str(px.socket_path))
+        c.sendall(b"GET http://10.0.2.2:8080/v1/models HTTP/1.1\r\nHost: 10.0.2.2\r\n\r\n")
+        assert (await read_until_closed(c, wait=3)).startswith(b"HTTP/1.1 200")
+        c.close()
+    finally:
+        px.close()
+    got = [e for e in guest_events(home) if e.kind == "request"]
+    assert [(e.who, e.by, e.server) for e in got] == [("box", "gateway", "s1")]
