@@ -7,6 +7,8 @@ overridable with VMCTL_HOME)::
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
                        audit.jsonl, overlay.qcow2, fwcfg/
     clients/NAME/      a host client's private config and data
+    reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
+                       workspace under `vmctl up --review`; outlives the instance)
     events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
                        client-NAME.jsonl); outlives its subject until `vmctl rm`
 
@@ -189,6 +191,26 @@ class InstancePaths:
         return self.root / "lock"
 
 
+@dataclass(frozen=True)
+class ReviewPaths:
+    """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "review.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The snapshot: every entry of `work` as it was at boot (type, hash, mode)."""
+        return self.root / "manifest.json"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+
 def servers_dir() -> Path:
     return private_dir(home() / "servers")
 
@@ -204,6 +226,14 @@ def clients_dir() -> Path:
 def events_dir() -> Path:
     """Event logs (see vmctl.events): kept apart so they outlive their subject."""
     return private_dir(home() / "events")
+
+
+def reviews_dir() -> Path:
+    return private_dir(home() / "reviews")
+
+
+def review(name: str) -> ReviewPaths:
+    return ReviewPaths(reviews_dir() / check_name(name, "instance name"))
 
 
 def images_dir() -> Path:

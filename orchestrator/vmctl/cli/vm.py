@@ -115,6 +115,9 @@ def up(
     detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
     as_json: bool = typer.Option(False, "--json"),
+    review: bool = typer.Option(
+        False, "--review", help="The guest works on a copy; land its changes with `vmctl apply`."
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     from vmctl import accel as accel_mod
@@ -127,9 +130,10 @@ def up(
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
     endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,
-        workspace=ws,
+        workspace=shared,
         net=policy,
         model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
         forwards=tuple(parse_forward(p) for p in publish),
@@ -140,10 +144,17 @@ def up(
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
     )
-    manifest, image_name = _image(image, with_agents, flake, config)
-    inst = instance.up(
-        spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
-    )
+    try:
+        manifest, image_name = _image(image, with_agents, flake, config)
+        inst = instance.up(
+            spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
+        )
+    except BaseException:
+        if review:
+            from vmctl.review import snapshot
+
+            snapshot.drop(name)  # nothing ran on it yet
+        raise
     if detach:
         if as_json:
             print(json.dumps(inst.info().to_json(), indent=2))
@@ -153,6 +164,38 @@ def up(
         return
     with inst:
         _foreground(inst)
+    if review:
+        _review_left(name, discard=False)
+
+
+def _review_copy(name: str, ws: Path) -> Path:
+    """Snapshot `ws` for a --review guest; the guest shares only the copy."""
+    from vmctl.review import snapshot
+
+    with ui.step(f"review copy of {ws}"):
+        review, cost = snapshot.create(name, ws)
+    ui.info(f"review copy: {cost.describe()}")
+    return review.paths.work
+
+
+def _review_left(name: str, discard: bool) -> None:
+    """After `down`: keep (and say so) or drop a review guest's unapplied changes."""
+    from vmctl.review import changes, snapshot
+
+    if not snapshot.exists(name):
+        return
+    if discard:
+        snapshot.drop(name)
+        print(f"{name}: review copy discarded")
+        return
+    pending = changes.changes(snapshot.load(name))
+    if not pending:
+        snapshot.drop(name)
+        return
+    print(
+        f"{name}: {len(pending)} unapplied change(s) kept in its review copy until "
+        f"`vmctl apply {name}` or `vmctl rm {name}` (see `vmctl diff {name}`)"
+    )
 
 
 def _foreground(inst: Any) -> None:
@@ -225,19 +268,29 @@ def status(
 
     instance.reap()
     data = instance.status(name)
+    from vmctl.review import snapshot
+
+    if snapshot.exists(name):
+        data["review"] = f"{snapshot.load(name).source} (vmctl diff {name}; vmctl apply {name})"
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
+    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards", "review"):
         value = data.get(key)
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
 
 
 @app.command()
-def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
+def down(
+    name: str = typer.Argument(..., help="Instance name."),
+    discard: bool = typer.Option(
+        False, "--discard", help="Drop a --review guest's unapplied changes."
+    ),
+) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
     from vmctl import instance
 
     with ui.step(f"stopping {name}"):
         instance.down(name)
+    _review_left(name, discard)
