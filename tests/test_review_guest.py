@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl import images
+from vmctl.images import manifest as images
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]
