@@ -74,6 +74,8 @@ def test_review_diff_apply_conflict_down_rm(env: dict[str, str], tmp_path: Path)
     up = ["up", "-d", str(ws), "--name", "rev", "--image", env["TEST_MANIFEST"]]
     r = vmctl(env, *up, "--review", "--ephemeral", "--detach", "--net", "none", *TCG)
     assert r.returncode == 0, r.stderr
+    mirror = json.loads(vmctl(env, "status", "rev", "--json").stdout)["mirror"]
+    assert mirror["state"] == "off" and "--net none" in mirror["why"]
     r = vmctl(env, "exec", "rev", "--", "sh", "-c", AGENT)
     assert r.returncode == 0, r.stdout
     assert (ws / "app.py").read_text() == 'print("hello")\n', "the guest wrote to the user's folder"

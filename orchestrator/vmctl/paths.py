@@ -5,7 +5,8 @@ overridable with VMCTL_HOME)::
 
     servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
-                       audit.jsonl, overlay.qcow2, fwcfg/
+                       audit.jsonl, overlay.qcow2, fwcfg/, ports.sock, mirror-qmp.sock,
+                       forwards.json, mirror.log
     clients/NAME/      a host client's private config and data
     reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
                        workspace under `vmctl up --review`; outlives the instance)
@@ -189,6 +190,25 @@ class InstancePaths:
     @property
     def lock(self) -> Path:
         return self.root / "lock"
+
+    @property
+    def ports(self) -> Path:
+        """The guest's listening-port reports (virtio-serial, see the contract's `mirror`)."""
+        return check_socket_path(self.root / "ports.sock")
+
+    @property
+    def mirror_qmp(self) -> Path:
+        """A QMP monitor of the port mirror's own, so it never holds `qmp.sock`."""
+        return check_socket_path(self.root / "mirror-qmp.sock")
+
+    @property
+    def forwards(self) -> Path:
+        """The mirror's live and skipped forwards, for `vmctl status`."""
+        return self.root / "forwards.json"
+
+    @property
+    def mirror_log(self) -> Path:
+        return self.root / "mirror.log"
 
 
 @dataclass(frozen=True)

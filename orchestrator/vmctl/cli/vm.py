@@ -119,6 +119,9 @@ def up(
     review: bool = typer.Option(
         False, "--review", help="The guest works on a copy; land its changes with `vmctl apply`."
     ),
+    no_mirror: bool = typer.Option(
+        False, "--no-mirror", help="Do not mirror the guest's listening ports on 127.0.0.1."
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     from vmctl import paths
@@ -145,6 +148,7 @@ def up(
         ephemeral=ephemeral,
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
+        mirror=not no_mirror,
     )
     try:
         manifest, image_name = _image(image, with_agents, flake, config)
@@ -279,8 +283,21 @@ def status(
         return
     for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards", "review"):
         value = data.get(key)
+        if key == "review" and value is None:
+            continue
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+    print(f"{'mirror':15} {_mirror_line(data['mirror'])}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
+
+
+def _mirror_line(m: dict[str, Any]) -> str:
+    from vmctl.events import safe
+
+    if m["state"] == "off":
+        return f"off ({m['why']})"
+    live = ", ".join(f"127.0.0.1:{p}" for p in m["live"]) or "no ports yet"
+    skipped = "; ".join(f"{p} skipped: {safe(why)}" for p, why in m["skipped"].items())
+    return f"on: {live}" + (f" ({skipped})" if skipped else "")
 
 
 @app.command()

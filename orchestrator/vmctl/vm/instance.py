@@ -25,6 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
+from vmctl.sidecars import mirror
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
@@ -203,6 +204,28 @@ class Instance:
                 details=tail_lines(self.paths.console_log),
             ) from None
 
+    def start_mirror(self, spec: InstanceSpec) -> None:
+        """The port mirror sidecar (vmctl.sidecars.mirror); it ends when QEMU does."""
+        from vmctl import events
+
+        argv = [sys.executable, "-m", "vmctl.sidecars.mirror", "--root", str(self.paths.root)]
+        argv += ["--name", self.name, "--static", ",".join(str(h) for h, _ in spec.forwards)]
+        argv += ["--events", str(events.subject_file(paths.events_dir(), "guest", self.name))]
+        env = {k: v for k, v in os.environ.items() if k in QEMU_ENV_KEEP}
+        with open(self.paths.mirror_log, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.paths.root, env=env, start_new_session=True,
+            )  # fmt: skip
+        self.meta["mirror"] = ProcessRef.of(proc.pid).to_json()
+        self.save()
+
+    def stop_mirror(self) -> None:
+        """The mirror leaves by itself once QEMU closes its port; make sure it did."""
+        ref = _ref(self.meta, "mirror")
+        if ref is not None and ref.alive() and not wait_gone(ref, 2.0):
+            ref.terminate(timeout=2.0)
+
     def release(self) -> None:
         """Detach: the guest lives on after this vmctl exits, until `vmctl down`."""
         self.meta["owner"] = None
@@ -252,6 +275,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            self.stop_mirror()
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -299,6 +323,7 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
             "mem": spec.mem,
             "cpus": spec.cpus,
             "ephemeral": spec.ephemeral,
+            "mirror": spec.mirror,
         },
     }
     inst = Instance(spec.name, meta)
@@ -334,6 +359,8 @@ def up(
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+        if spec.mirrors:
+            inst.start_mirror(spec)
         if detach:
             inst.release()
     except BaseException:
@@ -393,6 +420,7 @@ def status(name: str) -> dict[str, Any]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
+    data["mirror"] = mirror.describe(inst.meta.get("spec", {}), inst.paths, inst.alive())
     return data
 
 
