@@ -96,6 +96,25 @@ def host_listeners(port: int) -> list[str]:
     return found
 
 
+def listeners_of(pid: int) -> list[str]:
+    """Local addresses (kernel hex) of every TCP socket process `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:
+                found.append(cols[1].rsplit(":", 1)[0])
+    return found
+
+
 def events(env: dict[str, str], name: str) -> list[dict[str, object]]:
     path = Path(env["VMCTL_HOME"]) / "events" / f"guest-{name}.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -116,8 +135,10 @@ def test_guest_port_appears_on_loopback_only_then_goes(env: dict[str, str]) -> N
     page, took = fetch(port, BOUND_S)
     assert page == "page-from-a\n" and took < BOUND_S
     assert host_listeners(port) == ["0100007F"], "the forward must bind 127.0.0.1 only"
-    status = json.loads(vmctl(env, "status", "a", "--json").stdout)["mirror"]
-    assert status["state"] == "on" and port in status["live"]
+    status = json.loads(vmctl(env, "status", "a", "--json").stdout)
+    assert status["mirror"]["state"] == "on" and port in status["mirror"]["live"]
+    qemu_listens = listeners_of(status["pid"])
+    assert qemu_listens and set(qemu_listens) == {"0100007F"}, "QEMU listens beyond loopback"
 
     serve(env, "b", port)  # the same port in a second guest
     assert wait_for(lambda: any(e["action"] == "skip" for e in events(env, "b")), BOUND_S + 5)
