@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vmctl import events, paths
 from vmctl.errors import VMError
 from vmctl.review import changes, land, snapshot
 from vmctl.review.entries import MODE_XATTR
@@ -121,3 +122,23 @@ def test_new_review_refuses_to_drop_unapplied_changes(ws: Path) -> None:
     land.apply(snapshot.load("box"))
     snapshot.create("box", ws)  # applied: a fresh copy replaces it
     assert (ws / "new.txt").read_text() == "x\n"
+
+
+def test_new_folders_and_deleted_folders(ws: Path) -> None:
+    review, _ = snapshot.create("box", ws)
+    work = review.paths.work
+    (work / "pkg" / "sub").mkdir(parents=True)
+    (work / "pkg" / "sub" / "mod.py").write_text("x = 1\n")
+    (work / "src" / "app.py").unlink()
+    (work / "src").rmdir()
+    out = land.apply(snapshot.load("box"), ["pkg/sub/mod.py"])
+    assert out.applied == ["pkg/sub/mod.py"]
+    assert (ws / "pkg" / "sub" / "mod.py").read_text() == "x = 1\n"
+    assert (ws / "src" / "app.py").exists(), "only the named path lands"
+    out = land.apply(snapshot.load("box"))
+    assert sorted(out.applied) == ["src", "src/app.py"] and not (ws / "src").exists()
+    assert changes.changes(snapshot.load("box")) == []
+    logged = [e for e in events.read_file(events.subject_file(paths.events_dir(), "guest", "box"))]
+    assert [e.action for e in logged] == ["apply", "apply"] and "src/app.py" in str(
+        logged[-1].detail
+    )

@@ -13,13 +13,15 @@ written through a symlinked parent folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmctl.events import safe
+from vmctl import paths
+from vmctl.events import Event, EventLog, safe, subject_file
 from vmctl.review.changes import Change, changes
 from vmctl.review.entries import DIR, FILE, LINK, Entry, read_entry
 from vmctl.review.snapshot import Review
@@ -169,4 +171,16 @@ def apply(review: Review, wanted: list[str] | None = None) -> Outcome:
             out.applied.append(change.path)
     finally:
         review.save_manifest()
+        record(review.name, out)
     return out
+
+
+def record(name: str, out: Outcome) -> None:
+    """One lifecycle event per `apply`: what landed in the user's folder, what did not."""
+    detail = json.dumps({k: v for k, v in out.to_json().items() if v}, sort_keys=True)
+    event = Event(
+        kind="lifecycle", who_kind="guest", who=name, by="vmctl", action="apply",
+        decision="deny" if out.conflicts or out.refused else "allow", detail=detail[:4000],
+    )  # fmt: skip
+    with EventLog(subject_file(paths.events_dir(), "guest", name)) as log:
+        log.write(event)

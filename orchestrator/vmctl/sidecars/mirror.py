@@ -135,12 +135,23 @@ class Mirror:
             return self._skip(port, f"host port {port} is already taken by a -p forward")
         out = self.mon.hmp(f"hostfwd_add {NETDEV} tcp:127.0.0.1:{port}-:{port}").strip()
         if out:
-            other = holder(self.paths.root.parent, self.name, port)
-            why = f"mirrored for guest {other}" if other else "in use on the host"
-            return self._skip(port, f"host port {port} is already {why} ({out[:120]})")
+            return self._skip(port, f"{self._why_taken(port)} ({out[:120]})")
         self.skipped.pop(port, None)
         self.live[port] = now()
         self.event("add", port)
+
+    def _why_taken(self, port: int) -> str:
+        other = holder(self.paths.root.parent, self.name, port)
+        if other:
+            return f"host port {port} is already mirrored for guest {other}"
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except PermissionError:
+                return f"host port {port} is privileged and vmctl may not bind it"
+            except OSError:
+                pass
+        return f"host port {port} is already in use on the host"
 
     def _remove(self, port: int, reason: str) -> None:
         if self.mon is not None:
