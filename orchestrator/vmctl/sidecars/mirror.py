@@ -25,14 +25,16 @@ import json
 import os
 import select
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from vmctl import contract
-from vmctl.events import Event, EventLog, now
-from vmctl.paths import InstancePaths
+from vmctl.events import Event, EventLog, now, subject_file
+from vmctl.paths import InstancePaths, events_dir
+from vmctl.procs import ProcessRef, wait_gone
 from vmctl.state import StateError, read_json, write_json
 
 NETDEV = "n0"
@@ -40,6 +42,7 @@ MAX_LINE = 1024
 RETRY_S = 10.0
 CONNECT_TIMEOUT_S = 20.0
 QMP_TIMEOUT_S = 5.0
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
 
 
 class Monitor:
@@ -236,6 +239,26 @@ def run(ipaths: InstancePaths, name: str, events: Path, static: set[int]) -> Non
             print(f"{now()} mirror stopped: {e}", flush=True)
         finally:
             mirror.stop()
+
+
+def start(ipaths: InstancePaths, name: str, static: list[int]) -> ProcessRef:
+    """Start the mirror for a running guest, in its own session; it ends when QEMU does."""
+    argv = [sys.executable, "-m", "vmctl.sidecars.mirror", "--root", str(ipaths.root)]
+    argv += ["--name", name, "--static", ",".join(str(p) for p in static)]
+    argv += ["--events", str(subject_file(events_dir(), "guest", name))]
+    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    with open(ipaths.mirror_log, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ipaths.root, env=env, start_new_session=True,
+        )  # fmt: skip
+    return ProcessRef.of(proc.pid)
+
+
+def stop(ref: ProcessRef | None) -> None:
+    """The mirror leaves by itself once QEMU closes its port; make sure it did."""
+    if ref is not None and ref.alive() and not wait_gone(ref, 2.0):
+        ref.terminate(timeout=2.0)
 
 
 def describe(spec: dict[str, Any], ipaths: InstancePaths, running: bool) -> dict[str, Any]:
