@@ -74,6 +74,9 @@ def test_review_diff_apply_conflict_down_rm(env: dict[str, str], tmp_path: Path)
     up = ["up", "-d", str(ws), "--name", "rev", "--image", env["TEST_MANIFEST"]]
     r = vmctl(env, *up, "--review", "--ephemeral", "--detach", "--net", "none", *TCG)
     assert r.returncode == 0, r.stderr
+    again = vmctl(env, *up, "--review", "--net", "none", *TCG)
+    assert again.returncode != 0 and "is running" in again.stderr
+    assert (Path(env["VMCTL_HOME"]) / "reviews" / "rev" / "work" / "app.py").exists()
     mirror = json.loads(vmctl(env, "status", "rev", "--json").stdout)["mirror"]
     assert mirror["state"] == "off" and "--net none" in mirror["why"]
     r = vmctl(env, "exec", "rev", "--", "sh", "-c", AGENT)

@@ -217,7 +217,15 @@ def up(
 
 def _review_copy(name: str, ws: Path) -> Path:
     """Snapshot `ws` for a --review guest; the guest shares only the copy."""
+    from vmctl.errors import NotFoundError
     from vmctl.review import snapshot
+    from vmctl.vm import instance
+
+    try:
+        if instance.Instance.load(name).alive():  # its copy is in use: never replace it
+            raise VMError(f"instance {name!r} is running", f"vmctl down {name}")
+    except NotFoundError:
+        pass
 
     with ui.step(f"review copy of {ws}"):
         review, cost = snapshot.create(name, ws)
