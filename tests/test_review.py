@@ -142,3 +142,25 @@ def test_new_folders_and_deleted_folders(ws: Path) -> None:
     assert [e.action for e in logged] == ["apply", "apply"] and "src/app.py" in str(
         logged[-1].detail
     )
+
+
+def test_cli_diff_stat_escapes_guest_names_and_apply_lists_conflicts(ws: Path) -> None:
+    import subprocess
+    import sys
+
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "evil\x1b[2J.txt").write_text("x\n")
+    (review.paths.work / "README").write_text("agent\n")
+    (ws / "README").write_text("user\n")
+    env = {**os.environ}
+
+    def vmctl(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "vmctl", *args]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+    out = vmctl("diff", "box", "--stat").stdout
+    assert "\x1b" not in out and "A evil\\x1b[2J.txt" in out and "M README" in out
+    r = vmctl("apply", "box")
+    assert r.returncode == 1 and "conflict  README: the user changed it" in r.stdout
+    assert "hint:" in r.stderr and "Traceback" not in r.stderr
+    assert vmctl("diff", "nosuch").stderr.startswith("error: no review copy for 'nosuch'")
