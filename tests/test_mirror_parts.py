@@ -109,3 +109,23 @@ def test_status_says_why_nothing_is_mirrored(tmp_path: Path) -> None:
     off = mirror.describe({"net": "none", "mirror": True}, ip, True)
     assert off["state"] == "off" and "--net none" in off["why"]
     assert "--no-mirror" in mirror.describe({"net": "model", "mirror": False}, ip, True)["why"]
+
+
+def test_skipped_port_is_retried_once_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "instances" / "a"
+    root.mkdir(parents=True)
+    monkeypatch.setattr(mirror, "RETRY_S", 0.0)
+    with events.EventLog(tmp_path / "ev.jsonl") as log:
+        m = mirror.Mirror(InstancePaths(root), "a", log, static=set())
+        mon = FakeMonitor(busy={8081})
+        m.mon = mon  # type: ignore[assignment]
+        m.apply({8081})
+        m.apply({8081})  # still busy: tried again, logged once
+        mon.busy.clear()
+        m.apply({8081})
+    assert sorted(m.live) == [8081]
+    acts = [e.action for e in events.read_file(tmp_path / "ev.jsonl")]
+    assert acts == ["skip", "add"]
+    assert mirror.describe({"net": "model", "mirror": True}, InstancePaths(root), True)["live"] == [
+        8081
+    ]
