@@ -164,3 +164,14 @@ def test_cli_diff_stat_escapes_guest_names_and_apply_lists_conflicts(ws: Path) -
     assert r.returncode == 1 and "conflict  README: the user changed it" in r.stdout
     assert "hint:" in r.stderr and "Traceback" not in r.stderr
     assert vmctl("diff", "nosuch").stderr.startswith("error: no review copy for 'nosuch'")
+
+
+def test_discard_drops_the_copy_and_says_so_in_the_log(ws: Path) -> None:
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "new.txt").write_text("x\n")
+    snapshot.discard("box", 1)
+    assert not review.paths.root.exists() and not (ws / "new.txt").exists()
+    log = events.read_file(events.subject_file(paths.events_dir(), "guest", "box"))
+    assert [(e.action, e.detail) for e in log] == [
+        ("discard", "1 unapplied change(s) of the review copy dropped")
+    ]

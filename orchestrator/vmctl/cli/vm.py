@@ -239,11 +239,11 @@ def _review_left(name: str, discard: bool) -> None:
 
     if not snapshot.exists(name):
         return
-    if discard:
-        snapshot.drop(name)
-        print(f"{name}: review copy discarded")
-        return
     pending = changes.changes(snapshot.load(name))
+    if discard:
+        snapshot.discard(name, len(pending))
+        print(f"{name}: review copy discarded ({len(pending)} unapplied change(s) dropped)")
+        return
     if not pending:
         snapshot.drop(name)
         return

@@ -112,7 +112,11 @@ def read_entry(path: Path, prev: Entry | None = None) -> Entry | None:
         same = prev is not None and prev.kind == FILE
         if same and prev is not None and (prev.size, prev.ctime_ns, prev.ino) == ident:
             return Entry(FILE, perms, prev.key, *ident)
-        return Entry(FILE, perms, file_hash(path), *ident)
+        try:
+            key = file_hash(path)
+        except OSError:  # unreadable to vmctl: compared by size and time only
+            key = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
+        return Entry(FILE, perms, key, *ident)
     names = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
     names |= {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
     return Entry(SPECIAL, perms, "", *ident, special=names.get(stat.S_IFMT(mode), "special file"))

@@ -151,6 +151,19 @@ def drop(name: str) -> bool:
     return True
 
 
+def discard(name: str, pending: int) -> None:
+    """Drop a review copy on purpose (`down --discard`), audited."""
+    from vmctl.events import Event, EventLog, subject_file
+
+    drop(name)
+    event = Event(
+        kind="lifecycle", who_kind="guest", who=name, by="vmctl", action="discard",
+        detail=f"{pending} unapplied change(s) of the review copy dropped",
+    )  # fmt: skip
+    with EventLog(subject_file(paths.events_dir(), "guest", name)) as log:
+        log.write(event)
+
+
 def drop_if_clean(name: str) -> None:
     """Make room for a new review of `name`, refusing to lose unapplied changes."""
     from vmctl.review.changes import changes
