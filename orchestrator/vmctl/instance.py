@@ -31,6 +31,7 @@ from vmctl.qemu import InstanceSpec, ManifestLike, qemu_argv
 from vmctl.qmp import QMP
 from vmctl.relay import write_script
 from vmctl.state import StateError, read_json, write_json
+from vmctl.vm import idmap
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
@@ -320,6 +321,7 @@ def up(
     acc = accel_mod.choose(spec.accel, qemu_bin)
     if acc.reason:
         ui.warn(acc.reason)
+    ids = workspace_ids(spec)
     inst = new_instance(spec, image)
     try:
         paths.private_dir(inst.paths.fwcfg)
@@ -330,7 +332,7 @@ def up(
             write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
-        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
+        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
@@ -340,6 +342,21 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def workspace_ids(spec: InstanceSpec) -> idmap.IdMap:
+    """How the host user becomes the guest's agent; says so when it is unusual."""
+    ids = idmap.choose()
+    if ids.note:
+        ui.warn(ids.note)
+    with contextlib.suppress(OSError):
+        owner = spec.workspace.stat().st_uid
+        if owner != ids.host_uid:
+            ui.warn(
+                f"{spec.workspace} belongs to uid {owner}, not to you (uid {ids.host_uid}):"
+                " the guest can read but not change what you cannot; run vmctl as its owner"
+            )
+    return ids
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:

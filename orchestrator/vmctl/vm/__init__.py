@@ -1,0 +1,1 @@
+"""The guest side of vmctl: QEMU, its instance lifecycle and what wraps it."""

@@ -1,0 +1,108 @@
+"""Who the host user is inside the guest: the workspace's id mapping.
+
+The workspace is exported with `security_model=mapped-xattr` (see
+`vmctl.qemu`): QEMU reports a host file's real owner unless the guest
+stored another in `user.virtfs.uid`, and creates every file as the user
+running QEMU. So the guest's agent (the contract's uid/gid, 1000) can
+change the user's files only if QEMU sees them as owned by 1000.
+
+On Linux QEMU is started in a user namespace that maps the invoking uid and
+gid, and nothing else, to the agent's (util-linux `unshare --user
+--map-user --map-group`, which execs QEMU in place: the recorded pid,
+PR_SET_PDEATHSIG, sockets and `-p` forwards are unchanged). QEMU then runs
+without any capability: files owned by the host user look like the agent's,
+everything it creates belongs to the host user, and other users' files
+look like `nobody`. Where user namespaces are unavailable (macOS, a
+hardened Linux), the guest's agent takes the host uid/gid instead, passed
+on the kernel command line, as Lima does; as root that fallback would make
+the agent root, so it is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from vmctl import contract
+from vmctl.errors import VMError
+
+PROBE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """How the host user becomes the guest's agent for one instance."""
+
+    #: "userns" (QEMU in a user namespace) or "guest" (the agent takes host ids).
+    how: str
+    host_uid: int
+    host_gid: int
+    #: argv to put before QEMU's (empty for "guest").
+    prefix: tuple[str, ...] = ()
+    #: Why the fallback was taken, to be said out loud ("" when nothing to say).
+    note: str = ""
+
+    def cmdline(self) -> str:
+        """Kernel command-line keys for the guest ("" when the agent keeps its ids)."""
+        if self.how != "guest":
+            return ""
+        keys = contract.raw()["kernel_cmdline"]
+        return f"{keys['uid']}={self.host_uid} {keys['gid']}={self.host_gid}"
+
+    def describe(self) -> str:
+        user = contract.raw()["user"]
+        if self.how == "userns":
+            return f"host uid {self.host_uid} is the guest's {user['name']} ({user['uid']})"
+        return f"the guest's {user['name']} takes host uid {self.host_uid}"
+
+
+def userns_argv(unshare: str, uid: int, gid: int) -> list[str]:
+    """The prefix that execs QEMU with the invoking uid/gid mapped to uid/gid."""
+    return [unshare, "--user", f"--map-user={uid}", f"--map-group={gid}", "--"]
+
+
+def probe_userns(unshare: str, uid: int, gid: int) -> str | None:
+    """None if `unshare` can map us as the agent here; else what went wrong."""
+    try:
+        r = subprocess.run(
+            [*userns_argv(unshare, uid, gid), "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if r.returncode == 0:
+        return None
+    return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+
+
+def choose() -> IdMap:
+    """The mapping for this host; VMError with the fix when none is safe."""
+    user = contract.raw()["user"]
+    uid, gid = os.geteuid(), os.getegid()
+    why = "user namespaces are Linux-only"
+    if sys.platform.startswith("linux"):
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            why = "`unshare` (util-linux) is not installed"
+        else:
+            failed = probe_userns(unshare, int(user["uid"]), int(user["gid"]))
+            if failed is None:
+                prefix = userns_argv(unshare, int(user["uid"]), int(user["gid"]))
+                return IdMap("userns", uid, gid, tuple(prefix))
+            why = f"user namespaces are unavailable ({failed})"
+    if uid == 0:
+        raise VMError(
+            f"cannot map root's workspace to the guest's {user['name']}: {why}",
+            "run vmctl as an ordinary user, or allow user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu "
+            "kernel.apparmor_restrict_unprivileged_userns=0)",
+        )
+    note = "" if sys.platform == "darwin" else f"{why}: the guest's {user['name']} takes uid {uid}"
+    return IdMap("guest", uid, gid, note=note)
