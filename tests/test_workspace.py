@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl import contract, images
+from vmctl import contract
+from vmctl.images import manifest as images
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]

@@ -1,1 +1,1 @@
-"""The guest side of vmctl: QEMU, its instance lifecycle and what wraps it."""
+"""One QEMU guest: its spec, accelerator, command line, QMP, console and exec channel."""

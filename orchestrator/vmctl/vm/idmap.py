@@ -1,7 +1,7 @@
 """Who the host user is inside the guest: the workspace's id mapping.
 
 The workspace is exported with `security_model=mapped-xattr` (see
-`vmctl.qemu`): QEMU reports a host file's real owner unless the guest
+`vmctl.vm.qemu`): QEMU reports a host file's real owner unless the guest
 stored another in `user.virtfs.uid`, and creates every file as the user
 running QEMU. So the guest's agent (the contract's uid/gid, 1000) can
 change the user's files only if QEMU sees them as owned by 1000.
