@@ -41,6 +41,8 @@ class HostUser:
     gid: int
     env: dict[str, str]
     ws: Path
+    #: The ids the guest shows for this user's files (the agent's).
+    seen_as: tuple[int, int]
 
     def argv(self, *args: str) -> list[str]:
         if self.uid == os.geteuid():
@@ -105,19 +107,23 @@ def image() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=["root", "uid501"])
+@pytest.fixture(scope="module", params=["root", "uid501", "uid501-lima"])
 def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
-    """One guest per host user; its workspace holds files that user made before boot."""
-    if request.param == "root":
-        need(os.geteuid() == 0, "needs root")
-        uid, gid = 0, 0
-    else:
-        need(os.geteuid() == 0, "creating a test user needs root")
-        uid, gid = make_test_user()
+    """One guest per host user; its workspace holds files that user made before boot.
+
+    `uid501-lima` forces the fallback for hosts without user namespaces
+    (macOS): the guest's agent takes the host user's uid/gid.
+    """
+    need(os.geteuid() == 0, "running vmctl as root and creating a test user need root")
+    uid, gid = (0, 0) if request.param == "root" else make_test_user()
     top = Path(tempfile.mkdtemp(prefix="vmctl-ws-", dir="/tmp"))
     top.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMCTL_")}
     env.update(VMCTL_HOME=str(top / "home"), VMCTL_CACHE=str(top / "cache"), VMCTL_QUIET="1")
+    seen_as = (int(AGENT["uid"]), int(AGENT["gid"]))
+    if request.param == "uid501-lima":
+        env["VMCTL_IDMAP"] = "guest"
+        seen_as = (uid, gid)
     env["HOME"] = str(top)
     ws = top / "ws"
     (ws / "hostdir").mkdir(parents=True)
@@ -134,7 +140,7 @@ def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
     (ws / "rel-link").symlink_to("../secret")
     for p in [top, *top.rglob("*")]:
         os.chown(p, uid, gid, follow_symlinks=False)
-    host = HostUser(uid, gid, env, ws)
+    host = HostUser(uid, gid, env, ws, seen_as)
     up = ["up", "-d", str(ws), "--name", "box", "--image", str(image), "--accel", "tcg"]
     r = host.vmctl(*up, "--detach", "--timeout", "120", timeout=180)
     try:
@@ -152,10 +158,10 @@ def owned_by(host: HostUser, path: Path) -> bool:
 
 def test_host_files_are_the_agents_in_the_guest(user: HostUser) -> None:
     out = user.guest("id -u; id -g; stat -c '%u:%g %a' pre.txt private.txt hostdir .")
-    ids = f"{AGENT['uid']}:{AGENT['gid']}"
+    ids = "{}:{}".format(*user.seen_as)
     assert out.split("\n") == [
-        str(AGENT["uid"]),
-        str(AGENT["gid"]),
+        str(user.seen_as[0]),
+        str(user.seen_as[1]),
         f"{ids} 644",
         f"{ids} 600",
         f"{ids} 755",
@@ -198,7 +204,7 @@ def test_file_the_host_makes_while_the_guest_runs(user: HostUser) -> None:
     r = user.run("sh", "-c", f"echo live > {live}")
     assert r.returncode == 0, r.stderr
     out = user.guest("stat -c '%u' live.txt; echo more >> live.txt; mv live.txt live2.txt; echo ok")
-    assert out == f"{AGENT['uid']}\nok\n"
+    assert out == f"{user.seen_as[0]}\nok\n"
     assert (user.ws / "live2.txt").read_text() == "live\nmore\n"
     assert owned_by(user, user.ws / "live2.txt")
 

@@ -14,8 +14,9 @@ without any capability: files owned by the host user look like the agent's,
 everything it creates belongs to the host user, and other users' files
 look like `nobody`. Where user namespaces are unavailable (macOS, a
 hardened Linux), the guest's agent takes the host uid/gid instead, passed
-on the kernel command line, as Lima does; as root that fallback would make
-the agent root, so it is refused with the fix.
+on the kernel command line, as Lima does (said out loud on Linux; forced
+with VMCTL_IDMAP=guest); as root that fallback would make the agent root,
+so it is refused with the fix.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ import sys
 from dataclasses import dataclass
 
 from vmctl import contract
-from vmctl.errors import VMError
+from vmctl.errors import ConfigError, VMError
 
 PROBE_TIMEOUT_S = 10.0
+MODES = ("auto", "userns", "guest")
+FIX_USERNS = (
+    "allow user namespaces (sysctl kernel.unprivileged_userns_clone=1;"
+    " on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0)"
+)
 
 
 @dataclass(frozen=True)
@@ -82,27 +88,38 @@ def probe_userns(unshare: str, uid: int, gid: int) -> str | None:
     return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
 
 
-def choose() -> IdMap:
-    """The mapping for this host; VMError with the fix when none is safe."""
+def _userns(unshare: str | None, inner: tuple[int, int]) -> tuple[tuple[str, ...], str]:
+    """(prefix, "") when a user namespace works here, else ((), why not)."""
+    if not sys.platform.startswith("linux"):
+        return (), "user namespaces are Linux-only"
+    if unshare is None:
+        return (), "`unshare` (util-linux) is not installed"
+    failed = probe_userns(unshare, *inner)
+    if failed is not None:
+        return (), f"user namespaces are unavailable ({failed})"
+    return tuple(userns_argv(unshare, *inner)), ""
+
+
+def choose(mode: str | None = None) -> IdMap:
+    """The mapping for this host (VMCTL_IDMAP: auto, userns, guest); VMError with the fix."""
+    mode = mode or os.environ.get("VMCTL_IDMAP") or "auto"
+    if mode not in MODES:
+        raise ConfigError(f"VMCTL_IDMAP={mode!r} is not one of {', '.join(MODES)}")
     user = contract.raw()["user"]
     uid, gid = os.geteuid(), os.getegid()
-    why = "user namespaces are Linux-only"
-    if sys.platform.startswith("linux"):
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            why = "`unshare` (util-linux) is not installed"
-        else:
-            failed = probe_userns(unshare, int(user["uid"]), int(user["gid"]))
-            if failed is None:
-                prefix = userns_argv(unshare, int(user["uid"]), int(user["gid"]))
-                return IdMap("userns", uid, gid, tuple(prefix))
-            why = f"user namespaces are unavailable ({failed})"
-    if uid == 0:
+    why = "VMCTL_IDMAP=guest"
+    if mode != "guest":
+        inner = (int(user["uid"]), int(user["gid"]))
+        prefix, why = _userns(shutil.which("unshare"), inner)
+        if prefix:
+            return IdMap("userns", uid, gid, prefix)
+        if mode == "userns":
+            raise VMError(f"VMCTL_IDMAP=userns: {why}", FIX_USERNS)
+    if uid == 0 or gid == 0:
         raise VMError(
-            f"cannot map root's workspace to the guest's {user['name']}: {why}",
-            "run vmctl as an ordinary user, or allow user namespaces "
-            "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu "
-            "kernel.apparmor_restrict_unprivileged_userns=0)",
+            f"the guest's {user['name']} cannot take your ids (uid {uid}, gid {gid}): {why}",
+            f"run vmctl as an ordinary user, or {FIX_USERNS}",
         )
-    note = "" if sys.platform == "darwin" else f"{why}: the guest's {user['name']} takes uid {uid}"
+    quiet = sys.platform == "darwin" or mode == "guest"
+    note = "" if quiet else f"{why}: the guest's {user['name']} takes your uid {uid} instead"
     return IdMap("guest", uid, gid, note=note)
