@@ -118,3 +118,11 @@ def test_probe_succeeds_here() -> None:
     if not sys.platform.startswith("linux") or unshare is None:
         pytest.skip("needs Linux and util-linux unshare")
     assert idmap.probe_userns(unshare, 1000, 1000) is None
+
+
+def test_privileged_forward_is_refused_in_a_user_namespace() -> None:
+    ids = idmap.IdMap("userns", 0, 0, ("unshare",))
+    with pytest.raises(ConfigError, match=r"-p 80:\.\.\.: QEMU runs without privileges"):
+        idmap.check_forwards(ids, [8080, 80])
+    idmap.check_forwards(ids, [8080])
+    idmap.check_forwards(idmap.IdMap("guest", 501, 20), [80])  # QEMU says why itself

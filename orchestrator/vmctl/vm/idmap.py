@@ -21,13 +21,15 @@ so it is refused with the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from vmctl import contract
+from vmctl import contract, ui
 from vmctl.errors import ConfigError, VMError
 
 PROBE_TIMEOUT_S = 10.0
@@ -63,6 +65,21 @@ class IdMap:
         if self.how == "userns":
             return f"host uid {self.host_uid} is the guest's {user['name']} ({user['uid']})"
         return f"the guest's {user['name']} takes host uid {self.host_uid}"
+
+
+def check_forwards(ids: IdMap, host_ports: list[int]) -> None:
+    """QEMU in a user namespace keeps no privilege: refuse `-p` below the unprivileged ports."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        low = 1024
+    bad = [p for p in host_ports if p < low]
+    if ids.how == "userns" and bad:
+        raise ConfigError(
+            f"-p {bad[0]}:...: QEMU runs without privileges (in a user namespace) and"
+            f" cannot listen on ports below {low}",
+            f"use a host port of {low} or more",
+        )
 
 
 def userns_argv(unshare: str, uid: int, gid: int) -> list[str]:
@@ -123,3 +140,19 @@ def choose(mode: str | None = None) -> IdMap:
     quiet = sys.platform == "darwin" or mode == "guest"
     note = "" if quiet else f"{why}: the guest's {user['name']} takes your uid {uid} instead"
     return IdMap("guest", uid, gid, note=note)
+
+
+def prepare(workspace: Path, host_ports: list[int]) -> IdMap:
+    """`choose`, checked against the `-p` ports; says so when something is unusual."""
+    ids = choose()
+    check_forwards(ids, host_ports)
+    if ids.note:
+        ui.warn(ids.note)
+    with contextlib.suppress(OSError):
+        owner = workspace.stat().st_uid
+        if owner != ids.host_uid:
+            ui.warn(
+                f"{workspace} belongs to uid {owner}, not to you (uid {ids.host_uid}):"
+                " the guest's agent can change only your files there; run vmctl as its owner"
+            )
+    return ids

@@ -321,7 +321,7 @@ def up(
     acc = accel_mod.choose(spec.accel, qemu_bin)
     if acc.reason:
         ui.warn(acc.reason)
-    ids = workspace_ids(spec)
+    ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
     inst = new_instance(spec, image)
     try:
         paths.private_dir(inst.paths.fwcfg)
@@ -342,21 +342,6 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
-
-
-def workspace_ids(spec: InstanceSpec) -> idmap.IdMap:
-    """How the host user becomes the guest's agent; says so when it is unusual."""
-    ids = idmap.choose()
-    if ids.note:
-        ui.warn(ids.note)
-    with contextlib.suppress(OSError):
-        owner = spec.workspace.stat().st_uid
-        if owner != ids.host_uid:
-            ui.warn(
-                f"{spec.workspace} belongs to uid {owner}, not to you (uid {ids.host_uid}):"
-                " the guest can read but not change what you cannot; run vmctl as its owner"
-            )
-    return ids
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
