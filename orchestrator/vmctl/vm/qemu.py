@@ -14,7 +14,7 @@ file or folder owned by the user running vmctl, with fixed modes
 and even symlinks live only in `user.virtfs.*` xattrs (a guest-made
 symlink is a regular file on the host). The cost: executable bits set in
 the guest do not reach the host, and the host filesystem must support
-user xattrs.
+user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
 """
 
 from __future__ import annotations
