@@ -126,3 +126,16 @@ def test_privileged_forward_is_refused_in_a_user_namespace() -> None:
         idmap.check_forwards(ids, [8080, 80])
     idmap.check_forwards(ids, [8080])
     idmap.check_forwards(idmap.IdMap("guest", 501, 20), [80])  # QEMU says why itself
+
+
+def test_both_images_read_the_agent_ids_from_the_contract() -> None:
+    from vmctl import contract
+    from vmctl.images import micro
+
+    keys = contract.raw()["kernel_cmdline"]
+    init = micro.render_init(["kernel/fs/9p/9p.ko"], ())
+    assert f"{keys['uid']}=*) auid=" in init and f"{keys['gid']}=*) agid=" in init
+    assert 'chown "$auid:$agid" /run/vmctl' in init
+    assert "access=user" in contract.raw()["workspace"]["options"]
+    nix = (Path(__file__).parent.parent / "nixos-modules/guest.nix").read_text()
+    assert "${cmdline.uid}=*) uid=" in nix and "${cmdline.gid}=*) gid=" in nix
