@@ -76,6 +76,15 @@ def test_root_without_user_namespaces_is_one_line_with_the_fix(
     assert e.value.hint and "ordinary user" in e.value.hint and "sysctl" in e.value.hint
 
 
+def test_root_without_unshare_is_told_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(idmap.shutil, "which", lambda name: None)
+    as_user(monkeypatch, 0, 0)
+    with pytest.raises(VMError, match="`unshare` is not installed") as e:
+        idmap.choose()
+    assert e.value.hint == "install util-linux, or run vmctl as an ordinary user"
+
+
 @pytest.mark.usefixtures("no_userns")
 def test_a_user_without_user_namespaces_falls_back_out_loud(
     monkeypatch: pytest.MonkeyPatch,

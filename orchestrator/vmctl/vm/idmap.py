@@ -105,16 +105,16 @@ def probe_userns(unshare: str, uid: int, gid: int) -> str | None:
     return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
 
 
-def _userns(unshare: str | None, inner: tuple[int, int]) -> tuple[tuple[str, ...], str]:
-    """(prefix, "") when a user namespace works here, else ((), why not)."""
+def _userns(unshare: str | None, inner: tuple[int, int]) -> tuple[tuple[str, ...], str, str]:
+    """(prefix, "", "") when a user namespace works here, else ((), why not, the fix)."""
     if not sys.platform.startswith("linux"):
-        return (), "user namespaces are Linux-only"
+        return (), "user namespaces are Linux-only", ""
     if unshare is None:
-        return (), "`unshare` (util-linux) is not installed"
+        return (), "`unshare` is not installed", "install util-linux"
     failed = probe_userns(unshare, *inner)
     if failed is not None:
-        return (), f"user namespaces are unavailable ({failed})"
-    return tuple(userns_argv(unshare, *inner)), ""
+        return (), f"user namespaces are unavailable ({failed})", FIX_USERNS
+    return tuple(userns_argv(unshare, *inner)), "", ""
 
 
 def choose(mode: str | None = None) -> IdMap:
@@ -124,18 +124,18 @@ def choose(mode: str | None = None) -> IdMap:
         raise ConfigError(f"VMCTL_IDMAP={mode!r} is not one of {', '.join(MODES)}")
     user = contract.raw()["user"]
     uid, gid = os.geteuid(), os.getegid()
-    why = "VMCTL_IDMAP=guest"
+    why, fix = "VMCTL_IDMAP=guest", "unset VMCTL_IDMAP"
     if mode != "guest":
         inner = (int(user["uid"]), int(user["gid"]))
-        prefix, why = _userns(shutil.which("unshare"), inner)
+        prefix, why, fix = _userns(shutil.which("unshare"), inner)
         if prefix:
             return IdMap("userns", uid, gid, prefix)
         if mode == "userns":
-            raise VMError(f"VMCTL_IDMAP=userns: {why}", FIX_USERNS)
+            raise VMError(f"VMCTL_IDMAP=userns: {why}", fix)
     if uid == 0 or gid == 0:
         raise VMError(
             f"the guest's {user['name']} cannot take your ids (uid {uid}, gid {gid}): {why}",
-            f"run vmctl as an ordinary user, or {FIX_USERNS}",
+            ", or ".join(h for h in (fix, "run vmctl as an ordinary user") if h),
         )
     quiet = sys.platform == "darwin" or mode == "guest"
     note = "" if quiet else f"{why}: the guest's {user['name']} takes your uid {uid} instead"
