@@ -153,8 +153,14 @@ class Mirror:
             except PermissionError:
                 return f"host port {port} is privileged and vmctl may not bind it"
             except OSError:
-                pass
-        return f"host port {port} is already in use on the host"
+                return f"host port {port} is already in use on the host"
+        try:  # free to us, but QEMU may run in a user namespace (vm.idmap)
+            start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+        except (OSError, ValueError):
+            start = 1024
+        if port < start:
+            return f"host port {port} is privileged (below {start}) and QEMU runs unprivileged"
+        return f"QEMU could not bind host port {port}"
 
     def _remove(self, port: int, reason: str) -> None:
         if self.mon is not None:
