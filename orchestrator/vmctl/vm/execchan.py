@@ -232,15 +232,19 @@ class Session:
                 return self.status
 
     def _flush(self) -> None:
+        """Write queued frames, as many whole ones per write as fit in PIPE_BUF."""
         while self.queue:
+            chunk, k = self.queue[0], 1
+            while k < len(self.queue) and len(chunk) + len(self.queue[k]) <= PIPE_BUF:
+                chunk, k = chunk + self.queue[k], k + 1
             try:
-                n = os.write(self.wfd, self.queue[0])  # a FIFO takes <= PIPE_BUF whole
+                n = os.write(self.wfd, chunk)  # a FIFO takes <= PIPE_BUF whole or not at all
             except BlockingIOError:
                 return
-            if n < len(self.queue[0]):  # other byte streams (a pty in tests) may split it
-                self.queue[0] = self.queue[0][n:]
+            if n < len(chunk):  # other byte streams (a pty in tests) may split it
+                self.queue[:k] = [chunk[n:]]
                 return
-            del self.queue[0]
+            del self.queue[:k]
 
     def _receive(self) -> bool:
         """Read and dispatch the guest's frames; True once the exit status came."""

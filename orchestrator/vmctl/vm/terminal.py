@@ -17,8 +17,11 @@ TYPE_CHECKING = False  # no typing import at run time: `vmctl exec` start-up cou
 if TYPE_CHECKING:
     from vmctl.vm.execchan import Sink
 
-#: Where `vmctl shell` starts: a login shell in the workspace (else home).
-LOGIN_SHELL = 'cd /workspace 2>/dev/null || cd; exec "${SHELL:-/bin/sh}" -l'
+#: `vmctl shell`: the agent user's own login shell (passwd), in the workspace (else home).
+LOGIN_SHELL = (
+    "cd /workspace 2>/dev/null || cd; "
+    's=$(grep "^$USER:" /etc/passwd | cut -d: -f7); exec "${s:-/bin/sh}" -l'
+)
 
 
 def fd_sink(fd: int) -> Sink:

@@ -112,7 +112,7 @@ static void end_session(struct port *p) {
 static void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
 static void child(struct port *p, int tty, const char *slave, int in[2], int out[2], int err[2],
-                  struct winsize *ws, const char *term) {
+                  const char *term) {
     signal(SIGCHLD, SIG_DFL);
     signal(SIGPIPE, SIG_DFL);
     setsid();
@@ -121,7 +121,6 @@ static void child(struct port *p, int tty, const char *slave, int in[2], int out
         if (s < 0)
             _exit(126);
         ioctl(s, TIOCSCTTY, 0);
-        ioctl(s, TIOCSWINSZ, ws);
         dup2(s, 0), dup2(s, 1), dup2(s, 2);
         if (s > 2)
             close(s);
@@ -157,6 +156,7 @@ static void spawn(struct port *p, const char *spec) {
         master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
         if (master < 0 || grantpt(master) || unlockpt(master) || ptsname_r(master, slave, sizeof slave))
             goto fail;
+        ioctl(master, TIOCSWINSZ, &ws); /* before fork: a 'W' frame right after wins */
     } else if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
         goto fail;
     }
@@ -164,7 +164,7 @@ static void spawn(struct port *p, const char *spec) {
     if (pid < 0)
         goto fail;
     if (pid == 0)
-        child(p, tty, slave, in, out, err, &ws, term);
+        child(p, tty, slave, in, out, err, term);
     p->active = 1, p->tty = tty, p->pid = pid;
     if (tty) {
         nonblock(master);
