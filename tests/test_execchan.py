@@ -166,3 +166,41 @@ def test_fast_path_helpers_agree_with_paths(
     if os.uname().sysname == "Linux":
         assert instance_dir("box") == str(paths.instance("box").root)
     assert instance_dir("../x") is None and instance_dir("-x") is None
+
+
+def test_host_skips_stale_bytes_and_holds_at_most_a_frame() -> None:
+    """A fake guest: junk a dead client left, then 4 MiB of output in maximal frames."""
+    import socket
+
+    host, guest = socket.socketpair()
+    sizes: list[int] = []
+
+    class Watched(Session):
+        def _receive(self) -> bool:
+            done = super()._receive()
+            sizes.append(len(self.buf))
+            return done
+
+    def fake_guest() -> None:
+        f = guest.makefile("rb")
+        kind, n = f.read(1), int.from_bytes(f.read(2), "big")
+        assert kind == b"R"
+        rid = f.read(n)
+        guest.sendall(frame(b"1", b"stale output") + b"\x1eVMCTL-BEGIN deadbeef00\n" + b"junk")
+        guest.sendall(b"\x1eVMCTL-BEGIN " + rid + b"\n")
+        chunk = frame(b"1", b"y" * 65535)
+        for _ in range(64):
+            guest.sendall(chunk)
+        guest.sendall(frame(b"E", b"0"))
+
+    threading.Thread(target=fake_guest, daemon=True).start()
+    got = [0]
+
+    def count(data: bytes) -> None:
+        got[0] += len(data)
+
+    status = Watched(host.fileno(), host.fileno(), "fake", count, count).run("yes", None, None, 30)
+    assert (status, got[0]) == (0, 64 * 65535)
+    assert max(sizes) <= 65535 + 3
+    host.close()
+    guest.close()
