@@ -44,8 +44,8 @@ def instance_dir(name: str) -> str | None:
     if not home:
         if not sys.platform.startswith("linux"):
             return None
-        state = os.environ.get("XDG_STATE_HOME", "").strip() or "~/.local/state"
-        home = os.path.join(state, "vmctl")
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        home = os.path.join(xdg if xdg.strip() else "~/.local/state", "vmctl")
     return os.path.abspath(os.path.join(os.path.expanduser(home), "instances", name))
 
 

@@ -39,7 +39,8 @@ def home() -> Path:
     if env:
         root = Path(env)
     elif sys.platform.startswith("linux"):  # platformdirs' answer, without its import cost
-        root = Path(os.environ.get("XDG_STATE_HOME", "").strip() or "~/.local/state") / "vmctl"
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        root = Path(xdg if xdg.strip() else "~/.local/state") / "vmctl"
     else:
         import platformdirs
 
