@@ -5,9 +5,11 @@ overridable with VMCTL_HOME)::
 
     servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
     instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
-                       console.log,
-                       audit.jsonl, overlay.qcow2, fwcfg/
+                       console.log, audit.jsonl, overlay.qcow2, fwcfg/, ports.sock,
+                       mirror-qmp.sock, forwards.json, mirror.log
     clients/NAME/      a host client's private config and data
+    reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
+                       workspace under `vmctl up --review`; outlives the instance)
     events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
                        client-NAME.jsonl); outlives its subject until `vmctl rm`
 
@@ -222,6 +224,42 @@ class InstancePaths(_Folder):
     def proxy_log(self) -> Path:
         return self.root / "proxy.log"
 
+    @property
+    def ports(self) -> Path:
+        """The guest's listening-port reports (virtio-serial, see the contract's `mirror`)."""
+        return check_socket_path(self.root / "ports.sock")
+
+    @property
+    def mirror_qmp(self) -> Path:
+        """A QMP monitor of the port mirror's own, so it never holds `qmp.sock`."""
+        return check_socket_path(self.root / "mirror-qmp.sock")
+
+    @property
+    def forwards(self) -> Path:
+        """The mirror's live and skipped forwards, for `vmctl status`."""
+        return self.root / "forwards.json"
+
+    @property
+    def mirror_log(self) -> Path:
+        return self.root / "mirror.log"
+
+
+class ReviewPaths(_Folder):
+    """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "review.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The snapshot: every entry of `work` as it was at boot (type, hash, mode)."""
+        return self.root / "manifest.json"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
 
 def servers_dir() -> Path:
     return private_dir(home() / "servers")
@@ -238,6 +276,14 @@ def clients_dir() -> Path:
 def events_dir() -> Path:
     """Event logs (see vmctl.events): kept apart so they outlive their subject."""
     return private_dir(home() / "events")
+
+
+def reviews_dir() -> Path:
+    return private_dir(home() / "reviews")
+
+
+def review(name: str) -> ReviewPaths:
+    return ReviewPaths(reviews_dir() / check_name(name, "instance name"))
 
 
 def images_dir() -> Path:

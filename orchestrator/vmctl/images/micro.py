@@ -44,6 +44,7 @@ INITTAB = """\
 ::respawn:/init agent
 ::respawn:/init power-button
 ttyS0::respawn:/init console
+::respawn:/init ports
 """
 #: The console login (as `agent`, like the NixOS guest's autologin) sees the
 #: same environment as exec'd commands: /etc/vmctl/env read literally.
@@ -101,6 +102,7 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
         workspace=c["workspace"],
         cmdline=c["kernel_cmdline"],
         network=c["network"],
+        mirror=c["mirror"],
         fw_cfg=_fw_cfg_entries(c["user"]),
         modules=modules,
         shares=shares if agents else [],
@@ -230,6 +232,11 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
         "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
     )
     a.file("usr/libexec/vmctl/vmctl-exec-mux", build_exec_mux(), 0o755)
+    a.file(
+        "usr/libexec/vmctl/vmctl-ports-watch.sh",
+        guest_file("vmctl-ports-watch.sh").encode(),
+        0o755,
+    )
     a.dir(home, 0o755, uid, gid)
     for rel in kernel.load_order():
         a.file(f"lib/modules/{rel}", (kernel.modules_dir / rel).read_bytes())
@@ -276,6 +283,7 @@ def own_key(agents: tuple[str, ...]) -> str:
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
         "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: OPENCODE_VERSION for a in agents},
@@ -315,6 +323,7 @@ def micro_inputs(agents: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Pat
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
         "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: OPENCODE_VERSION for a in agents},

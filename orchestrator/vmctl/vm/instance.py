@@ -25,6 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
+from vmctl.sidecars import mirror
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
@@ -255,6 +256,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            mirror.stop(_ref(self.meta, "mirror"))
             _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
@@ -303,6 +305,7 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
             "mem": spec.mem,
             "cpus": spec.cpus,
             "ephemeral": spec.ephemeral,
+            "mirror": spec.mirror,
         },
     }
     inst = Instance(spec.name, meta)
@@ -342,6 +345,10 @@ def up(
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+        if spec.mirrors:
+            ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
+            inst.meta["mirror"] = ref.to_json()
+            inst.save()
         if detach:
             inst.release()
     except BaseException:
@@ -426,6 +433,7 @@ def status(name: str) -> dict[str, Any]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
+    data["mirror"] = mirror.describe(inst.meta.get("spec", {}), inst.paths, inst.alive())
     return data
 
 
