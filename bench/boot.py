@@ -123,7 +123,7 @@ def mirror_latency(
     argv += ["--accel", accel]
     subprocess.run(argv, env=env, check=True)
     ip = Path(env["VMCTL_HOME"]) / "instances" / "mir"
-    chan = ExecChannel(ip / "exec.in", ip / "exec.out", ip / "lock", "mir")
+    chan = ExecChannel.for_instance(ip, "mir")
     chan.run("mkdir -p /tmp/w && echo ok > /tmp/w/index.html", lambda b: None, timeout=30)
     after, total = [], []
     try:
