@@ -58,6 +58,13 @@ fi
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 grep -qs ' /workspace ' /proc/mounts && cd /workspace
 """
+#: The log console's shell tells the host when it exits, from inside the
+#: shell while it still holds the terminal (printed by init afterwards, the
+#: line was sometimes lost to the session's hang-up); `vmctl shell` (a pty) does not.
+CONSOLE_EXIT = """if [ "$(tty 2>/dev/null)" = /dev/ttyS0 ]; then
+    trap 'printf "\\036%s\\n" {marker}' EXIT
+fi
+"""
 
 
 def guest_file(name: str) -> str:
@@ -227,7 +234,8 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     )
     a.file("etc/group", f"root:x:0:\nagent:x:{gid}:\n".encode())
     a.file("etc/hosts", b"127.0.0.1 localhost\n")
-    a.file("etc/profile", PROFILE.encode())
+    marker = shlex.quote(c["console"]["console_exit_marker"])
+    a.file("etc/profile", (PROFILE + CONSOLE_EXIT.format(marker=marker)).encode())
     a.file(
         "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
     )
