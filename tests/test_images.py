@@ -27,8 +27,8 @@ import pytest
 from conftest import need
 from vmctl import contract
 from vmctl.errors import ConfigError, VMError
+from vmctl.images import choose, micro, micro_kernel
 from vmctl.images import manifest as images
-from vmctl.images import micro, micro_kernel
 from vmctl.images.cpio import Archive
 
 AGENT = Path(micro.__file__).parents[1] / "data" / "guest" / "vmctl-exec-agent.sh"
@@ -68,7 +68,7 @@ def test_manifest_resolves_relative_paths(tmp_path: Path) -> None:
     assert m.kernel == tmp_path / "k" and m.initrd == tmp_path / "i"
     assert m.shares == (images.Share("agents", tmp_path / "agents", True),)
     assert m.features == ("opencode",)
-    assert images.resolve_image(str(tmp_path)).path == m.path
+    assert choose.resolve_image(str(tmp_path)).path == m.path
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_manifest_loader_is_strict(tmp_path: Path, over: dict[str, object], word
 
 def test_unknown_image_name_and_agent_are_refused() -> None:
     with pytest.raises(VMError, match="unknown image"):
-        images.resolve_image("ubuntu")
+        choose.resolve_image("ubuntu")
     with pytest.raises(ConfigError, match="unknown agent"):
         micro.build_micro(("claude",))
 

@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from vmctl import paths
-from vmctl.cli import app
-from vmctl.errors import NotFoundError
+from vmctl.errors import NotFoundError, VmctlError
 from vmctl.serve import server
+from vmctl.vm.instance import InstanceInfo, list_instances
+
+verbs = typer.Typer()
 
 
-def _instances() -> list[Any]:
-    try:
-        from vmctl.vm.instance import list_instances
-    except ImportError:
-        return []
-    return list(list_instances())
+def _instances() -> list[InstanceInfo]:
+    return list_instances()
 
 
-@app.command("ls")
+@verbs.command("ls")
 def ls(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
     all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers."),
@@ -105,7 +103,7 @@ def _render(line: str, raw: bool) -> str:
     )
 
 
-@app.command()
+@verbs.command()
 def logs(
     name: str = typer.Argument(..., help="Server or instance name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
@@ -131,13 +129,9 @@ def logs(
             h.close()
 
 
-@app.command()
+@verbs.command()
 def rm(name: str = typer.Argument(..., help="A stopped server or instance.")) -> None:
     """Remove a stopped server's or persistent guest's folder (logs included)."""
-    import shutil
-
-    from vmctl.errors import VmctlError
-
     removed = []
     for root, running in _stopped_or_running(name):
         if running:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import typer
 
-from vmctl.cli import app, passthrough
+from vmctl.cli.argv import passthrough
 from vmctl.clients import registry as clients
 
+verbs = typer.Typer()
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+
+@verbs.command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
     client: str = typer.Argument(..., help=f"One of: {', '.join(clients.CLIENTS)}."),
     workspace: Path = typer.Option(

@@ -16,17 +16,16 @@ from pathlib import Path
 import typer
 
 from vmctl import paths
-from vmctl.cli import app, passthrough
+from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError
 from vmctl.sandbox import launch as sandbox
 from vmctl.sandbox import policy
 
-sandbox_app = typer.Typer(
+group = typer.Typer(
     help="Inspect and try the host sandbox profiles.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(sandbox_app, name="sandbox")
 
 EXAMPLE = Path("/example")
 
@@ -59,7 +58,7 @@ def _lines(argv: list[str]) -> str:
     return " \\\n  ".join(out)
 
 
-@sandbox_app.command("list")
+@group.command("list")
 def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -82,7 +81,7 @@ def list_cmd(
         print(f"{row['name']:<14} {row['network']:<8} {row['description']}")
 
 
-@sandbox_app.command("show")
+@group.command("show")
 def show(
     profile: str = typer.Argument(..., help="Profile name (see `vmctl sandbox list`)."),
     platform: str | None = typer.Option(None, "--platform", help="darwin or linux."),
@@ -106,7 +105,7 @@ def show(
         print(f"{k}={v}")
 
 
-@sandbox_app.command("exec")
+@group.command("exec")
 def exec_cmd(
     profile: str = typer.Argument(..., help="Profile name."),
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help="Workspace folder."),

@@ -8,13 +8,15 @@ from typing import Any
 import typer
 
 from vmctl import ui
-from vmctl.cli import app, passthrough
+from vmctl.cli.argv import passthrough
+from vmctl.errors import ConfigError
+from vmctl.models.fetch import resolve_model
 from vmctl.serve import server
+
+verbs = typer.Typer()
 
 
 def _resolve(model: str | None, mmproj: bool) -> Any:
-    from vmctl.models.fetch import resolve_model
-
     return resolve_model(model, pull=True, mmproj=mmproj)
 
 
@@ -30,7 +32,7 @@ def _announce(config: server.ServerConfig, as_json: bool) -> None:
     print(f"  name {config.name}; {hint}", flush=True)
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@verbs.command(context_settings={"help_option_names": ["-h", "--help"]})
 def serve(
     model: str | None = typer.Argument(
         None,
@@ -69,8 +71,6 @@ def serve(
     binary = server.find_llama_server(llama_server)
     local = _resolve(model, not no_mmproj)
     if port < 1 or port > 65535:
-        from vmctl.errors import ConfigError
-
         raise ConfigError(f"--port {port} is out of range", "use 1-65535")
     config = server.ServerConfig(
         name=name or server.default_name(port),
@@ -95,10 +95,14 @@ def serve(
         server.launch_detached(config)
         _announce(config, as_json)
         return
-    server.run_foreground(config, on_ready=lambda c: _announce(c, as_json))
+    # Here, not at the top: the supervisor brings aiohttp and the gateway, measured at
+    # +150 ms CPU on every `vmctl` start-up (`vmctl --help` 480 ms instead of 330 ms).
+    from vmctl.serve import supervisor
+
+    supervisor.run_foreground(config, on_ready=lambda c: _announce(c, as_json))
 
 
-@app.command()
+@verbs.command()
 def stop(name: str = typer.Argument(..., help="Server name (see `vmctl ls`).")) -> None:
     """Stop a detached server: llama-server, gateway and runtime folder."""
     info = server.stop_server(name)

@@ -1,13 +1,14 @@
 """`vmctl up`, `exec`, `console`, `status`, `down`: guests, thinly.
 
-Parsing and rendering only; the lifecycle lives in vmctl.instance. Heavy
-modules are imported inside the verbs so `vmctl exec` starts fast.
+Parsing and rendering only; the lifecycle lives in vmctl.vm.instance. The
+plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -15,11 +16,21 @@ from typing import Any
 
 import typer
 
-from vmctl import ui
-from vmctl.cli import app, passthrough
+from vmctl import agents, paths, ui
+from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
+from vmctl.images import nixos
+from vmctl.images.choose import resolve_image
+from vmctl.sandbox.launch import check_workspace
+from vmctl.serve.server import list_servers
+from vmctl.vm import instance
+from vmctl.vm.accel import qemu_binary
+from vmctl.vm.console import attach
+from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+verbs = typer.Typer()
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -28,13 +39,6 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _workspace(path: Path) -> Path:
     try:
-        from vmctl.sandbox.launch import check_workspace
-    except ImportError:  # pragma: no cover - sandbox.py ships with vmctl
-        real = path.expanduser().resolve()
-        if not real.is_dir():
-            raise ConfigError(f"workspace {path} is not a folder", "pass -d DIR") from None
-        return real
-    try:
         return check_workspace(path)
     except ConfigError as e:
         raise ConfigError(e.message, "pass a project folder with -d DIR") from None
@@ -42,10 +46,6 @@ def _workspace(path: Path) -> Path:
 
 def _running_server() -> tuple[str, str | None, str | None] | None:
     """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
-    try:
-        from vmctl.serve.server import list_servers
-    except ImportError:
-        return None
     for srv in list_servers():
         return f"{srv.host}:{srv.port}", srv.alias, srv.api_key
     return None
@@ -55,9 +55,6 @@ def _plan_model(
     endpoint: str | None, model: str | None, net: str | None
 ) -> tuple[str | None, str, dict[str, bytes]]:
     """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
-    from vmctl import agents
-    from vmctl.vm.qemu import parse_endpoint
-
     api_key = None
     server = None if endpoint else _running_server()
     if server:
@@ -84,18 +81,15 @@ def _plan_model(
 def _image(
     image: str, with_agents: list[str] | None, flake: str | None, config: str | None
 ) -> tuple[Any, str]:
-    from vmctl.images import manifest as images
-    from vmctl.images import nixos
-
     if image == "auto":
         reason = nixos.nix_available(flake)
         image = "micro" if reason else "nixos"
         ui.info(f"image: {image}" + (f" ({reason})" if reason else " (Nix can build it here)"))
     agents = tuple(with_agents) if with_agents else None
-    return images.resolve_image(image, agents, flake=flake, config=config), image
+    return resolve_image(image, agents, flake=flake, config=config), image
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@verbs.command(context_settings={"allow_extra_args": False})
 def up(
     directory: Path = typer.Option(..., "-d", "--dir", help="The one host folder the guest sees."),
     ephemeral: bool = typer.Option(False, "--ephemeral", help="Remove everything at exit."),
@@ -118,15 +112,10 @@ def up(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
-    from vmctl import paths
-    from vmctl.vm import accel as accel_mod
-    from vmctl.vm import instance
-    from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward
-
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
     ws = _workspace(directory)
-    accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
+    qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
     endpoint, policy, files = _plan_model(model_endpoint, model, net)
     spec = InstanceSpec(
@@ -159,8 +148,6 @@ def up(
 
 def _foreground(inst: Any) -> None:
     """Attach the console on a TTY, else wait for the guest to power off."""
-    from vmctl.vm.console import attach
-
     if sys.stdin.isatty():
         ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
         attach(inst.paths.console)
@@ -170,8 +157,6 @@ def _foreground(inst: Any) -> None:
 
 
 def _new_name() -> str:
-    from vmctl import paths
-
     while True:
         name = f"vm-{secrets.token_hex(3)}"
         if not paths.instance(name).root.exists():
@@ -179,8 +164,6 @@ def _new_name() -> str:
 
 
 def _load_running(name: str) -> Any:
-    from vmctl.vm import instance
-
     instance.reap()
     inst = instance.Instance.load(name)
     if not inst.alive():
@@ -188,11 +171,9 @@ def _load_running(name: str) -> Any:
     return inst
 
 
-@app.command("exec")
+@verbs.command("exec")
 def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Run `-- CMD...` in the guest; output streamed, its exit status returned."""
-    import shlex
-
     cmd = passthrough()
     if not cmd:
         raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
@@ -207,24 +188,20 @@ def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
     raise SystemExit(status)
 
 
-@app.command()
+@verbs.command()
 def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
-    from vmctl.vm.console import attach
-
     inst = _load_running(name)
     ui.info("Ctrl-] detaches")
     attach(inst.paths.console)
 
 
-@app.command()
+@verbs.command()
 def status(
     name: str = typer.Argument(..., help="Instance name."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """QMP run state, pid, uptime, network policy and forwards."""
-    from vmctl.vm import instance
-
     instance.reap()
     data = instance.status(name)
     if as_json:
@@ -236,10 +213,8 @@ def status(
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
 
 
-@app.command()
+@verbs.command()
 def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
-    from vmctl.vm import instance
-
     with ui.step(f"stopping {name}"):
         instance.down(name)

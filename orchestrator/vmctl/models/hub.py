@@ -20,7 +20,7 @@ from typing import Any
 from vmctl import paths, state, ui
 from vmctl.errors import FetchError, ModelError
 from vmctl.models.gguf_check import file_stamp
-from vmctl.models.spec import check_repo_file
+from vmctl.models.names import check_repo_file
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")

@@ -4,27 +4,24 @@ The model is resolved (and pulled, outside any sandbox) by the caller; this
 module builds llama-server's argv, wraps it with the `llama-server` host
 profile, supervises it and the gateway, and owns the server's state folder
 (paths.ServerPaths). A detached server is the same supervisor re-executed
-as `python -m vmctl.serve.server CONFIG` in its own session.
+as `python -m vmctl.serve.supervisor CONFIG` in its own session.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmctl import paths
-from vmctl.errors import ConfigError, NotFoundError, ServerError, VmctlError
+from vmctl.errors import ConfigError, NotFoundError, ServerError
 from vmctl.procs import ProcessRef
 from vmctl.state import StateError, read_json, write_json
 
@@ -234,7 +231,7 @@ def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> Serv
     sp.meta.unlink(missing_ok=True)
     with open(sp.log, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmctl.serve.server", str(cfg)],
+            [sys.executable, "-m", "vmctl.serve.supervisor", str(cfg)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -267,38 +264,6 @@ def _read_state(sp: paths.ServerPaths) -> str | None:
         return None
 
 
-def run_foreground(
-    config: ServerConfig, on_ready: Callable[[ServerConfig], None] | None = None
-) -> None:
-    """Supervise in this process until Ctrl-C or SIGTERM."""
-    sp = prepare(config)
-    check_port_free(config.host, config.port)
-    from vmctl.serve.supervisor import supervise
-
-    asyncio.run(supervise(config, sp, on_ready))
-
-
-def main(argv: list[str]) -> int:
-    """Entry of a detached supervisor: `python -m vmctl.serve.server CONFIG`."""
-    from vmctl.serve.supervisor import supervise
-
-    cfg = Path(argv[0])
-    try:
-        config = ServerConfig.from_json(read_json(cfg, {"name": str}))
-        sp = paths.server(config.name)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        asyncio.run(supervise(config, sp))
-    except VmctlError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.details:
-            print(e.details, file=sys.stderr)
-        return 1
-    except (StateError, TypeError) as e:
-        print(f"error: bad server config {cfg}: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 __all__ = [
     "ConfigError",
     "ServerConfig",
@@ -308,9 +273,5 @@ __all__ = [
     "launch_detached",
     "list_servers",
     "llama_argv",
-    "run_foreground",
     "stop_server",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

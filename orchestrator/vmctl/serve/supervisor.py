@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,29 +23,36 @@ from pathlib import Path
 import aiohttp
 
 from vmctl import paths, ui
-from vmctl.errors import ServerError
+from vmctl.errors import ServerError, VmctlError
 from vmctl.procs import ProcessRef
+from vmctl.sandbox.launch import SandboxContext, sandboxed_command, unsandboxed_command
 from vmctl.serve.gateway import Gateway, GatewayConfig
-from vmctl.serve.server import LOAD_TIMEOUT, PROFILE, ServerConfig, llama_argv, log_tail
-from vmctl.state import write_json
+from vmctl.serve.server import (
+    LOAD_TIMEOUT,
+    PROFILE,
+    ServerConfig,
+    check_port_free,
+    llama_argv,
+    log_tail,
+    prepare,
+)
+from vmctl.state import StateError, read_json, write_json
 
 
 def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[str], dict[str, str]]:
     """llama-server's argv and environment, wrapped in its sandbox unless disabled."""
     argv = llama_argv(config, sp.socket)
     env = {"HOME": str(sp.cache), "LLAMA_CACHE": str(sp.cache), "TMPDIR": str(sp.cache)}
-    from vmctl.sandbox import launch as sandbox
-
     if not config.sandbox:
-        cmd = sandbox.unsandboxed_command(argv, env, PROFILE)
+        cmd = unsandboxed_command(argv, env, PROFILE)
         return cmd.argv, cmd.env
     model = tuple(
         Path(p) for p in [*config.model_parts, *([config.mmproj] if config.mmproj else [])]
     )
-    ctx = sandbox.SandboxContext(
+    ctx = SandboxContext(
         binary=Path(config.binary), cache=sp.cache, runtime=sp.runtime, model=model
     )
-    cmd = sandbox.sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
+    cmd = sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
     cmd.write_files()
     return cmd.argv, cmd.env
 
@@ -155,3 +163,35 @@ async def supervise(
         shutil.rmtree(sp.runtime, ignore_errors=True)
         with contextlib.suppress(OSError):
             write_json(sp.meta, _meta(config, llama, "stopped", started))
+
+
+def run_foreground(
+    config: ServerConfig, on_ready: Callable[[ServerConfig], None] | None = None
+) -> None:
+    """Supervise in this process until Ctrl-C or SIGTERM."""
+    sp = prepare(config)
+    check_port_free(config.host, config.port)
+    asyncio.run(supervise(config, sp, on_ready))
+
+
+def main(argv: list[str]) -> int:
+    """Entry of a detached supervisor: `python -m vmctl.serve.supervisor CONFIG`."""
+    cfg = Path(argv[0])
+    try:
+        config = ServerConfig.from_json(read_json(cfg, {"name": str}))
+        sp = paths.server(config.name)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        asyncio.run(supervise(config, sp))
+    except VmctlError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr)
+        return 1
+    except (StateError, TypeError) as e:
+        print(f"error: bad server config {cfg}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmctl.errors import VMError
+from vmctl.poll import Timeout, wait_until
 from vmctl.vm.execchan import ExecChannel, locked
 
 __all__ = ["ExecChannel", "attach", "locked", "tail_lines", "wait_for_marker"]
@@ -88,6 +89,7 @@ def expect_ready(
     passes through this connection. A kernel panic or QEMU exiting ends the
     wait at once (VMError); the timeout raises TimeoutError.
     """
+    # Here, not at the top: pexpect costs ~20 ms CPU on every `vmctl` start-up (measured).
     from pexpect import EOF, TIMEOUT, fdpexpect
 
     sock = _connect(sock_path, abort)
@@ -120,7 +122,6 @@ def expect_ready(
 
 def _connect(sock_path: Path, abort: Callable[[], str | None]) -> socket.socket:
     """Connect to QEMU's console socket, which appears shortly after QEMU starts."""
-    from vmctl.poll import Timeout, wait_until
 
     def attempt() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX)
