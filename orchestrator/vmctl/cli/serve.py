@@ -60,6 +60,11 @@ def serve(
     llama_server: str | None = typer.Option(
         None, "--llama-server", help="llama-server binary to use."
     ),
+    gpu: bool | None = typer.Option(
+        None,
+        "--gpu/--no-gpu",
+        help="Bind the GPU into the sandbox (default: when llama-server is a GPU build).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
 ) -> None:
     """Serve a model with llama-server in a default-deny sandbox, behind an audited gateway.
@@ -86,6 +91,7 @@ def serve(
         sandbox=not no_sandbox,
         model_args=list(local.server_args),
         extra_args=passthrough(),
+        gpu=list(server.gpu_kinds(binary, gpu)),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         ui.warn(

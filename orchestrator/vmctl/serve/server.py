@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl import paths
+from vmctl import paths, ui
 from vmctl.errors import ConfigError, NotFoundError, ServerError
 from vmctl.procs import ProcessRef
+from vmctl.sandbox import gpu
 from vmctl.state import StateError, read_json, write_json
 
 PROFILE = "llama-server"
@@ -46,6 +47,8 @@ class ServerConfig:
     sandbox: bool = True
     model_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
+    #: GPU kinds bound into the sandbox (host profile `[gpu.KIND]` tables).
+    gpu: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerConfig:
@@ -77,6 +80,19 @@ def find_llama_server(explicit: str | None = None) -> Path:
         "llama-server not found",
         "run scripts/install.sh (builds it), put it on PATH, or pass --llama-server PATH",
     )
+
+
+def gpu_kinds(binary: Path, want: bool | None) -> tuple[str, ...]:
+    """The GPU kinds to grant (`--gpu`/`--no-gpu`/the build's), said when any."""
+    kinds = gpu.choose(binary, want)
+    if want and not kinds:
+        raise ServerError(
+            "--gpu: neither llama-server nor this host shows a GPU",
+            "build llama-server for CUDA or Vulkan (scripts/build-llama-server.sh --backend cuda)",
+        )
+    if kinds:
+        ui.info(f"GPU in the sandbox: {', '.join(kinds)} (--no-gpu to run on the CPU)")
+    return kinds
 
 
 def llama_argv(config: ServerConfig, sock: Path) -> list[str]:

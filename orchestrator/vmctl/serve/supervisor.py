@@ -50,7 +50,11 @@ def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[st
         Path(p) for p in [*config.model_parts, *([config.mmproj] if config.mmproj else [])]
     )
     ctx = SandboxContext(
-        binary=Path(config.binary), cache=sp.cache, runtime=sp.runtime, model=model
+        binary=Path(config.binary),
+        cache=sp.cache,
+        runtime=sp.runtime,
+        model=model,
+        gpu=tuple(config.gpu),
     )
     cmd = sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
     cmd.write_files()
