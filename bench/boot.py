@@ -40,7 +40,8 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
     from vmctl.images.manifest import load_manifest
     from vmctl.vm import accel
     from vmctl.vm.console import wait_for_marker
-    from vmctl.vm.qemu import InstanceSpec, qemu_argv
+    from vmctl.vm.qemu import qemu_argv
+    from vmctl.vm.spec import InstanceSpec
 
     ip = paths.InstancePaths(Path(tempfile.mkdtemp(dir=scratch)))
     spec = InstanceSpec(name="raw", workspace=ws)

@@ -115,3 +115,30 @@ def test_sandbox_unavailable_never_runs_unconfined(tmp_path: Path, llama_server_
         env={"PATH": str(bin_dir), "VMCTL_LLAMA_SERVER": str(llama_server_bin)},
     )
     assert_one_line(out, "bwrap")
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("--ctx-size", "-5"), "--ctx-size"),
+        (("--ctx-size", "99999999999"), "--ctx-size"),
+        (("--port", "0"), "--port"),
+        (("--port", "70000"), "--port"),
+        (("--name", "../x"), "--name"),
+    ],
+)
+def test_serve_options_checked_before_anything_starts(args: tuple[str, ...], option: str) -> None:
+    # No llama-server is needed: the options are refused before it is even looked for.
+    out = run("serve", *args, env={"VMCTL_LLAMA_SERVER": "/nonexistent/llama-server"})
+    assert_one_line(out, option)
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("servers/*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(("--mem", "5"), "--mem"), (("--cpus", "0"), "--cpus"), (("-p", "0:80"), "-p")],
+)
+def test_up_options_name_the_option(tmp_path: Path, args: tuple[str, ...], option: str) -> None:
+    out = run("up", "-d", str(tmp_path), "--net", "none", *args)
+    assert_one_line(out, option)
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("instances/*"))

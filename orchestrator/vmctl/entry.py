@@ -27,17 +27,17 @@ def fast_exec(args: list[str]) -> int | None:
         return None
     from vmctl import paths
     from vmctl.errors import VmctlError
-    from vmctl.procs import ProcessRef
-    from vmctl.state import StateError, read_json
+    from vmctl.state import StateError
     from vmctl.vm.execchan import ExecChannel
+    from vmctl.vm.spec import InstanceRecord
 
     name, cmd = args[1], args[3:]
     try:
         ipaths = paths.instance(name)
         try:
-            meta = read_json(ipaths.meta, {"qemu": dict})
-            alive = ProcessRef.from_json(meta["qemu"]).alive()
-        except (StateError, ValueError):
+            qemu = InstanceRecord.read(ipaths.meta).qemu
+            alive = qemu is not None and qemu.alive()
+        except StateError:
             return None  # missing or stale: the full CLI reaps and explains
         if not alive:
             return None

@@ -15,23 +15,19 @@ from rich.table import Table
 from vmctl import paths
 from vmctl.errors import NotFoundError, VmctlError
 from vmctl.serve import server
-from vmctl.vm.instance import InstanceInfo, list_instances
+from vmctl.vm.instance import list_instances
 
 verbs = typer.Typer()
-
-
-def _instances() -> list[InstanceInfo]:
-    return list_instances()
 
 
 @verbs.command("ls")
 def ls(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
-    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers."),
+    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers and guests."),
 ) -> None:
     """List model servers and guest instances (dead ones are reaped on the way)."""
     servers = server.list_servers(include_stopped=all_)
-    instances = _instances()
+    instances = [i for i in list_instances() if i.running or all_]
     if as_json:
         out = {
             "servers": [s.to_json() for s in servers],
@@ -47,15 +43,8 @@ def ls(
         sandbox = "" if s.sandbox else " (NO SANDBOX)"
         table.add_row("server", s.name, state, s.url + "/v1" + sandbox, s.alias, str(s.pid))
     for i in instances:
-        d = i.to_json()
-        table.add_row(
-            "vm",
-            str(d.get("name")),
-            str(d.get("state", "running")),
-            f"net={d.get('net', '?')}",
-            str(d.get("workspace", "")),
-            str(d.get("pid", "")),
-        )
+        pid = str(i.pid) if i.running else ""
+        table.add_row("vm", i.name, i.state, f"net={i.net}", i.workspace, pid)
     if not servers and not instances:
         print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
         return
@@ -154,6 +143,6 @@ def _stopped_or_running(name: str) -> list[tuple[Path, bool]]:
         found.append((sroot, bool(info and info.running)))
     iroot = paths.instance(name).root
     if iroot.is_dir():
-        running = any(i.name == name and i.running for i in _instances())
+        running = any(i.name == name and i.running for i in list_instances())
         found.append((iroot, running))
     return found

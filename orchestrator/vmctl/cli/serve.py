@@ -9,7 +9,6 @@ import typer
 
 from vmctl import ui
 from vmctl.cli.argv import passthrough
-from vmctl.errors import ConfigError
 from vmctl.models.fetch import resolve_model
 from vmctl.serve import server
 
@@ -73,12 +72,12 @@ def serve(
     """
     if as_json:
         ui.quiet()
+    name = name or server.default_name(port)
+    server.check_options(name, port, ctx_size)  # before a model is fetched
     binary = server.find_llama_server(llama_server)
     local = _resolve(model, not no_mmproj)
-    if port < 1 or port > 65535:
-        raise ConfigError(f"--port {port} is out of range", "use 1-65535")
     config = server.ServerConfig(
-        name=name or server.default_name(port),
+        name=name,
         binary=str(binary),
         model_path=str(local.path),
         model_parts=[str(p) for p in local.parts],

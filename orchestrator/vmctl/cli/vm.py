@@ -26,7 +26,7 @@ from vmctl.serve.server import list_servers
 from vmctl.vm import instance
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
-from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward
+from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
 

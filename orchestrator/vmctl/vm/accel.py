@@ -69,7 +69,7 @@ def _cache_file(qemu: str) -> Path:
         boot = "noboot"
     st = os.stat(qemu)
     key = hashlib.sha256(f"{boot}\0{qemu}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()
-    return paths.cache_home() / "accel" / f"kvm-{key[:24]}.json"
+    return paths.accel_dir() / f"kvm-{key[:24]}.json"
 
 
 def probe_kvm(qemu: str, arch: str) -> str | None:

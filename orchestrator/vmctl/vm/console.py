@@ -23,22 +23,9 @@ from vmctl.errors import VMError
 from vmctl.poll import Timeout, wait_until
 from vmctl.vm.execchan import ExecChannel, locked
 
-__all__ = ["ExecChannel", "attach", "locked", "tail_lines", "wait_for_marker"]
+__all__ = ["ExecChannel", "attach", "locked", "wait_for_marker"]
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
-
-
-def tail_lines(path: Path, n: int = 15) -> str:
-    """The last `n` lines of a log, for error details ('' if unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()]
-    return "\n".join(lines[-n:])
 
 
 def wait_for_marker(

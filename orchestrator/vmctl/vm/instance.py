@@ -17,20 +17,21 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
+from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars.relay import write_script
-from vmctl.state import StateError, read_json, write_json
+from vmctl.state import StateError
 from vmctl.vm import accel as accel_mod
-from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
-from vmctl.vm.qemu import InstanceSpec, ManifestLike, qemu_argv
+from vmctl.vm.console import ExecChannel, expect_ready
+from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
+from vmctl.vm.spec import InstanceRecord, InstanceSpec
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
@@ -51,6 +52,7 @@ class InstanceInfo:
 
     name: str
     running: bool
+    state: str
     pid: int
     started: float
     ephemeral: bool
@@ -65,7 +67,7 @@ class InstanceInfo:
     audit: Path
     qemu_log: Path
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         for key in ("root", "console_log", "audit", "qemu_log"):
             data[key] = str(data[key])
@@ -73,32 +75,21 @@ class InstanceInfo:
         return data
 
 
-def _read_meta(ipaths: paths.InstancePaths) -> dict[str, Any]:
-    return read_json(ipaths.meta, {"name": str, "started": (int, float), "spec": dict})
-
-
-def _ref(meta: dict[str, Any], key: str) -> ProcessRef | None:
-    try:
-        return ProcessRef.from_json(meta.get(key))
-    except ValueError:
-        return None
-
-
-def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
-    spec = meta["spec"]
-    qemu = _ref(meta, "qemu")
+def _info(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
+    running = bool(rec.qemu and rec.qemu.alive())
     return InstanceInfo(
-        name=meta["name"],
-        running=bool(qemu and qemu.alive()),
-        pid=qemu.pid if qemu else 0,
-        started=float(meta["started"]),
-        ephemeral=bool(spec.get("ephemeral")),
-        detached=meta.get("owner") is None,
-        net=str(spec.get("net")),
-        model_endpoint=spec.get("model_endpoint"),
-        forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
-        workspace=str(spec.get("workspace")),
-        image=str(meta.get("image", "")),
+        name=rec.name,
+        running=running,
+        state="running" if running else "stopped",
+        pid=rec.qemu.pid if rec.qemu else 0,
+        started=rec.started,
+        ephemeral=rec.ephemeral,
+        detached=rec.owner is None,
+        net=rec.net,
+        model_endpoint=rec.model_endpoint,
+        forwards=[f"{h}:{g}" for h, g in rec.forwards],
+        workspace=rec.workspace,
+        image=rec.image,
         root=ipaths.root,
         console_log=ipaths.console_log,
         audit=ipaths.audit,
@@ -109,10 +100,10 @@ def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
 class Instance:
     """One QEMU guest: start, wait for readiness, exec, shut down, clean up."""
 
-    def __init__(self, name: str, meta: dict[str, Any] | None = None):
-        self.name = name
-        self.paths = paths.instance(name)
-        self.meta: dict[str, Any] = meta if meta is not None else {}
+    def __init__(self, record: InstanceRecord):
+        self.name = record.name
+        self.paths = paths.instance(record.name)
+        self.record = record
         self.proc: subprocess.Popen[bytes] | None = None
         self._closed = False
 
@@ -121,25 +112,25 @@ class Instance:
     def load(cls, name: str) -> Instance:
         ipaths = paths.instance(name)
         try:
-            meta = _read_meta(ipaths)
+            record = InstanceRecord.read(ipaths.meta)
         except StateError:
-            raise NotFoundError(f"no instance named {name!r}", "see `vmctl ls`") from None
-        return cls(name, meta)
+            raise NotFoundError(f"no instance named {name!r}", "see `vmctl ls --all`") from None
+        return cls(record)
 
     @property
     def ephemeral(self) -> bool:
-        return bool(self.meta.get("spec", {}).get("ephemeral"))
+        return self.record.ephemeral
 
     @property
     def qemu(self) -> ProcessRef | None:
-        return _ref(self.meta, "qemu")
+        return self.record.qemu
 
     def alive(self) -> bool:
         ref = self.qemu
         return bool(ref and ref.alive())
 
     def info(self) -> InstanceInfo:
-        return _info(self.paths, self.meta)
+        return _info(self.paths, self.record)
 
     # ---- start ----
     def start(self, argv: list[str], *, detach: bool) -> None:
@@ -161,11 +152,11 @@ class Instance:
                 )
             except OSError as e:
                 raise VMError(f"cannot start {argv[0]}: {e.strerror}") from e
-        self.meta["qemu"] = ProcessRef.of(self.proc.pid).to_json()
+        self.record = replace(self.record, qemu=ProcessRef.of(self.proc.pid))
         self.save()
 
     def save(self) -> None:
-        write_json(self.paths.meta, self.meta)
+        self.record.write(self.paths.meta)
 
     def _died(self) -> str | None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -205,7 +196,7 @@ class Instance:
 
     def release(self) -> None:
         """Detach: the guest lives on after this vmctl exits, until `vmctl down`."""
-        self.meta["owner"] = None
+        self.record = replace(self.record, owner=None)
         self.save()
 
     # ---- use ----
@@ -280,28 +271,12 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
     ipaths = paths.instance(spec.name)
     if ipaths.root.exists() and not reap_one(ipaths):
         with contextlib.suppress(StateError):
-            if Instance(spec.name, _read_meta(ipaths)).alive():
+            if Instance(InstanceRecord.read(ipaths.meta)).alive():
                 raise VMError(f"instance {spec.name!r} is running", f"vmctl down {spec.name}")
         # A stopped persistent instance: its folder (and disk) is reused.
     paths.private_dir(ipaths.root)
-    meta: dict[str, Any] = {
-        "name": spec.name,
-        "started": time.time(),
-        "image": image,
-        "owner": ProcessRef.of(os.getpid()).to_json(),
-        "spec": {
-            "workspace": str(spec.workspace),
-            "net": spec.net,
-            "model_endpoint": None
-            if spec.model_endpoint is None
-            else "{}:{}".format(*spec.model_endpoint),
-            "forwards": [list(f) for f in spec.forwards],
-            "mem": spec.mem,
-            "cpus": spec.cpus,
-            "ephemeral": spec.ephemeral,
-        },
-    }
-    inst = Instance(spec.name, meta)
+    record = InstanceRecord.of(spec, image, time.time(), ProcessRef.of(os.getpid()))
+    inst = Instance(record)
     inst.save()
     return inst
 
@@ -345,11 +320,11 @@ def up(
 def reap_one(ipaths: paths.InstancePaths) -> bool:
     """Clean up one instance whose owner or QEMU died; True if its folder went away."""
     try:
-        meta = _read_meta(ipaths)
+        record = InstanceRecord.read(ipaths.meta)
     except StateError:
         return False
-    inst = Instance(meta["name"], meta)
-    owner = _ref(meta, "owner")
+    inst = Instance(record)
+    owner = record.owner
     owner_dead = owner is not None and not owner.alive()
     qemu = inst.qemu
     if qemu is not None and qemu.alive():
@@ -378,11 +353,11 @@ def list_instances() -> list[InstanceInfo]:
     for root in sorted(paths.instances_dir().iterdir()):
         ipaths = paths.InstancePaths(root)
         with contextlib.suppress(StateError):
-            found.append(_info(ipaths, _read_meta(ipaths)))
+            found.append(_info(ipaths, InstanceRecord.read(ipaths.meta)))
     return found
 
 
-def status(name: str) -> dict[str, Any]:
+def status(name: str) -> dict[str, object]:
     """InstanceInfo plus QMP's run state for a running guest."""
     inst = Instance.load(name)
     data = inst.info().to_json()
