@@ -22,7 +22,7 @@ app = typer.Typer(
     name="vmctl",
     help="Run coding agents against local models without trusting either.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -39,8 +39,12 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Show the version."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also say why each default was chosen."
+    ),
 ) -> None:
     """Sandboxed local models (`serve`), ephemeral agent VMs (`up`), sandboxed clients (`run`)."""
+    ui.verbose(verbose)
 
 
 # The verbs in the order `vmctl --help` lists them: the three paths, then the rest.

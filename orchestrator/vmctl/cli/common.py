@@ -1,9 +1,8 @@
-"""`vmctl ls` and `vmctl logs`: verbs that span servers and guest instances."""
+"""`ls`, `logs`, `stop`, `status`, `rm`: verbs that work on servers and guests alike."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmctl import paths
-from vmctl.errors import NotFoundError, VmctlError
+from vmctl import inventory, paths, ui
+from vmctl.errors import NotFoundError
 from vmctl.serve import server
 from vmctl.vm.instance import list_instances
 
@@ -119,30 +118,39 @@ def logs(
 
 
 @verbs.command()
-def rm(name: str = typer.Argument(..., help="A stopped server or instance.")) -> None:
+def stop(name: str = typer.Argument(..., help="A server or guest (see `vmctl ls`).")) -> None:
+    """Stop a server (llama-server, gateway) or a guest (powerdown, quit, kill)."""
+    with ui.step(f"stopping {name}"):
+        inventory.stop(name)
+    print(f"stopped {name}")
+
+
+@verbs.command()
+def status(
+    name: str = typer.Argument(..., help="A server or guest."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """State, pid and addresses of a server or guest (a guest's from QMP)."""
+    found = inventory.status(name)
+    if as_json:
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+        return
+    for data in found:
+        keys = _SERVER_KEYS if data["kind"] == "server" else _GUEST_KEYS
+        for key in keys:
+            value = data.get(key)
+            print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+
+
+_SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
+_GUEST_KEYS = (
+    "kind", "name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards",
+    "workspace", "console_log",
+)  # fmt: skip
+
+
+@verbs.command()
+def rm(name: str = typer.Argument(..., help="A stopped server or guest.")) -> None:
     """Remove a stopped server's or persistent guest's folder (logs included)."""
-    removed = []
-    for root, running in _stopped_or_running(name):
-        if running:
-            raise VmctlError(
-                f"{name} is running", f"stop it first: vmctl stop {name} / vmctl down {name}"
-            )
-        shutil.rmtree(root)
-        removed.append(root)
-    if not removed:
-        raise NotFoundError(f"nothing named {name!r}", "see `vmctl ls --all`")
+    inventory.remove(name)
     print(f"removed {name}")
-
-
-def _stopped_or_running(name: str) -> list[tuple[Path, bool]]:
-    """(folder, running) for a server and an instance called `name`."""
-    found = []
-    sroot = paths.server(name).root
-    if sroot.is_dir():
-        info = next((s for s in server.list_servers(True) if s.name == name), None)
-        found.append((sroot, bool(info and info.running)))
-    iroot = paths.instance(name).root
-    if iroot.is_dir():
-        running = any(i.name == name and i.running for i in list_instances())
-        found.append((iroot, running))
-    return found

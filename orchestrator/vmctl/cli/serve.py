@@ -1,4 +1,4 @@
-"""`vmctl serve` and `vmctl stop`: the sandboxed model server."""
+"""`vmctl serve`: the sandboxed model server (`stop`, `status`, `rm` are shared verbs)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 
 from vmctl import ui
 from vmctl.cli.argv import passthrough
+from vmctl.errors import ConfigError
 from vmctl.models.fetch import resolve_model
 from vmctl.serve import server
 
@@ -48,8 +49,9 @@ def serve(
     ),
     name: str | None = typer.Option(None, "--name", help="Server name (default serve-PORT)."),
     detach: bool = typer.Option(
-        False, "--detach", "-d", help="Return once healthy; stop with `vmctl stop NAME`."
+        False, "--detach", help="Return once healthy; stop with `vmctl stop NAME`."
     ),
+    dash_d: bool = typer.Option(False, "-d", hidden=True),
     no_sandbox: bool = typer.Option(
         False, "--no-sandbox", help="Run llama-server unconfined (loudly warned)."
     ),
@@ -70,6 +72,8 @@ def serve(
 
     Arguments after `--` go to llama-server verbatim.
     """
+    if dash_d:
+        raise ConfigError("`vmctl serve` has no -d (-d is `vmctl up -d DIR`)", "use --detach")
     if as_json:
         ui.quiet()
     name = name or server.default_name(port)
@@ -105,10 +109,3 @@ def serve(
     from vmctl.serve import supervisor
 
     supervisor.run_foreground(config, on_ready=lambda c: _announce(c, as_json))
-
-
-@verbs.command()
-def stop(name: str = typer.Argument(..., help="Server name (see `vmctl ls`).")) -> None:
-    """Stop a detached server: llama-server, gateway and runtime folder."""
-    info = server.stop_server(name)
-    print(f"stopped {info.name}")

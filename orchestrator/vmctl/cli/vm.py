@@ -1,4 +1,4 @@
-"""`vmctl up`, `exec`, `console`, `status`, `down`: guests, thinly.
+"""`vmctl up`, `exec`, `console`, `down`: guests, thinly.
 
 Parsing and rendering only; the lifecycle lives in vmctl.vm.instance. The
 plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
@@ -16,11 +16,10 @@ from typing import Any
 
 import typer
 
-from vmctl import agents, paths, ui
+from vmctl import agents, inventory, paths, ui
 from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
-from vmctl.images import nixos
-from vmctl.images.choose import resolve_image
+from vmctl.images.choose import choose_image
 from vmctl.sandbox.launch import check_workspace
 from vmctl.serve.server import list_servers
 from vmctl.vm import instance
@@ -78,17 +77,6 @@ def _plan_model(
     return endpoint, net, agents.guest_files(ep)
 
 
-def _image(
-    image: str, with_agents: list[str] | None, flake: str | None, config: str | None
-) -> tuple[Any, str]:
-    if image == "auto":
-        reason = nixos.nix_available(flake)
-        image = "micro" if reason else "nixos"
-        ui.info(f"image: {image}" + (f" ({reason})" if reason else " (Nix can build it here)"))
-    agents = tuple(with_agents) if with_agents else None
-    return resolve_image(image, agents, flake=flake, config=config), image
-
-
 @verbs.command(context_settings={"allow_extra_args": False})
 def up(
     directory: Path = typer.Option(..., "-d", "--dir", help="The one host folder the guest sees."),
@@ -131,7 +119,8 @@ def up(
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
     )
-    manifest, image_name = _image(image, with_agents, flake, config)
+    agents_wanted = tuple(with_agents) if with_agents else None
+    manifest, image_name = choose_image(image, agents_wanted, flake=flake, config=config)
     inst = instance.up(
         spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
     )
@@ -163,7 +152,14 @@ def _new_name() -> str:
             return name
 
 
-def _load_running(name: str) -> Any:
+def _check_kind(name: str, verb: str) -> None:
+    wrong = inventory.wrong_kind(name, "guest", verb)
+    if wrong is not None:
+        raise wrong
+
+
+def _load_running(name: str, verb: str) -> Any:
+    _check_kind(name, verb)
     instance.reap()
     inst = instance.Instance.load(name)
     if not inst.alive():
@@ -183,7 +179,7 @@ def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
         out.write(data)
         out.flush()
 
-    status = _load_running(name).exec_channel().run(shlex.join(cmd), write)
+    status = _load_running(name, "exec").exec_channel().run(shlex.join(cmd), write)
     # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
     raise SystemExit(status)
 
@@ -191,30 +187,14 @@ def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
 @verbs.command()
 def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
-    inst = _load_running(name)
+    inst = _load_running(name, "console")
     ui.info("Ctrl-] detaches")
     attach(inst.paths.console)
 
 
 @verbs.command()
-def status(
-    name: str = typer.Argument(..., help="Instance name."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """QMP run state, pid, uptime, network policy and forwards."""
-    instance.reap()
-    data = instance.status(name)
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
-        value = data.get(key)
-        print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
-    print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
-
-
-@verbs.command()
 def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
+    _check_kind(name, "down")
     with ui.step(f"stopping {name}"):
         instance.down(name)

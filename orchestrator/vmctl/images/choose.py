@@ -8,9 +8,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmctl import ui
 from vmctl.errors import VMError
 from vmctl.images import micro, nixos
 from vmctl.images.manifest import ImageManifest, load_manifest
+
+
+def choose_image(
+    image: str,
+    with_agents: tuple[str, ...] | None = None,
+    *,
+    flake: str | None = None,
+    config: str | None = None,
+) -> tuple[ImageManifest, str]:
+    """`--image` resolved, `auto` meaning nixos where Nix can build it, else micro.
+
+    Without `--image`, Nix missing or offline is no error: the micro image is
+    the main path here, and why nixos was not used is one line under `-v`.
+    """
+    if image == "auto":
+        reason = nixos.nix_available(flake)
+        image = "micro" if reason else "nixos"
+        ui.info(f"image: {image}" + ("" if reason else " (Nix can build it here)"))
+        if reason:
+            ui.debug(f"image: not nixos: {reason}")
+    return resolve_image(image, with_agents, flake=flake, config=config), image
 
 
 def resolve_image(
