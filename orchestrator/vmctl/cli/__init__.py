@@ -14,7 +14,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from vmctl import __version__, ui
-from vmctl.cli import common, doctor, image, models, run, sandbox, serve, vm
+from vmctl.cli import common, doctor, image, models, policy, run, sandbox, serve, vm
 from vmctl.cli.argv import split
 from vmctl.errors import VmctlError
 
@@ -52,6 +52,7 @@ for verbs in (serve.verbs, vm.verbs, run.verbs, common.verbs, models.verbs, doct
     app.add_typer(verbs)
 app.add_typer(image.group, name="image")
 app.add_typer(sandbox.group, name="sandbox")
+app.add_typer(policy.group, name="policy")
 
 
 def report(e: VmctlError) -> None:

@@ -43,7 +43,8 @@ def ls(
         table.add_row("server", s.name, state, s.url + "/v1" + sandbox, s.alias, str(s.pid))
     for i in instances:
         pid = str(i.pid) if i.running else ""
-        table.add_row("vm", i.name, i.state, f"net={i.net}", i.workspace, pid)
+        policy = f" policy={i.policy}" if i.policy else ""
+        table.add_row("vm", i.name, i.state, f"net={i.net}{policy}", i.workspace, pid)
     if not servers and not instances:
         print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
         return
@@ -144,7 +145,7 @@ def status(
 
 _SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
 _GUEST_KEYS = (
-    "kind", "name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards",
+    "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
     "workspace", "console_log",
 )  # fmt: skip
 

@@ -51,9 +51,15 @@ def _running_server() -> tuple[str, str | None, str | None] | None:
 
 
 def _plan_model(
-    endpoint: str | None, model: str | None, net: str | None
+    endpoint: str | None, model: str | None, net: str | None, proxy_env: bool = False
 ) -> tuple[str | None, str, dict[str, bytes]]:
-    """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
+    """Endpoint, network policy and fw_cfg agent files, saying what was chosen.
+
+    `proxy_env`: the env file points HTTP(S)_PROXY at the egress proxy
+    (balanced, open); under locked nothing but the model is meant to be
+    reached, so tools are not sent to the proxy (busybox wget, for one,
+    ignores NO_PROXY and would ask the proxy for the model).
+    """
     api_key = None
     server = None if endpoint else _running_server()
     if server:
@@ -74,7 +80,25 @@ def _plan_model(
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    return endpoint, net, agents.guest_files(ep)
+    return endpoint, net, agents.guest_files(ep, proxy=proxy_env and net == "model")
+
+
+def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
+    """`--net` and `--policy` together; `--net full` is `--policy open`, said loudly."""
+    if net == "full":
+        if policy not in (None, "open"):
+            raise ConfigError(f"--net full and --policy {policy} disagree", "drop --net full")
+        ui.warn(
+            "--net full is --policy open now: the guest reaches any public address by name "
+            "through vmctl's egress proxy (logged); the host's loopback, private and "
+            "metadata addresses stay closed unless `vmctl policy allow CIDR:PORT` names them"
+        )
+        return "model", "open"
+    if policy is not None and net == "none":
+        raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
+    if policy is not None:
+        return "model", policy
+    return net, None
 
 
 @verbs.command(context_settings={"allow_extra_args": False})
@@ -88,7 +112,15 @@ def up(
     ),
     flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
-    net: str | None = typer.Option(None, "--net", help="full | model | none."),
+    net: str | None = typer.Option(
+        None, "--net", help="model (= --policy locked) | none | full (= --policy open)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset: locked | balanced | open (see `vmctl policy`)."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
     publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
@@ -105,12 +137,21 @@ def up(
     ws = _workspace(directory)
     qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    net, preset = _net_policy(net, policy)
+    endpoint, net, files = _plan_model(
+        model_endpoint, model, net, proxy_env=preset not in (None, "locked")
+    )
+    if net == "model":
+        preset = preset or "locked"
+    elif resolve:
+        raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     spec = InstanceSpec(
         name=name,
         workspace=ws,
-        net=policy,
-        model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
+        net=net,
+        policy=preset,
+        resolve=tuple(resolve),
+        model_endpoint=parse_endpoint(endpoint) if endpoint and net != "none" else None,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
         cpus=cpus,

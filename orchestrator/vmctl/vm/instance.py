@@ -58,6 +58,7 @@ class InstanceInfo:
     ephemeral: bool
     detached: bool
     net: str
+    policy: str | None  # the egress preset of its proxy (vmctl.egress); None: no proxy
     model_endpoint: str | None
     forwards: list[str]
     workspace: str
@@ -86,6 +87,7 @@ def _info(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
         ephemeral=rec.ephemeral,
         detached=rec.owner is None,
         net=rec.net,
+        policy=rec.policy,
         model_endpoint=rec.model_endpoint,
         forwards=[f"{h}:{g}" for h, g in rec.forwards],
         workspace=rec.workspace,
@@ -243,6 +245,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            _stop_proxy(self.record)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -292,7 +295,7 @@ def up(
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin)
+    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
     inst = new_instance(spec, image)
@@ -303,6 +306,8 @@ def up(
         if spec.net == "model":
             assert spec.model_endpoint is not None
             write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
+        if spec.policy is not None:
+            _start_proxy(inst, spec)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
@@ -315,6 +320,28 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
+    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU."""
+    from vmctl.sidecars import proxy_serve
+
+    write_connect = proxy_serve.write_connect_script
+    write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
+    try:
+        ref = proxy_serve.start_sidecar(
+            inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
+            inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
+        )  # fmt: skip
+    except OSError as e:
+        raise VMError(str(e)) from None
+    inst.record = replace(inst.record, proxy=ref)
+    inst.save()
+
+
+def _stop_proxy(record: InstanceRecord) -> None:
+    if record.proxy is not None:
+        record.proxy.terminate(timeout=5.0)
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
@@ -331,6 +358,7 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    _stop_proxy(record)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True

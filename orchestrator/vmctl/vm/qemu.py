@@ -97,6 +97,9 @@ def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
             f"user,id=n0,net=10.0.2.0/24,host={net['slirp_host_when_restricted']},restrict=on"
             f",guestfwd=tcp:{net['model_host']}:{net['model_port']}-cmd:{relay}{fwds}"
         )
+        if spec.policy is not None:  # the egress proxy, on the same guarded path
+            connect = relay_path(paths.proxy_connect)
+            netdev += f",guestfwd=tcp:{net['model_host']}:{net['proxy_port']}-cmd:{connect}"
     return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmctl import egress
 from vmctl.errors import ConfigError
 from vmctl.paths import check_name
 from vmctl.procs import ProcessRef
@@ -56,6 +57,10 @@ class InstanceSpec:
     extra_args: tuple[str, ...] = field(default=())
     #: fw_cfg names (`opt/vmctl/...`) whose files sit in the instance's fwcfg/.
     fw_cfg: tuple[str, ...] = ()
+    #: Egress preset (vmctl.egress) of the guest's proxy; None: no proxy.
+    policy: str | None = None
+    #: `--resolve HOST:ADDR` names for the proxy.
+    resolve: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -70,6 +75,11 @@ class InstanceSpec:
             raise ConfigError(f"--mem {self.mem!r} is not a size of at least 128M", "e.g. 2G")
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
+        if self.policy is not None:
+            egress.preset(self.policy)
+            egress.resolve_map(self.resolve)
+            if self.net != "model":
+                raise ConfigError(f"--policy needs the guarded network, not --net {self.net}")
         if any(not 0 < p < 65536 for pair in self.forwards for p in pair):
             raise ConfigError(f"-p {self.forwards} has a port out of range", "use ports 1-65535")
         if self.model_endpoint is not None and not 0 < self.model_endpoint[1] < 65536:
@@ -118,8 +128,12 @@ class InstanceRecord:
     mem: str
     cpus: int
     ephemeral: bool
+    policy: str | None = None
+    resolve: tuple[str, ...] = ()
     owner: ProcessRef | None = None
     qemu: ProcessRef | None = None
+    #: The guest's egress proxy sidecar, while it has one.
+    proxy: ProcessRef | None = None
 
     @classmethod
     def of(
@@ -129,7 +143,8 @@ class InstanceRecord:
         return cls(
             name=spec.name, started=started, image=image, workspace=str(spec.workspace),
             net=spec.net, model_endpoint=endpoint, forwards=spec.forwards, mem=spec.mem,
-            cpus=spec.cpus, ephemeral=spec.ephemeral, owner=owner,
+            cpus=spec.cpus, ephemeral=spec.ephemeral, policy=spec.policy, resolve=spec.resolve,
+            owner=owner,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +154,7 @@ class InstanceRecord:
             "image": self.image,
             "owner": self.owner.to_json() if self.owner else None,
             "qemu": self.qemu.to_json() if self.qemu else None,
+            "proxy": self.proxy.to_json() if self.proxy else None,
             "spec": {
                 "workspace": self.workspace,
                 "net": self.net,
@@ -147,6 +163,8 @@ class InstanceRecord:
                 "mem": self.mem,
                 "cpus": self.cpus,
                 "ephemeral": self.ephemeral,
+                "policy": self.policy,
+                "resolve": list(self.resolve),
             },
         }
 
@@ -160,9 +178,13 @@ class InstanceRecord:
             isinstance(f, list) and len(f) == 2 and all(type(p) is int for p in f) for f in forwards
         ):
             raise StateError(f"{path}: field 'forwards' is not a list of port pairs")
-        endpoint = spec.get("model_endpoint")
-        if endpoint is not None and not isinstance(endpoint, str):
-            raise StateError(f"{path}: field 'model_endpoint' has the wrong type")
+        endpoint, policy = spec.get("model_endpoint"), spec.get("policy")
+        resolve = spec.get("resolve", [])
+        for key, value in (("model_endpoint", endpoint), ("policy", policy)):
+            if value is not None and not isinstance(value, str):
+                raise StateError(f"{path}: field {key!r} has the wrong type")
+        if not isinstance(resolve, list) or not all(isinstance(r, str) for r in resolve):
+            raise StateError(f"{path}: field 'resolve' is not a list of names")
         return cls(
             name=data["name"],
             started=float(data["started"]),
@@ -174,8 +196,11 @@ class InstanceRecord:
             mem=_typed(spec, "mem", str, path),
             cpus=_typed(spec, "cpus", int, path),
             ephemeral=_typed(spec, "ephemeral", bool, path),
+            policy=policy,
+            resolve=tuple(resolve),
             owner=_ref(data, "owner", path),
             qemu=_ref(data, "qemu", path),
+            proxy=_ref(data, "proxy", path),
         )
 
     def write(self, path: Path) -> None:
