@@ -28,6 +28,7 @@ from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError
 from vmctl.vm import accel as accel_mod
+from vmctl.vm import idmap
 from vmctl.vm.console import ExecChannel, expect_ready
 from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
@@ -298,6 +299,7 @@ def up(
     acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
+    ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
     inst = new_instance(spec, image)
     try:
         paths.private_dir(inst.paths.fwcfg)
@@ -310,7 +312,7 @@ def up(
             _start_proxy(inst, spec)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
-        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
+        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)

@@ -14,7 +14,7 @@ file or folder owned by the user running vmctl, with fixed modes
 and even symlinks live only in `user.virtfs.*` xattrs (a guest-made
 symlink is a regular file on the host). The cost: executable bits set in
 the guest do not reach the host, and the host filesystem must support
-user xattrs.
+user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from vmctl import contract
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths
 from vmctl.vm.accel import Accel
+from vmctl.vm.idmap import IdMap
 from vmctl.vm.spec import InstanceSpec
 
 RELAY_PATH_RE = re.compile(r"^[A-Za-z0-9/._+-]+$")
@@ -77,10 +78,10 @@ def relay_path(path: Path) -> str:
     return str(path)
 
 
-def kernel_cmdline(spec: InstanceSpec, base: str) -> str:
+def kernel_cmdline(spec: InstanceSpec, base: str, ids: str = "") -> str:
     keys = contract.raw()["kernel_cmdline"]
     extra = f"{keys['instance']}={spec.name} {keys['net']}={spec.net} {keys['workspace']}=1"
-    return f"{base.strip()} {extra}".strip()
+    return " ".join(p for p in (base.strip(), extra, ids) if p)
 
 
 def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
@@ -155,16 +156,22 @@ def qemu_argv(
     paths: InstancePaths,
     accel: Accel,
     qemu: str = "qemu-system-x86_64",
+    ids: IdMap | None = None,
 ) -> list[str]:
-    """The full QEMU command line; the user's extra arguments go last, verbatim."""
-    argv = [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
+    """The full QEMU command line; the user's extra arguments go last, verbatim.
+
+    `ids` (vmctl.vm.idmap) puts its user-namespace prefix first and its
+    kernel command-line keys after vmctl's.
+    """
+    argv = list(ids.prefix) if ids else []
+    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
     # -S: the CPU waits until vmctl is attached to the serial console and
     # continues it over QMP, so no line of the boot is ever missed.
     argv += ["-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     argv += ["-kernel", no_comma(manifest.kernel, "kernel")]
     argv += ["-initrd", no_comma(manifest.initrd, "initrd")]
-    argv += ["-append", kernel_cmdline(spec, manifest.cmdline)]
+    argv += ["-append", kernel_cmdline(spec, manifest.cmdline, ids.cmdline() if ids else "")]
     disk = getattr(manifest, "disk", None)
     if disk is not None:
         argv += ["-drive", f"if=virtio,format=qcow2,file={opt(paths.overlay)}"]
