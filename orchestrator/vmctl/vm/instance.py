@@ -27,8 +27,7 @@ from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError
-from vmctl.vm import accel as accel_mod
-from vmctl.vm import idmap
+from vmctl.vm import accel, idmap
 from vmctl.vm.console import ExecChannel, expect_ready
 from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
@@ -295,8 +294,8 @@ def up(
     detach: bool = False,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
-    qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
+    qemu_bin = accel.qemu_binary()
+    acc = accel.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
