@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl import egress
 from vmctl.errors import ConfigError
 from vmctl.paths import check_name
 from vmctl.procs import ProcessRef
@@ -76,6 +75,10 @@ class InstanceSpec:
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
         if self.policy is not None:
+            # Here, not at the top: the `vmctl exec` fast path reads this module, and
+            # egress (tomllib, ipaddress, its presets) measured ~10 ms of its start-up.
+            from vmctl import egress
+
             egress.preset(self.policy)
             egress.resolve_map(self.resolve)
             if self.net != "model":
