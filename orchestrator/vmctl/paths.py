@@ -7,7 +7,8 @@ overridable with VMCTL_HOME)::
                        run/ (socket, cache, sandbox profile)
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
                        qemu.log, audit.jsonl, overlay.qcow2, fwcfg/, relay, lock
-    clients/NAME/      a host client's private config and data
+    clients/NAME/      a host client's private config and data (state/), its relay log
+                       (relay.jsonl), per-run sockets (run/PID/)
     models/            digests recorded at download (models--ORG--REPO/), GGUF checks
                        (gguf-checked/)
     sandbox/           rendered sandbox profiles of `vmctl run` / `vmctl sandbox exec`
@@ -214,6 +215,30 @@ class InstancePaths:
         return self.root / "lock"
 
 
+@dataclass(frozen=True)
+class ClientPaths:
+    """Files of one host client run by `vmctl run`."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        """The client's own config and data (its HOME-like folder)."""
+        return self.root / "state"
+
+    @property
+    def relay_log(self) -> Path:
+        return self.root / "relay.jsonl"
+
+    def runtime(self, pid: int) -> Path:
+        """Sockets of one run, removed when it ends."""
+        return self.root / "run" / str(pid)
+
+    def endpoint_socket(self, pid: int) -> Path:
+        """The model endpoint relayed into the sandbox."""
+        return check_socket_path(self.runtime(pid) / "ep.sock")
+
+
 def servers_dir() -> Path:
     return private_dir(home() / "servers")
 
@@ -275,3 +300,7 @@ def instance(name: str) -> InstancePaths:
 
 def client(name: str) -> Path:
     return clients_dir() / check_name(name, "client name")
+
+
+def client_paths(name: str) -> ClientPaths:
+    return ClientPaths(client(name))
