@@ -117,6 +117,7 @@ def test_missing_nix_is_one_line_under_verbose(
     monkeypatch.setattr(choose.nixos, "nix_available", lambda flake=None: why)
     monkeypatch.setattr(choose, "resolve_image", lambda image, *a, **k: image)
     monkeypatch.delenv("VMCTL_QUIET", raising=False)
+    monkeypatch.setattr(ui, "_forced_quiet", False)  # an earlier `--json` test may have set it
     for verbose in (False, True):
         ui.verbose(verbose)
         try:
