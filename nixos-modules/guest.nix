@@ -31,6 +31,9 @@ let
   cmdline = contract.kernel_cmdline;
   execPort = "/dev/virtio-ports/${contract.console.exec_port}";
   execDevice = "${utils.escapeSystemdPath execPort}.device";
+  mirror = contract.mirror;
+  mirrorPort = "/dev/virtio-ports/${mirror.port}";
+  mirrorDevice = "${utils.escapeSystemdPath mirrorPort}.device";
   workspaceMount = "${utils.escapeSystemdPath ws.mountpoint}.mount";
   guestIp = lib.splitString "/" net.guest_address;
   fwCfgDest =
@@ -127,6 +130,17 @@ in
         defaultText = lib.literalExpression ''"${user.name}"'';
         description = "The user commands sent by `vmctl exec` run as.";
       };
+    };
+
+    mirror.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Report the guest's listening TCP ports on the `${mirror.port}` virtio-serial port, so
+        vmctl mirrors them on the host's 127.0.0.1 (the host offers the port only when the guest
+        has a network and `--no-mirror` is not given). Trusts eth0 in the firewall: under SLiRP
+        the only inbound connections are the host's loopback forwards.
+      '';
     };
 
     agent = {
@@ -246,6 +260,7 @@ in
       }
     ];
     networking.firewall.enable = true;
+    networking.firewall.trustedInterfaces = lib.mkIf cfg.mirror.enable [ "eth0" ];
     services.openssh.enable = cfg.ssh.enable;
 
     systemd.services.vmctl-booted = {
@@ -368,6 +383,7 @@ in
 
     services.udev.extraRules = ''
       SUBSYSTEM=="virtio-ports", ATTR{name}=="${contract.console.exec_port}", OWNER="${cfg.exec.user}", MODE="0600", TAG+="systemd"
+      SUBSYSTEM=="virtio-ports", ATTR{name}=="${mirror.port}", MODE="0600", TAG+="systemd"
     '';
 
     # The agent script is shared with the micro image; it reads the env
@@ -395,6 +411,25 @@ in
         ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execPort} ${execReady}";
         Restart = "always";
         RestartSec = 1;
+      };
+    };
+
+    # Port mirroring: the same watcher script as the micro image, started
+    # only when the host offers the port (the device appears).
+    systemd.services.vmctl-ports = lib.mkIf cfg.mirror.enable {
+      description = "vmctl: report listening TCP ports on ${mirrorPort}";
+      wantedBy = [ mirrorDevice ];
+      bindsTo = [ mirrorDevice ];
+      after = [ mirrorDevice ];
+      path = [ pkgs.coreutils ];
+      serviceConfig = {
+        ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-ports-watch.sh} ${mirrorPort} ${mirror.poll_s} ${toString mirror.heartbeat_polls} ${toString mirror.max_ports}";
+        Restart = "always";
+        RestartSec = 1;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
       };
     };
 

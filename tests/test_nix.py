@@ -91,6 +91,7 @@ def contract_literals() -> list[str]:
         f'"{raw["store"]["tag"]}"',
         f'"{raw["user"]["name"]}"',
         raw["network"]["guest_address"],
+        raw["mirror"]["port"],
     ]
     return [str(v) for v in values]
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from vmctl import paths
 from vmctl.errors import NotFoundError, VmctlError
+from vmctl.review import snapshot
 from vmctl.serve import server
 from vmctl.vm import instance
 
@@ -97,5 +98,8 @@ def status(name: str) -> list[dict[str, object]]:
             data["state"] = "running" if info.running else "stopped"
         else:
             data = instance.status(name)
+            if snapshot.exists(name):
+                review = snapshot.load(name).source
+                data["review"] = f"{review} (vmctl diff {name}; vmctl apply {name})"
         out.append({"kind": kind, **data})
     return out

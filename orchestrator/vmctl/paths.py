@@ -6,9 +6,12 @@ overridable with VMCTL_HOME)::
     servers/NAME/      server.json, config.json, audit.jsonl, server.log,
                        run/ (socket, cache, sandbox profile)
     instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
-                       qemu.log, audit.jsonl, overlay.qcow2, fwcfg/, relay, lock
+                       qemu.log, audit.jsonl, overlay.qcow2, fwcfg/, relay, lock, ports.sock,
+                       mirror-qmp.sock, forwards.json, mirror.log
     clients/NAME/      a host client's private config and data (state/), its relay log
                        (relay.jsonl), per-run sockets (run/PID/)
+    reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
+                       workspace under `vmctl up --review`; outlives the instance)
     models/            digests recorded at download (models--ORG--REPO/), GGUF checks
                        (gguf-checked/)
     sandbox/           rendered sandbox profiles of `vmctl run` / `vmctl sandbox exec`
@@ -214,6 +217,45 @@ class InstancePaths:
     def lock(self) -> Path:
         return self.root / "lock"
 
+    @property
+    def ports(self) -> Path:
+        """The guest's listening-port reports (virtio-serial, see the contract's `mirror`)."""
+        return check_socket_path(self.root / "ports.sock")
+
+    @property
+    def mirror_qmp(self) -> Path:
+        """A QMP monitor of the port mirror's own, so it never holds `qmp.sock`."""
+        return check_socket_path(self.root / "mirror-qmp.sock")
+
+    @property
+    def forwards(self) -> Path:
+        """The mirror's live and skipped forwards, for `vmctl status`."""
+        return self.root / "forwards.json"
+
+    @property
+    def mirror_log(self) -> Path:
+        return self.root / "mirror.log"
+
+
+@dataclass(frozen=True)
+class ReviewPaths:
+    """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "review.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The snapshot: every entry of `work` as it was at boot (type, hash, mode)."""
+        return self.root / "manifest.json"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
 
 @dataclass(frozen=True)
 class ClientPaths:
@@ -254,6 +296,14 @@ def clients_dir() -> Path:
 def events_dir() -> Path:
     """Event logs (see vmctl.events): kept apart so they outlive their subject."""
     return private_dir(home() / "events")
+
+
+def reviews_dir() -> Path:
+    return private_dir(home() / "reviews")
+
+
+def review(name: str) -> ReviewPaths:
+    return ReviewPaths(reviews_dir() / check_name(name, "instance name"))
 
 
 def images_dir() -> Path:

@@ -14,7 +14,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from vmctl import __version__, ui
-from vmctl.cli import common, doctor, image, models, policy, run, sandbox, serve, vm
+from vmctl.cli import common, doctor, image, models, policy, review, run, sandbox, serve, vm
 from vmctl.cli.argv import split
 from vmctl.errors import VmctlError
 
@@ -48,7 +48,15 @@ def _root(
 
 
 # The verbs in the order `vmctl --help` lists them: the three paths, then the rest.
-for verbs in (serve.verbs, vm.verbs, run.verbs, common.verbs, models.verbs, doctor.verbs):
+for verbs in (
+    serve.verbs,
+    vm.verbs,
+    review.verbs,
+    run.verbs,
+    common.verbs,
+    models.verbs,
+    doctor.verbs,
+):
     app.add_typer(verbs)
 app.add_typer(image.group, name="image")
 app.add_typer(sandbox.group, name="sandbox")

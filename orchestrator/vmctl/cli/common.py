@@ -6,6 +6,7 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from vmctl import inventory, paths, ui
 from vmctl.errors import NotFoundError
+from vmctl.events import safe
 from vmctl.serve import server
 from vmctl.vm.instance import list_instances
 
@@ -140,13 +142,25 @@ def status(
         keys = _SERVER_KEYS if data["kind"] == "server" else _GUEST_KEYS
         for key in keys:
             value = data.get(key)
+            if key == "review" and value is None:
+                continue
+            if key == "mirror" and isinstance(value, dict):
+                value = _mirror_line(value)
             print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+
+
+def _mirror_line(m: dict[str, Any]) -> str:
+    if m["state"] == "off":
+        return f"off ({m['why']})"
+    live = ", ".join(f"127.0.0.1:{p}" for p in m["live"]) or "no ports yet"
+    skipped = "; ".join(f"{p} skipped: {safe(why)}" for p, why in m["skipped"].items())
+    return f"on: {live}" + (f" ({skipped})" if skipped else "")
 
 
 _SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
 _GUEST_KEYS = (
     "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
-    "workspace", "console_log",
+    "review", "mirror", "workspace", "console_log",
 )  # fmt: skip
 
 

@@ -130,6 +130,12 @@ def up(
     detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
     as_json: bool = typer.Option(False, "--json"),
+    review: bool = typer.Option(
+        False, "--review", help="The guest works on a copy; land its changes with `vmctl apply`."
+    ),
+    no_mirror: bool = typer.Option(
+        False, "--no-mirror", help="Do not mirror the guest's listening ports on 127.0.0.1."
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     signal.signal(signal.SIGTERM, _sigterm)
@@ -145,9 +151,10 @@ def up(
         preset = preset or "locked"
     elif resolve:
         raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
+    shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,
-        workspace=ws,
+        workspace=shared,
         net=net,
         policy=preset,
         resolve=tuple(resolve),
@@ -159,12 +166,20 @@ def up(
         ephemeral=ephemeral,
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
+        mirror=not no_mirror,
     )
     agents_wanted = tuple(with_agents) if with_agents else None
-    manifest, image_name = choose_image(image, agents_wanted, flake=flake, config=config)
-    inst = instance.up(
-        spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
-    )
+    try:
+        manifest, image_name = choose_image(image, agents_wanted, flake=flake, config=config)
+        inst = instance.up(
+            spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
+        )
+    except BaseException:
+        if review:
+            from vmctl.review import snapshot
+
+            snapshot.drop(name)  # nothing ran on it yet
+        raise
     if detach:
         if as_json:
             print(json.dumps(inst.info().to_json(), indent=2))
@@ -174,6 +189,46 @@ def up(
         return
     with inst:
         _foreground(inst)
+    if review:
+        _review_left(name, discard=False)
+
+
+def _review_copy(name: str, ws: Path) -> Path:
+    """Snapshot `ws` for a --review guest; the guest shares only the copy."""
+    from vmctl.errors import NotFoundError
+    from vmctl.review import snapshot
+    from vmctl.vm import instance
+
+    try:
+        if instance.Instance.load(name).alive():  # its copy is in use: never replace it
+            raise VMError(f"instance {name!r} is running", f"vmctl down {name}")
+    except NotFoundError:
+        pass
+
+    with ui.step(f"review copy of {ws}"):
+        review, cost = snapshot.create(name, ws)
+    ui.info(f"review copy: {cost.describe()}")
+    return review.paths.work
+
+
+def _review_left(name: str, discard: bool) -> None:
+    """After `down`: keep (and say so) or drop a review guest's unapplied changes."""
+    from vmctl.review import changes, snapshot
+
+    if not snapshot.exists(name):
+        return
+    pending = changes.changes(snapshot.load(name))
+    if discard:
+        snapshot.discard(name, len(pending))
+        print(f"{name}: review copy discarded ({len(pending)} unapplied change(s) dropped)")
+        return
+    if not pending:
+        snapshot.drop(name)
+        return
+    print(
+        f"{name}: {len(pending)} unapplied change(s) kept in its review copy until "
+        f"`vmctl apply {name}` or `vmctl rm {name}` (see `vmctl diff {name}`)"
+    )
 
 
 def _foreground(inst: Any) -> None:
@@ -234,8 +289,14 @@ def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
 
 
 @verbs.command()
-def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
+def down(
+    name: str = typer.Argument(..., help="Instance name."),
+    discard: bool = typer.Option(
+        False, "--discard", help="Drop a --review guest's unapplied changes."
+    ),
+) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
     _check_kind(name, "down")
     with ui.step(f"stopping {name}"):
         instance.down(name)
+    _review_left(name, discard)

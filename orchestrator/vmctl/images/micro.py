@@ -43,6 +43,7 @@ INITTAB = """\
 ::once:/init ready
 ::respawn:/init agent
 ::respawn:/init power-button
+::respawn:/init ports
 ::askfirst:-/bin/su -l -s /bin/sh agent
 """
 #: The console login (as `agent`, like the NixOS guest's autologin) sees the
@@ -100,6 +101,7 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
         workspace=c["workspace"],
         cmdline=c["kernel_cmdline"],
         network=c["network"],
+        mirror=c["mirror"],
         fw_cfg=_fw_cfg_entries(c["user"]),
         modules=modules,
         shares=shares if agents else [],
@@ -212,6 +214,11 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     a.file(
         "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
     )
+    a.file(
+        "usr/libexec/vmctl/vmctl-ports-watch.sh",
+        guest_file("vmctl-ports-watch.sh").encode(),
+        0o755,
+    )
     a.dir(home, 0o755, uid, gid)
     for rel in kernel.load_order():
         a.file(f"lib/modules/{rel}", (kernel.modules_dir / rel).read_bytes())
@@ -257,6 +264,7 @@ def own_key(agents: tuple[str, ...]) -> str:
         "revision": REVISION,
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: OPENCODE_VERSION for a in agents},
@@ -295,6 +303,7 @@ def micro_inputs(agents: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Pat
         "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: OPENCODE_VERSION for a in agents},

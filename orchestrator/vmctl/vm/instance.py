@@ -25,6 +25,7 @@ from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
+from vmctl.sidecars import mirror
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError
 from vmctl.vm import accel, idmap
@@ -245,6 +246,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            mirror.stop(self.record.mirror_sidecar)
             _stop_proxy(self.record)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
@@ -315,6 +317,10 @@ def up(
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+        if spec.mirrors:
+            ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
+            inst.record = replace(inst.record, mirror_sidecar=ref)
+            inst.save()
         if detach:
             inst.release()
     except BaseException:
@@ -397,6 +403,7 @@ def status(name: str) -> dict[str, object]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
+    data["mirror"] = mirror.describe(inst.record.to_json()["spec"], inst.paths, inst.alive())
     return data
 
 

@@ -139,6 +139,19 @@ def channel_argv(paths: InstancePaths) -> list[str]:
     ]  # fmt: skip
 
 
+def mirror_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
+    """Port mirroring: the guest's report port and a QMP monitor for the mirror sidecar."""
+    if not spec.mirrors:
+        return []
+    port = contract.raw()["mirror"]["port"]
+    return [
+        "-chardev", f"socket,id=ports,path={opt(paths.ports)},server=on,wait=off",
+        "-device", f"virtserialport,chardev=ports,name={opt(port)}",
+        "-chardev", f"socket,id=mqmp,path={opt(paths.mirror_qmp)},server=on,wait=off",
+        "-mon", "chardev=mqmp,mode=control",
+    ]  # fmt: skip
+
+
 def fw_cfg_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
     """One -fw_cfg per agent file; the file is named after the last part of its key."""
     known = {f.name for f in contract.fw_cfg_files()}
@@ -180,4 +193,5 @@ def qemu_argv(
     argv += share_argv(spec, manifest)
     argv += fw_cfg_argv(spec, paths)
     argv += net_argv(spec, paths)
+    argv += mirror_argv(spec, paths)
     return argv + list(spec.extra_args)

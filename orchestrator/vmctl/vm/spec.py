@@ -60,6 +60,12 @@ class InstanceSpec:
     policy: str | None = None
     #: `--resolve HOST:ADDR` names for the proxy.
     resolve: tuple[str, ...] = ()
+    #: Mirror the guest's listening TCP ports on the host's loopback (needs a network).
+    mirror: bool = False
+
+    @property
+    def mirrors(self) -> bool:
+        return self.mirror and self.net != "none"
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -133,10 +139,13 @@ class InstanceRecord:
     ephemeral: bool
     policy: str | None = None
     resolve: tuple[str, ...] = ()
+    mirror: bool = False
     owner: ProcessRef | None = None
     qemu: ProcessRef | None = None
     #: The guest's egress proxy sidecar, while it has one.
     proxy: ProcessRef | None = None
+    #: The sidecar mirroring the guest's ports (vmctl.sidecars.mirror), while it runs.
+    mirror_sidecar: ProcessRef | None = None
 
     @classmethod
     def of(
@@ -147,6 +156,7 @@ class InstanceRecord:
             name=spec.name, started=started, image=image, workspace=str(spec.workspace),
             net=spec.net, model_endpoint=endpoint, forwards=spec.forwards, mem=spec.mem,
             cpus=spec.cpus, ephemeral=spec.ephemeral, policy=spec.policy, resolve=spec.resolve,
+            mirror=spec.mirror,
             owner=owner,
         )  # fmt: skip
 
@@ -158,6 +168,7 @@ class InstanceRecord:
             "owner": self.owner.to_json() if self.owner else None,
             "qemu": self.qemu.to_json() if self.qemu else None,
             "proxy": self.proxy.to_json() if self.proxy else None,
+            "mirror": self.mirror_sidecar.to_json() if self.mirror_sidecar else None,
             "spec": {
                 "workspace": self.workspace,
                 "net": self.net,
@@ -168,6 +179,7 @@ class InstanceRecord:
                 "ephemeral": self.ephemeral,
                 "policy": self.policy,
                 "resolve": list(self.resolve),
+                "mirror": self.mirror,
             },
         }
 
@@ -201,9 +213,11 @@ class InstanceRecord:
             ephemeral=_typed(spec, "ephemeral", bool, path),
             policy=policy,
             resolve=tuple(resolve),
+            mirror=_typed({"mirror": False, **spec}, "mirror", bool, path),
             owner=_ref(data, "owner", path),
             qemu=_ref(data, "qemu", path),
             proxy=_ref(data, "proxy", path),
+            mirror_sidecar=_ref(data, "mirror", path),
         )
 
     def write(self, path: Path) -> None:
