@@ -69,12 +69,10 @@ def stop(name: str) -> list[Kind]:
 
 
 def remove(name: str) -> list[Path]:
-    """Delete the folder of a stopped server or persistent guest (logs included)."""
-    folders: dict[Kind, Path] = {
-        "server": paths.server(name).root,
-        "guest": paths.instance(name).root,
-    }
-    roots = [root for root in folders.values() if root.is_dir()]
+    """Delete the folders of a stopped server, guest or review copy (logs included)."""
+    # A --review guest's copy (reviews/NAME/) is kept after `down` until apply or rm.
+    candidates = (paths.server(name).root, paths.instance(name).root, paths.review(name).root)
+    roots = [root for root in candidates if root.is_dir()]
     if not roots:
         raise _missing(name)
     for kind in kinds(name):
