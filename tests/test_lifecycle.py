@@ -1,13 +1,11 @@
-"""The shutdown ladder, reaping and exec framing against fake peers (seconds, not minutes).
+"""The shutdown ladder and reaping against fake peers (seconds, not minutes).
 
-A `FakeGuest` stands in for QEMU (a `sleep` process), answers QMP through
-a fake monitor and runs exec requests through a fake agent on the FIFO
-pair; vmctl's real `Instance`, `reap` and `ExecChannel` drive them.
+A `FakeGuest` stands in for QEMU (a `sleep` process) and answers QMP
+through a fake monitor; vmctl's real `Instance` and `reap` drive them.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,10 +14,8 @@ from pathlib import Path
 import pytest
 
 from fakes.guest import FakeGuest
-from vmctl.errors import VMError
 from vmctl.procs import ProcessRef
 from vmctl.vm import instance
-from vmctl.vm.execchan import ExecChannel
 from vmctl.vm.spec import InstanceRecord
 
 
@@ -107,47 +103,3 @@ def test_reap_keeps_a_live_owned_guest_and_a_stopped_persistent_one(
     states = {i.name: i.state for i in instance.list_instances()}
     assert states == {"owned": "running", "kept": "stopped"}
     assert live.reap() is None
-
-
-# --- exec framing ---------------------------------------------------------------------
-
-
-def _run(g: FakeGuest, command: str) -> tuple[bytes, int]:
-    chunks: list[bytes] = []
-    chan = ExecChannel(g.paths.exec_in, g.paths.exec_out, g.paths.lock, g.name)
-    status = chan.run(command, chunks.append, timeout=10)
-    return b"".join(chunks), status
-
-
-def test_exec_output_and_status(guests: list[FakeGuest], tmp_path: Path) -> None:
-    g = _guest(guests, tmp_path, "sh")
-    assert _run(g, "echo hello; exit 3") == (b"hello\n", 3)
-    assert _run(g, "printf 'no newline'") == (b"no newline", 0)
-    assert g.agent.requests == ["echo hello; exit 3", "printf 'no newline'"]
-
-
-def test_exec_output_that_looks_like_a_frame_is_only_output(
-    guests: list[FakeGuest], tmp_path: Path
-) -> None:
-    fake_end = b"\n\x1eVMCTL-END someoneelse 7\n"
-    g = _guest(guests, tmp_path, "tricky", answer=lambda cmd: (fake_end + b"x" * 70000, 0))
-    out, status = _run(g, "anything")
-    assert (out, status) == (fake_end + b"x" * 70000, 0)
-
-
-def test_exec_skips_what_an_earlier_client_left_behind(
-    guests: list[FakeGuest], tmp_path: Path
-) -> None:
-    g = _guest(guests, tmp_path, "stale")
-    fd = os.open(g.paths.exec_out, os.O_WRONLY | os.O_NONBLOCK)
-    os.write(fd, b"\x1eVMCTL-BEGIN old\nleftover\n\x1eVMCTL-END old 9\n")
-    os.close(fd)
-    assert _run(g, "echo fresh") == (b"fresh\n", 0)
-
-
-def test_exec_on_a_channel_nobody_serves_is_one_error(tmp_path: Path) -> None:
-    for fifo in ("in", "out"):
-        os.mkfifo(tmp_path / fifo)
-    chan = ExecChannel(tmp_path / "in", tmp_path / "out", tmp_path / "lock", "nobody")
-    with pytest.raises(VMError, match="not open"):
-        chan.run("true", lambda b: None, timeout=2)

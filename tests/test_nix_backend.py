@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vmctl import contract
 from vmctl.errors import ConfigError, VMError
 from vmctl.images import nixos
 
@@ -65,7 +66,7 @@ def image_manifest(tmp_path: Path) -> Path:
                 "initrd": str(out / "initrd"),
                 "cmdline": "init=/nix/store/x-nixos-system/init console=ttyS0",
                 "shares": [{"tag": "nix-store", "path": str(out), "readonly": True}],
-                "contract": 1,
+                "contract": contract.raw()["version"],
                 "features": ["opencode", "llm"],
             }
         )

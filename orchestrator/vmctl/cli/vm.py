@@ -1,4 +1,4 @@
-"""`vmctl up`, `exec`, `console`, `down`: guests, thinly.
+"""`vmctl up`, `exec`, `shell`, `console`, `down`: guests, thinly.
 
 Parsing and rendering only; the lifecycle lives in vmctl.vm.instance. The
 plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
@@ -22,7 +22,7 @@ from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.launch import check_workspace
 from vmctl.serve.server import list_servers
-from vmctl.vm import instance
+from vmctl.vm import instance, terminal
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
 from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
@@ -234,8 +234,13 @@ def _review_left(name: str, discard: bool) -> None:
 def _foreground(inst: Any) -> None:
     """Attach the console on a TTY, else wait for the guest to power off."""
     if sys.stdin.isatty():
-        ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
-        attach(inst.paths.console)
+        ui.info(f"attached to {inst.name}'s console; `exit` or Ctrl-] stops it")
+        why = attach(inst.paths.console, stop_on_exit=True, name=inst.name)
+        if why == "closed":
+            ui.info(f"{inst.name}'s console closed: the guest is gone")
+        else:
+            what = "the console shell exited" if why == "exited" else "detached"
+            ui.info(f"{what}: stopping {inst.name} (`vmctl up --detach` keeps a guest running)")
     elif inst.proc is not None:
         ui.info(f"{inst.name} is running; Ctrl-C stops it")
         inst.proc.wait()
@@ -264,20 +269,25 @@ def _load_running(name: str, verb: str) -> Any:
 
 
 @verbs.command("exec")
-def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
-    """Run `-- CMD...` in the guest; output streamed, its exit status returned."""
+def exec_(
+    name: str = typer.Argument(..., help="Instance name."),
+    tty: bool = typer.Option(False, "-t", "--tty", help="Run on a pty (interactive programs)."),
+) -> None:
+    """Run `-- CMD...` in the guest: stdin forwarded, stdout and stderr apart, its exit status."""
     cmd = passthrough()
     if not cmd:
         raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
-    out = sys.stdout.buffer
-
-    def write(data: bytes) -> None:
-        out.write(data)
-        out.flush()
-
-    status = _load_running(name, "exec").exec_channel().run(shlex.join(cmd), write)
+    chan = _load_running(name, "exec").exec_channel()
+    run = terminal.run_tty if tty else terminal.run
     # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
-    raise SystemExit(status)
+    raise SystemExit(run(chan, shlex.join(cmd)))
+
+
+@verbs.command()
+def shell(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """An interactive login shell in /workspace as the agent user (like `limactl shell`)."""
+    chan = _load_running(name, "shell").exec_channel()
+    raise SystemExit(terminal.run_tty(chan, terminal.LOGIN_SHELL))
 
 
 @verbs.command()
@@ -285,7 +295,8 @@ def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
     inst = _load_running(name, "console")
     ui.info("Ctrl-] detaches")
-    attach(inst.paths.console)
+    if attach(inst.paths.console, name=name) == "closed":
+        ui.info(f"{name}'s console closed: the guest is gone")
 
 
 @verbs.command()
