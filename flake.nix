@@ -42,6 +42,7 @@
             pytest-asyncio # tests/test_gateway.py: async tests fail without it (pytest >= 8.4)
             pytest-timeout
             hypothesis
+            import-linter # tests/test_layers.py: the import contracts in pyproject.toml
             openai
             anthropic
             llm

@@ -44,17 +44,16 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> f
 
 def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
     from vmctl import contract, paths
-    from vmctl.images import manifest as images
+    from vmctl.images.manifest import load_manifest
     from vmctl.vm import accel
     from vmctl.vm.console import wait_for_marker
-    from vmctl.vm.qemu import InstanceSpec, qemu_argv
+    from vmctl.vm.qemu import qemu_argv
+    from vmctl.vm.spec import InstanceSpec
 
     ip = paths.InstancePaths(Path(tempfile.mkdtemp(dir=scratch)))
     spec = InstanceSpec(name="raw", workspace=ws)
     qemu = accel.qemu_binary()
-    argv = qemu_argv(
-        spec, images.load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu
-    )
+    argv = qemu_argv(spec, load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu)
     # vmctl starts QEMU paused (-S) and continues it once attached to the
     # console; raw QEMU just runs.
     argv = [a for a in argv if a != "-S"]
@@ -187,9 +186,9 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="vb"))
     env = {**os.environ, "VMCTL_HOME": str(scratch / "h"), "VMCTL_QUIET": "1"}
     os.environ["VMCTL_HOME"] = env["VMCTL_HOME"]
-    from vmctl.images import manifest as images
+    from vmctl.images.choose import resolve_image
 
-    manifest = str(images.resolve_image(args.image).path)
+    manifest = str(resolve_image(args.image).path)
     ws = scratch / "ws"
     ws.mkdir()
     if "boot" in only:

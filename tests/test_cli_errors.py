@@ -78,10 +78,10 @@ def test_missing_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_forced_kvm_when_kvm_is_unusable(tmp_path: Path, qemu_bin: Path) -> None:
     """These machines have a /dev/kvm that fails; `--accel kvm` must say so in one line."""
-    from vmctl.images import manifest
+    from vmctl.images.choose import resolve_image
     from vmctl.vm import accel
 
-    kernel = manifest.resolve_image("micro").kernel
+    kernel = resolve_image("micro").kernel
     if accel.kvm_problem(str(qemu_bin), "x86_64", kernel) is None:
         pytest.skip("KVM works on this machine")
     ws = tmp_path / "ws"
@@ -117,3 +117,30 @@ def test_sandbox_unavailable_never_runs_unconfined(tmp_path: Path, llama_server_
         env={"PATH": str(bin_dir), "VMCTL_LLAMA_SERVER": str(llama_server_bin)},
     )
     assert_one_line(out, "bwrap")
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("--ctx-size", "-5"), "--ctx-size"),
+        (("--ctx-size", "99999999999"), "--ctx-size"),
+        (("--port", "0"), "--port"),
+        (("--port", "70000"), "--port"),
+        (("--name", "../x"), "--name"),
+    ],
+)
+def test_serve_options_checked_before_anything_starts(args: tuple[str, ...], option: str) -> None:
+    # No llama-server is needed: the options are refused before it is even looked for.
+    out = run("serve", *args, env={"VMCTL_LLAMA_SERVER": "/nonexistent/llama-server"})
+    assert_one_line(out, option)
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("servers/*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(("--mem", "5"), "--mem"), (("--cpus", "0"), "--cpus"), (("-p", "0:80"), "-p")],
+)
+def test_up_options_name_the_option(tmp_path: Path, args: tuple[str, ...], option: str) -> None:
+    out = run("up", "-d", str(tmp_path), "--net", "none", *args)
+    assert_one_line(out, option)
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("instances/*"))

@@ -45,7 +45,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     need(bool(subprocess.run(["which", "qemu-system-x86_64"], capture_output=True).stdout), "qemu")
     import platformdirs
 
-    from vmctl.images.manifest import resolve_image
+    from vmctl.images.choose import resolve_image
 
     cache = os.environ.get("VMCTL_CACHE") or platformdirs.user_cache_dir("vmctl")
     home = tmp_path_factory.mktemp("eg", numbered=True)

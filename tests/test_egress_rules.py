@@ -208,7 +208,8 @@ def test_policy_cli_round_trip_and_bad_input(vmctl_home: Path) -> None:
 
 def test_policy_adds_the_proxy_guestfwd_on_the_guarded_path() -> None:
     from vmctl.paths import InstancePaths
-    from vmctl.vm.qemu import InstanceSpec, net_argv
+    from vmctl.vm.qemu import net_argv
+    from vmctl.vm.spec import InstanceSpec
 
     root = InstancePaths(Path("/st/instances/t1"))
     spec = InstanceSpec(

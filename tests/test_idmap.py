@@ -17,7 +17,8 @@ from vmctl.errors import ConfigError, VMError
 from vmctl.paths import InstancePaths
 from vmctl.vm import idmap
 from vmctl.vm.accel import Accel
-from vmctl.vm.qemu import InstanceSpec, qemu_argv
+from vmctl.vm.qemu import qemu_argv
+from vmctl.vm.spec import InstanceSpec
 
 
 class Manifest:

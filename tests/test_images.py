@@ -23,8 +23,8 @@ import pytest
 from conftest import need
 from vmctl import contract
 from vmctl.errors import ConfigError, VMError
+from vmctl.images import choose, micro, micro_kernel
 from vmctl.images import manifest as images
-from vmctl.images import micro, micro_kernel
 from vmctl.images.cpio import Archive
 from vmctl.vm.execchan import ExecChannel
 
@@ -65,7 +65,7 @@ def test_manifest_resolves_relative_paths(tmp_path: Path) -> None:
     assert m.kernel == tmp_path / "k" and m.initrd == tmp_path / "i"
     assert m.shares == (images.Share("agents", tmp_path / "agents", True),)
     assert m.features == ("opencode",)
-    assert images.resolve_image(str(tmp_path)).path == m.path
+    assert choose.resolve_image(str(tmp_path)).path == m.path
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_manifest_loader_is_strict(tmp_path: Path, over: dict[str, object], word
 
 def test_unknown_image_name_and_agent_are_refused() -> None:
     with pytest.raises(VMError, match="unknown image"):
-        images.resolve_image("ubuntu")
+        choose.resolve_image("ubuntu")
     with pytest.raises(ConfigError, match="unknown agent"):
         micro.build_micro(("claude",))
 

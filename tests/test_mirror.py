@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, need
-from vmctl.images import manifest as images
+from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]
@@ -36,7 +36,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("mh")
     os.environ.setdefault("VMCTL_CACHE", str(Path.home() / ".cache/vmctl"))
     e = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_QUIET": "1"}
-    image = str(images.resolve_image("micro").path)
+    image = str(resolve_image("micro").path)
     ws = tmp_path_factory.mktemp("mws")
     try:
         for name in ("a", "b"):

@@ -15,7 +15,8 @@ from vmctl import events
 from vmctl.images.micro import guest_file
 from vmctl.paths import InstancePaths
 from vmctl.sidecars import mirror
-from vmctl.vm.qemu import InstanceSpec, mirror_argv
+from vmctl.vm.qemu import mirror_argv
+from vmctl.vm.spec import InstanceSpec
 
 
 def watch(shell: list[str], tmp_path: Path) -> list[str]:

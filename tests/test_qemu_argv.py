@@ -10,7 +10,8 @@ import pytest
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths
 from vmctl.vm.accel import Accel
-from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward, qemu_argv
+from vmctl.vm.qemu import qemu_argv
+from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
 
 TCG = Accel("tcg", "max", "q35", "x86_64")
 ROOT = InstancePaths(Path("/st/instances/t1"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl.images import manifest as images
+from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]
@@ -46,7 +46,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     home.mkdir()
     os.environ.setdefault("VMCTL_CACHE", str(Path.home() / ".cache/vmctl"))
     e = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_QUIET": "1"}
-    e["TEST_MANIFEST"] = str(images.resolve_image("micro").path)
+    e["TEST_MANIFEST"] = str(resolve_image("micro").path)
     yield e
     for root in (home / "instances").glob("*"):
         subprocess.run([*VMCTL, "down", root.name], env=e, timeout=60, check=False)

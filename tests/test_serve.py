@@ -126,7 +126,7 @@ def test_server_is_confined_no_network_no_credentials(
     }
     port = free_port()
     subprocess.run(
-        vmctl_cmd("serve", "-d", "--port", str(port), "--name", "conf"),
+        vmctl_cmd("serve", "--detach", "--port", str(port), "--name", "conf"),
         env=env, check=True, timeout=300, capture_output=True,
     )  # fmt: skip
     try:
@@ -151,7 +151,7 @@ def test_api_key_enforced_on_real_server(
     env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
     port = free_port()
     subprocess.run(
-        vmctl_cmd("serve", "-d", "--port", str(port), "--name", "k", "--api-key", "s3cret"),
+        vmctl_cmd("serve", "--detach", "--port", str(port), "--name", "k", "--api-key", "s3cret"),
         env=env, check=True, timeout=300, capture_output=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -184,7 +184,7 @@ def test_port_in_use_is_one_line(llama_server_bin: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         out = subprocess.run(
-            vmctl_cmd("serve", "-d", "--port", str(port)),
+            vmctl_cmd("serve", "--detach", "--port", str(port)),
             env={**os.environ, "VMCTL_LLAMA_SERVER": str(llama_server_bin)},
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -195,7 +195,7 @@ def test_port_in_use_is_one_line(llama_server_bin: Path) -> None:
 
 def test_missing_binary_is_one_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        vmctl_cmd("serve", "-d", "--port", str(free_port())),
+        vmctl_cmd("serve", "--detach", "--port", str(free_port())),
         env={**os.environ, "VMCTL_LLAMA_SERVER": str(tmp_path / "nope")},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -206,7 +206,7 @@ def test_missing_binary_is_one_line(tmp_path: Path) -> None:
 
 def test_server_dying_while_loading_shows_its_log(llama_server_bin: Path) -> None:
     out = subprocess.run(
-        [*vmctl_cmd("serve", "-d", "--port", str(free_port())), "--", "--no-such-flag"],
+        [*vmctl_cmd("serve", "--detach", "--port", str(free_port())), "--", "--no-such-flag"],
         env={**os.environ, "VMCTL_LLAMA_SERVER": str(llama_server_bin)},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -267,7 +267,7 @@ def test_sigkilled_supervisor_leaves_nothing_running(
     env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
     port = free_port()
     subprocess.run(
-        vmctl_cmd("serve", "-d", "--port", str(port), "--name", "crash"),
+        vmctl_cmd("serve", "--detach", "--port", str(port), "--name", "crash"),
         env=env, check=True, timeout=300, capture_output=True,
     )  # fmt: skip
     meta = json.loads((home / "servers" / "crash" / "server.json").read_text())

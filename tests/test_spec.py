@@ -10,12 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmctl.errors import ModelError
+from vmctl.models.names import REPO_RE, check_repo_file
 from vmctl.models.spec import (
-    REPO_RE,
     CatalogSpec,
     HubSpec,
     PathSpec,
-    check_repo_file,
     parse_spec,
     pick_mmproj,
     safe_join,

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port, need
 from vmctl import agents, events
-from vmctl.images import manifest as images
+from vmctl.images.choose import resolve_image
 from vmctl.procs import ProcessRef
 from vmctl.vm.console import wait_for_marker
 
@@ -60,7 +60,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     old = {k: os.environ.get(k) for k in ("VMCTL_HOME", "VMCTL_CACHE")}
     os.environ["VMCTL_CACHE"] = cache
     try:
-        manifest = images.resolve_image("micro").path
+        manifest = resolve_image("micro").path
     finally:
         for k, v in old.items():
             if v is None:

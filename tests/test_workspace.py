@@ -24,7 +24,7 @@ import pytest
 
 from conftest import need
 from vmctl import contract
-from vmctl.images import manifest as images
+from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]
@@ -96,7 +96,7 @@ def image() -> Iterator[Path]:
     need(shutil.which("qemu-system-x86_64") is not None, "qemu")
     need(sys.platform.startswith("linux"), "user namespaces are Linux-only")
     need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
-    manifest = images.resolve_image("micro").path
+    manifest = resolve_image("micro").path
     top = Path(tempfile.mkdtemp(prefix="vmctl-ws-img-", dir="/tmp"))
     try:
         shutil.copytree(manifest.parent, top / "micro")

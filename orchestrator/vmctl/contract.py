@@ -55,7 +55,3 @@ def ready_marker() -> str:
 
 def workspace_tag() -> str:
     return str(raw()["workspace"]["tag"])
-
-
-def workspace_mountpoint() -> str:
-    return str(raw()["workspace"]["mountpoint"])

@@ -3,19 +3,26 @@
 The layout (below `home()`, default platformdirs' user state folder,
 overridable with VMCTL_HOME)::
 
-    servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
+    servers/NAME/      server.json, config.json, audit.jsonl, server.log,
+                       run/ (socket, cache, sandbox profile)
     instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
-                       console.log, audit.jsonl, overlay.qcow2, fwcfg/, ports.sock,
-                       mirror-qmp.sock, forwards.json, mirror.log
-    clients/NAME/      a host client's private config and data
+                       console.log, qemu.log, audit.jsonl, overlay.qcow2, fwcfg/, relay,
+                       ports.sock, mirror-qmp.sock, forwards.json, mirror.log
+    clients/NAME/      a host client's private config and data (state/), its relay log
+                       (relay.jsonl), per-run sockets (run/PID/)
     reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
                        workspace under `vmctl up --review`; outlives the instance)
+    models/            digests recorded at download (models--ORG--REPO/), GGUF checks
+                       (gguf-checked/)
+    sandbox/           rendered sandbox profiles of `vmctl run` / `vmctl sandbox exec`
     events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
                        client-NAME.jsonl); outlives its subject until `vmctl rm`
 
 and, below `cache_home()` (platformdirs' user cache folder, VMCTL_CACHE)::
 
-    images/            built guest images, by content key
+    images/            built guest images, by content key (micro-KEY/), the kernels
+                       (kernels/) and agents (agents/) they are made from
+    accel/             accelerator probe results
 
 Folders are created 0700. UNIX socket paths are checked against the
 108-byte `sun_path` limit here, so callers never meet a truncated bind.
@@ -123,6 +130,11 @@ class ServerPaths(_Folder):
     @property
     def meta(self) -> Path:
         return self.root / "server.json"
+
+    @property
+    def config(self) -> Path:
+        """The ServerConfig a detached supervisor starts from."""
+        return self.root / "config.json"
 
     @property
     def audit(self) -> Path:
@@ -279,6 +291,27 @@ class ReviewPaths(_Folder):
         return self.root / "work"
 
 
+class ClientPaths(_Folder):
+    """Files of one host client run by `vmctl run`."""
+
+    @property
+    def state(self) -> Path:
+        """The client's own config and data (its HOME-like folder)."""
+        return self.root / "state"
+
+    @property
+    def relay_log(self) -> Path:
+        return self.root / "relay.jsonl"
+
+    def runtime(self, pid: int) -> Path:
+        """Sockets of one run, removed when it ends."""
+        return self.root / "run" / str(pid)
+
+    def endpoint_socket(self, pid: int) -> Path:
+        """The model endpoint relayed into the sandbox."""
+        return check_socket_path(self.runtime(pid) / "ep.sock")
+
+
 def servers_dir() -> Path:
     return private_dir(home() / "servers")
 
@@ -308,6 +341,36 @@ def images_dir() -> Path:
     return private_dir(cache_home() / "images")
 
 
+def kernels_dir() -> Path:
+    """Unpacked guest kernels and their modules, by package and version."""
+    return images_dir() / "kernels"
+
+
+def image_agents_dir() -> Path:
+    """Agents installed for the micro image (opencode from npm), by version."""
+    return images_dir() / "agents"
+
+
+def accel_dir() -> Path:
+    """Accelerator probe results (a KVM that works or not), by host key."""
+    return private_dir(cache_home() / "accel")
+
+
+def model_digests_dir(repo: str) -> Path:
+    """sha256 digests recorded when a hub repo's files were downloaded."""
+    return private_dir(home() / "models" / f"models--{repo.replace('/', '--')}")
+
+
+def gguf_checked_dir() -> Path:
+    """Stamps of GGUF files that passed the header check."""
+    return private_dir(home() / "models" / "gguf-checked")
+
+
+def sandbox_profiles_dir() -> Path:
+    """Rendered sandbox profiles (SBPL) of host clients and `vmctl sandbox exec`."""
+    return home() / "sandbox"
+
+
 def server(name: str) -> ServerPaths:
     return ServerPaths(servers_dir() / check_name(name, "server name"))
 
@@ -318,3 +381,7 @@ def instance(name: str) -> InstancePaths:
 
 def client(name: str) -> Path:
     return clients_dir() / check_name(name, "client name")
+
+
+def client_paths(name: str) -> ClientPaths:
+    return ClientPaths(client(name))

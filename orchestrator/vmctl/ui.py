@@ -16,11 +16,18 @@ from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _forced_quiet = False
+_verbose = False
 
 
 def quiet(flag: bool = True) -> None:
     global _forced_quiet
     _forced_quiet = flag
+
+
+def verbose(flag: bool = True) -> None:
+    """`-v`: also show `debug()` lines (why a default was chosen)."""
+    global _verbose
+    _verbose = flag
 
 
 def is_quiet() -> bool:
@@ -31,6 +38,12 @@ def is_quiet() -> bool:
 def info(message: str) -> None:
     if not is_quiet():
         err.print(message)
+
+
+def debug(message: str) -> None:
+    """Shown only under `-v`."""
+    if _verbose and not is_quiet():
+        err.print(f"[dim]{message}[/]")
 
 
 def warn(message: str) -> None:

@@ -1,7 +1,8 @@
 """The `vmctl` command line: thin verbs over library modules.
 
-Each verb group lives in its own file and registers itself on `app`. This
-file owns the one place where a `VmctlError` becomes a red line and a hint
+Each verb group lives in its own file as a small Typer of its own; this
+file composes them into `app` (the verb modules never import it back), and
+owns the one place where a `VmctlError` becomes a red line and a hint
 instead of a traceback.
 """
 
@@ -10,15 +11,18 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer._click.exceptions import ClickException
 
 from vmctl import __version__, ui
+from vmctl.cli import common, doctor, image, models, policy, review, run, sandbox, serve, vm
+from vmctl.cli.argv import split
 from vmctl.errors import VmctlError
 
 app = typer.Typer(
     name="vmctl",
     help="Run coding agents against local models without trusting either.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -35,35 +39,28 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Show the version."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also say why each default was chosen."
+    ),
 ) -> None:
     """Sandboxed local models (`serve`), ephemeral agent VMs (`up`), sandboxed clients (`run`)."""
+    ui.verbose(verbose)
 
 
-_passthrough: list[str] = []
-
-
-def passthrough() -> list[str]:
-    """Arguments after the first `--`, verbatim (for llama-server, QEMU, a client).
-
-    They are split off before click parses anything, so an optional
-    positional argument can never swallow them.
-    """
-    return list(_passthrough)
-
-
-def _split(argv: list[str]) -> list[str]:
-    if "--" in argv:
-        i = argv.index("--")
-        _passthrough[:] = argv[i + 1 :]
-        return argv[:i]
-    _passthrough.clear()
-    return argv
-
-
-def _register() -> None:
-    # Imported for their side effect of adding verbs to `app`.
-    from vmctl.cli import common, doctor, image, models, policy, run, sandbox, serve, vm  # noqa: F401
-    from vmctl.cli import review as _review  # noqa: F401
+# The verbs in the order `vmctl --help` lists them: the three paths, then the rest.
+for verbs in (
+    serve.verbs,
+    vm.verbs,
+    review.verbs,
+    run.verbs,
+    common.verbs,
+    models.verbs,
+    doctor.verbs,
+):
+    app.add_typer(verbs)
+app.add_typer(image.group, name="image")
+app.add_typer(sandbox.group, name="sandbox")
+app.add_typer(policy.group, name="policy")
 
 
 def report(e: VmctlError) -> None:
@@ -77,10 +74,7 @@ def report(e: VmctlError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning `VmctlError` into one clear line."""
-    from typer._click.exceptions import ClickException
-
-    _register()
-    args = _split(list(sys.argv[1:] if argv is None else argv))
+    args = split(list(sys.argv[1:] if argv is None else argv))
     try:
         rc = app(args=args, prog_name="vmctl", standalone_mode=False)
     except VmctlError as e:

@@ -1,4 +1,4 @@
-"""`vmctl ls`, `logs`, `events`, `rm`: verbs that span servers and guest instances."""
+"""`ls`, `logs`, `events`, `stop`, `status`, `rm`: verbs that work on servers and guests alike."""
 
 from __future__ import annotations
 
@@ -13,28 +13,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmctl import paths
-from vmctl.cli import app
-from vmctl.errors import NotFoundError
+from vmctl import events, inventory, paths, ui
+from vmctl.errors import ConfigError, NotFoundError
+from vmctl.events import safe
 from vmctl.serve import server
+from vmctl.vm.instance import list_instances
+
+verbs = typer.Typer()
 
 
-def _instances() -> list[Any]:
-    try:
-        from vmctl.vm.instance import list_instances
-    except ImportError:
-        return []
-    return list(list_instances())
-
-
-@app.command("ls")
+@verbs.command("ls")
 def ls(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
-    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers."),
+    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers and guests."),
 ) -> None:
     """List model servers and guest instances (dead ones are reaped on the way)."""
     servers = server.list_servers(include_stopped=all_)
-    instances = _instances()
+    instances = [i for i in list_instances() if i.running or all_]
     if as_json:
         out = {
             "servers": [s.to_json() for s in servers],
@@ -50,15 +45,9 @@ def ls(
         sandbox = "" if s.sandbox else " (NO SANDBOX)"
         table.add_row("server", s.name, state, s.url + "/v1" + sandbox, s.alias, str(s.pid))
     for i in instances:
-        d = i.to_json()
-        table.add_row(
-            "vm",
-            str(d.get("name")),
-            str(d.get("state", "running")),
-            f"net={d.get('net', '?')}" + (f" policy={d['policy']}" if d.get("policy") else ""),
-            str(d.get("workspace", "")),
-            str(d.get("pid", "")),
-        )
+        pid = str(i.pid) if i.running else ""
+        policy = f" policy={i.policy}" if i.policy else ""
+        table.add_row("vm", i.name, i.state, f"net={i.net}{policy}", i.workspace, pid)
     if not servers and not instances:
         print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
         return
@@ -70,8 +59,6 @@ KEEP_DAYS_ENV = "VMCTL_EVENTS_KEEP_DAYS"
 
 def _events_dir() -> Path:
     """The events folder, pruned to the user's retention (VMCTL_EVENTS_KEEP_DAYS, 30)."""
-    from vmctl import events
-    from vmctl.errors import ConfigError
 
     folder = paths.events_dir()
     text = os.environ.get(KEEP_DAYS_ENV, "30")
@@ -88,7 +75,6 @@ def _show(
     select: Callable[[Any], bool], files: Callable[[], list[Path]], follow: bool, as_json: bool
 ) -> None:
     """Print the selected events in time order (then new ones, with -f), escaped."""
-    from vmctl import events
 
     def out(e: Any) -> None:
         print(e.to_json() if as_json else events.render(e), flush=True)
@@ -103,7 +89,7 @@ def _show(
                     out(e)
 
 
-@app.command()
+@verbs.command()
 def logs(
     name: str = typer.Argument(..., help="Server or instance name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
@@ -111,8 +97,6 @@ def logs(
     console: bool = typer.Option(False, "--console", help="A guest's serial console log."),
 ) -> None:
     """What one server or guest did: its requests, connections, lifecycle (kept until rm)."""
-    from vmctl import events
-
     paths.check_name(name)
     if console:
         log = paths.instance(name).console_log
@@ -132,7 +116,7 @@ def logs(
     _show(lambda e: events.about(e, name), files, follow, as_json)
 
 
-@app.command("events")
+@verbs.command("events")
 def events_(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line."),
@@ -140,9 +124,6 @@ def events_(
     since: str | None = typer.Option(None, "--since", help="ISO time or age (10m, 2h, 7d)."),
 ) -> None:
     """Everything audited (requests, connections, refusals, lifecycle) in time order."""
-    from vmctl import events
-    from vmctl.errors import ConfigError
-
     cutoff = ""
     if since is not None:
         try:
@@ -158,42 +139,52 @@ def events_(
     )
 
 
-@app.command()
-def rm(name: str = typer.Argument(..., help="A stopped server or instance.")) -> None:
+@verbs.command()
+def stop(name: str = typer.Argument(..., help="A server or guest (see `vmctl ls`).")) -> None:
+    """Stop a server (llama-server, gateway) or a guest (powerdown, quit, kill)."""
+    with ui.step(f"stopping {name}"):
+        inventory.stop(name)
+    print(f"stopped {name}")
+
+
+@verbs.command()
+def status(
+    name: str = typer.Argument(..., help="A server or guest."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """State, pid and addresses of a server or guest (a guest's from QMP)."""
+    found = inventory.status(name)
+    if as_json:
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+        return
+    for data in found:
+        keys = _SERVER_KEYS if data["kind"] == "server" else _GUEST_KEYS
+        for key in keys:
+            value = data.get(key)
+            if key == "review" and value is None:
+                continue
+            if key == "mirror" and isinstance(value, dict):
+                value = _mirror_line(value)
+            print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+
+
+def _mirror_line(m: dict[str, Any]) -> str:
+    if m["state"] == "off":
+        return f"off ({m['why']})"
+    live = ", ".join(f"127.0.0.1:{p}" for p in m["live"]) or "no ports yet"
+    skipped = "; ".join(f"{p} skipped: {safe(why)}" for p, why in m["skipped"].items())
+    return f"on: {live}" + (f" ({skipped})" if skipped else "")
+
+
+_SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
+_GUEST_KEYS = (
+    "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
+    "review", "mirror", "workspace", "console_log",
+)  # fmt: skip
+
+
+@verbs.command()
+def rm(name: str = typer.Argument(..., help="A stopped server or guest.")) -> None:
     """Remove a stopped server's or persistent guest's folder (logs included)."""
-    import shutil
-
-    from vmctl.errors import VmctlError
-
-    removed = []
-    for root, running in _stopped_or_running(name):
-        if running:
-            raise VmctlError(
-                f"{name} is running", f"stop it first: vmctl stop {name} / vmctl down {name}"
-            )
-        shutil.rmtree(root)
-        removed.append(root)
-    from vmctl import events
-
-    removed += events.remove_subject(paths.events_dir(), paths.check_name(name))
-    if not removed:
-        raise NotFoundError(f"nothing named {name!r}", "see `vmctl ls --all`")
+    inventory.remove(name)
     print(f"removed {name}")
-
-
-def _stopped_or_running(name: str) -> list[tuple[Path, bool]]:
-    """(folder, running) for a server and an instance called `name`."""
-    found = []
-    sroot = paths.server(name).root
-    if sroot.is_dir():
-        info = next((s for s in server.list_servers(True) if s.name == name), None)
-        found.append((sroot, bool(info and info.running)))
-    iroot = paths.instance(name).root
-    if iroot.is_dir():
-        running = any(i.name == name and i.running for i in _instances())
-        found.append((iroot, running))
-    rroot = paths.review(name).root
-    if rroot.is_dir():  # a --review guest's copy, kept after `down` until apply or rm
-        running = any(i.name == name and i.running for i in _instances())
-        found.append((rroot, running))
-    return found

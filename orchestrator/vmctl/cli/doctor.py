@@ -9,10 +9,11 @@ import typer
 from rich.console import Console
 
 from vmctl import doctor as checks
-from vmctl.cli import app
+
+verbs = typer.Typer()
 
 
-@app.command()
+@verbs.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable report.")) -> None:
     """Check QEMU and its accelerator, the sandbox, llama-server, nix and the models."""
     results = checks.run_checks()

@@ -7,14 +7,15 @@ import json
 import typer
 
 from vmctl import ui
-from vmctl.cli import app
-from vmctl.images import manifest as images
+from vmctl.errors import ConfigError
+from vmctl.images import micro
+from vmctl.images.choose import resolve_image
+from vmctl.images.manifest import load_manifest
 
-image_app = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True)
-app.add_typer(image_app, name="image")
+group = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True)
 
 
-@image_app.command("build")
+@group.command("build")
 def build(
     name: str = typer.Argument(..., help="The image to build: micro."),
     with_agents: list[str] = typer.Option(
@@ -24,9 +25,6 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Build an image (cached by the content of its inputs); prints its manifest path."""
-    from vmctl.errors import ConfigError
-    from vmctl.images import micro
-
     if name != "micro":
         raise ConfigError(
             f"vmctl cannot build image {name!r}",
@@ -34,11 +32,11 @@ def build(
         )
     if as_json:
         ui.quiet()
-    manifest = images.load_manifest(micro.build_micro(tuple(with_agents), force=force))
+    manifest = load_manifest(micro.build_micro(tuple(with_agents), force=force))
     print(json.dumps(manifest.to_json(), indent=2) if as_json else manifest.path)
 
 
-@image_app.command("show")
+@group.command("show")
 def show(
     name: str = typer.Argument(..., help="micro, nixos or a manifest path."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -46,7 +44,7 @@ def show(
     """Show an image's manifest (micro is built first if needed)."""
     if as_json:
         ui.quiet()
-    manifest = images.resolve_image(name)
+    manifest = resolve_image(name)
     if as_json:
         print(json.dumps(manifest.to_json(), indent=2))
         return

@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from vmctl import ui
-from vmctl.cli import app
 from vmctl.models import fetch
+
+verbs = typer.Typer()
 
 
 def _size(n: int | None) -> str:
@@ -24,7 +25,7 @@ def _size(n: int | None) -> str:
     return f"{size:.1f} GB"
 
 
-@app.command()
+@verbs.command()
 def pull(
     model: str = typer.Argument(..., help="Catalog alias, org/repo:QUANT, org/repo:FILE.gguf."),
     no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Skip the vision projector."),
@@ -45,7 +46,7 @@ def pull(
         out.print(f"  mmproj  {local.mmproj}")
 
 
-@app.command("models")
+@verbs.command("models")
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
 ) -> None:

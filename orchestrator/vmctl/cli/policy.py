@@ -10,15 +10,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from vmctl import egress, paths
-from vmctl.cli import app
 from vmctl.errors import ConfigError
 from vmctl.events import safe
 
-policy_app = typer.Typer(
+group = typer.Typer(
     help="Egress rules (by host, pattern or CIDR and port) and the log of attempts.",
     no_args_is_help=True,
 )
-app.add_typer(policy_app, name="policy")
 
 FOR_HELP = "A guest or client (llm, opencode, claude, shell) name; default: every one."
 
@@ -44,7 +42,7 @@ def _add(action: str, target: str, for_: str | None) -> None:
     print(f"{'added' if added else 'already there'}: {rule.label}")
 
 
-@policy_app.command("allow")
+@group.command("allow")
 def allow(
     target: str = typer.Argument(..., help="HOST[:PORT], *.DOMAIN[:PORT] or CIDR:PORT."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
@@ -53,7 +51,7 @@ def allow(
     _add("allow", target, for_)
 
 
-@policy_app.command("deny")
+@group.command("deny")
 def deny(
     target: str = typer.Argument(..., help="HOST[:PORT], *.DOMAIN[:PORT] or CIDR:PORT."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
@@ -62,7 +60,7 @@ def deny(
     _add("deny", target, for_)
 
 
-@policy_app.command("rm")
+@group.command("rm")
 def rm(
     target: str = typer.Argument(..., help="The rule's destination, as `policy ls` shows it."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
@@ -72,7 +70,7 @@ def rm(
     print(f"removed: {egress.remove_rule(target, scope).label}")
 
 
-@policy_app.command("ls")
+@group.command("ls")
 def ls(
     for_: str | None = typer.Option(None, "--for", help="Only the rules that apply to NAME."),
     as_json: bool = typer.Option(False, "--json"),
@@ -96,7 +94,7 @@ def ls(
         print(f"preset {name}: {p['description']} ({len(p['allow'])} hosts)")
 
 
-@policy_app.command("log")
+@group.command("log")
 def log(
     for_: str | None = typer.Option(None, "--for", help="Only NAME's attempts."),
     as_json: bool = typer.Option(False, "--json"),

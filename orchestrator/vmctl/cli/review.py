@@ -6,11 +6,12 @@ import json
 
 import typer
 
-from vmctl.cli import app
 from vmctl.errors import VmctlError
 
+verbs = typer.Typer()
 
-@app.command()
+
+@verbs.command()
 def diff(
     name: str = typer.Argument(..., help="Instance started with --review."),
     paths: list[str] = typer.Argument(None, help="Only these paths (workspace-relative)."),
@@ -38,7 +39,7 @@ def diff(
         print(changes.stat_line(c) if stat else changes.unified(review, c))
 
 
-@app.command("apply")
+@verbs.command("apply")
 def apply_(
     name: str = typer.Argument(..., help="Instance started with --review."),
     paths: list[str] = typer.Argument(None, help="Only these paths (workspace-relative)."),

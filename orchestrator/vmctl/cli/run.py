@@ -7,13 +7,15 @@ from pathlib import Path
 
 import typer
 
-from vmctl.cli import app, passthrough
-from vmctl.clients import registry as clients
+from vmctl.cli.argv import passthrough
+from vmctl.clients import registry
+
+verbs = typer.Typer()
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@verbs.command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
-    client: str = typer.Argument(..., help=f"One of: {', '.join(clients.CLIENTS)}."),
+    client: str = typer.Argument(..., help=f"One of: {', '.join(registry.CLIENTS)}."),
     workspace: Path = typer.Option(
         Path("."), "--workspace", "-w", help="The one folder it may write (default: here)."
     ),
@@ -37,7 +39,7 @@ def run(
 
     Arguments after `--` go to the client verbatim; its exit status is vmctl's.
     """
-    req = clients.RunRequest(
+    req = registry.RunRequest(
         client=client,
         workspace=workspace,
         args=passthrough(),
@@ -47,7 +49,7 @@ def run(
         policy=policy,
         resolve=tuple(resolve),
     )
-    code = clients.run(req)
+    code = registry.run(req)
     sys.stdout.flush()
     # Not typer.Exit: click returns its code from a non-standalone app() call
     # and vmctl.cli.main drops it, so the client's status would be lost.

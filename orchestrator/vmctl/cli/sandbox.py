@@ -16,30 +16,35 @@ from pathlib import Path
 import typer
 
 from vmctl import paths
-from vmctl.cli import app, passthrough
+from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError
-from vmctl.sandbox import launch as sandbox
 from vmctl.sandbox import policy
+from vmctl.sandbox.launch import (
+    SandboxContext,
+    check_workspace,
+    run_sandboxed,
+    sandboxed_command,
+    which,
+)
 
-sandbox_app = typer.Typer(
+group = typer.Typer(
     help="Inspect and try the host sandbox profiles.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(sandbox_app, name="sandbox")
 
 EXAMPLE = Path("/example")
 
 
-def example_context(profile: str, workspace: Path | None) -> sandbox.SandboxContext:
+def example_context(profile: str, workspace: Path | None) -> SandboxContext:
     """Obviously fake values for every placeholder, so any profile renders."""
     run = EXAMPLE / "servers" / "example" / "run"
-    return sandbox.SandboxContext(
+    return SandboxContext(
         binary=EXAMPLE / "bin" / profile,
         cache=run / "cache",
         runtime=run,
         model=(EXAMPLE / "models" / "model.gguf",),
-        workspace=sandbox.check_workspace(workspace) if workspace else EXAMPLE / "workspace",
+        workspace=check_workspace(workspace) if workspace else EXAMPLE / "workspace",
         state=EXAMPLE / "state" / profile,
         endpoint_port=8080,
         endpoint_socket=run / "llama.sock",
@@ -59,7 +64,7 @@ def _lines(argv: list[str]) -> str:
     return " \\\n  ".join(out)
 
 
-@sandbox_app.command("list")
+@group.command("list")
 def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -82,7 +87,7 @@ def list_cmd(
         print(f"{row['name']:<14} {row['network']:<8} {row['description']}")
 
 
-@sandbox_app.command("show")
+@group.command("show")
 def show(
     profile: str = typer.Argument(..., help="Profile name (see `vmctl sandbox list`)."),
     platform: str | None = typer.Option(None, "--platform", help="darwin or linux."),
@@ -92,7 +97,7 @@ def show(
     """Print what PROFILE renders to, with example placeholder values."""
     key = platform or policy.current_platform()
     ctx = example_context(profile, workspace)
-    cmd = sandbox.sandboxed_command(profile, [str(ctx.binary)], ctx, platform=key, render_only=True)
+    cmd = sandboxed_command(profile, [str(ctx.binary)], ctx, platform=key, render_only=True)
     text = next(iter(cmd.files.values()), None)
     if json_out:
         print(json.dumps({"platform": key, "argv": cmd.argv, "profile": text, "env": cmd.env}))
@@ -106,7 +111,7 @@ def show(
         print(f"{k}={v}")
 
 
-@sandbox_app.command("exec")
+@group.command("exec")
 def exec_cmd(
     profile: str = typer.Argument(..., help="Profile name."),
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help="Workspace folder."),
@@ -123,13 +128,13 @@ def exec_cmd(
     needs = pol.placeholders(policy.current_platform())
     ws = None
     if "workspace" in needs:
-        ws = sandbox.check_workspace(workspace or Path.cwd())
+        ws = check_workspace(workspace or Path.cwd())
     scratch = Path(tempfile.mkdtemp(prefix="exec-", dir=paths.home()))
     try:
         for sub in ("state", "run/cache"):
             (scratch / sub).mkdir(parents=True, mode=0o700)
-        ctx = sandbox.SandboxContext(
-            binary=sandbox.which(cmd[0]),
+        ctx = SandboxContext(
+            binary=which(cmd[0]),
             cache=scratch / "run" / "cache",
             runtime=scratch / "run",
             model=tuple(model),
@@ -139,7 +144,7 @@ def exec_cmd(
             endpoint_socket=socket,
             extra_read=tuple(read),
         )
-        code = sandbox.run_sandboxed(profile, cmd, ctx, profile_dir=scratch)
+        code = run_sandboxed(profile, cmd, ctx, profile_dir=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     raise SystemExit(code)  # typer.Exit would be swallowed in non-standalone mode

@@ -1,7 +1,7 @@
-"""`vmctl up`, `exec`, `shell`, `console`, `status`, `down`: guests, thinly.
+"""`vmctl up`, `exec`, `shell`, `console`, `down`: guests, thinly.
 
-Parsing and rendering only; the lifecycle lives in vmctl.instance. Heavy
-modules are imported inside the verbs so `vmctl exec` starts fast.
+Parsing and rendering only; the lifecycle lives in vmctl.vm.instance. The
+plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -16,11 +17,20 @@ from typing import Any
 
 import typer
 
-from vmctl import ui
-from vmctl.cli import app, passthrough
+from vmctl import agents, inventory, paths, ui
+from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
+from vmctl.images.choose import choose_image
+from vmctl.sandbox.launch import check_workspace
+from vmctl.serve.server import list_servers
+from vmctl.vm import instance, terminal
+from vmctl.vm.accel import qemu_binary
+from vmctl.vm.console import attach
+from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+verbs = typer.Typer()
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -29,13 +39,6 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _workspace(path: Path) -> Path:
     try:
-        from vmctl.sandbox.launch import check_workspace
-    except ImportError:  # pragma: no cover - sandbox.py ships with vmctl
-        real = path.expanduser().resolve()
-        if not real.is_dir():
-            raise ConfigError(f"workspace {path} is not a folder", "pass -d DIR") from None
-        return real
-    try:
         return check_workspace(path)
     except ConfigError as e:
         raise ConfigError(e.message, "pass a project folder with -d DIR") from None
@@ -43,10 +46,6 @@ def _workspace(path: Path) -> Path:
 
 def _running_server() -> tuple[str, str | None, str | None] | None:
     """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
-    try:
-        from vmctl.serve.server import list_servers
-    except ImportError:
-        return None
     for srv in list_servers():
         return f"{srv.host}:{srv.port}", srv.alias, srv.api_key
     return None
@@ -62,9 +61,6 @@ def _plan_model(
     reached, so tools are not sent to the proxy (busybox wget, for one,
     ignores NO_PROXY and would ask the proxy for the model).
     """
-    from vmctl import agents
-    from vmctl.vm.qemu import parse_endpoint
-
     api_key = None
     server = None if endpoint else _running_server()
     if server:
@@ -109,21 +105,7 @@ def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | 
     return net, None
 
 
-def _image(
-    image: str, with_agents: list[str] | None, flake: str | None, config: str | None
-) -> tuple[Any, str]:
-    from vmctl.images import manifest as images
-    from vmctl.images import nixos
-
-    if image == "auto":
-        reason = nixos.nix_available(flake)
-        image = "micro" if reason else "nixos"
-        ui.info(f"image: {image}" + (f" ({reason})" if reason else " (Nix can build it here)"))
-    agents = tuple(with_agents) if with_agents else None
-    return images.resolve_image(image, agents, flake=flake, config=config), image
-
-
-@app.command(context_settings={"allow_extra_args": False})
+@verbs.command(context_settings={"allow_extra_args": False})
 def up(
     directory: Path = typer.Option(..., "-d", "--dir", help="The one host folder the guest sees."),
     ephemeral: bool = typer.Option(False, "--ephemeral", help="Remove everything at exit."),
@@ -163,15 +145,10 @@ def up(
     ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
-    from vmctl import paths
-    from vmctl.vm import accel as accel_mod
-    from vmctl.vm import instance
-    from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward
-
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
     ws = _workspace(directory)
-    accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
+    qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
     net, preset = _net_policy(net, policy)
     endpoint, net, files = _plan_model(
@@ -198,8 +175,9 @@ def up(
         fw_cfg=tuple(files),
         mirror=not no_mirror,
     )
+    agents_wanted = tuple(with_agents) if with_agents else None
     try:
-        manifest, image_name = _image(image, with_agents, flake, config)
+        manifest, image_name = choose_image(image, agents_wanted, flake=flake, config=config)
         inst = instance.up(
             spec,
             manifest,
@@ -268,8 +246,6 @@ def _review_left(name: str, discard: bool) -> None:
 
 def _foreground(inst: Any) -> None:
     """Attach the console on a TTY, else wait for the guest to power off."""
-    from vmctl.vm.console import attach
-
     if sys.stdin.isatty():
         ui.info(f"attached to {inst.name}'s console; `exit` or Ctrl-] stops it")
         why = attach(inst.paths.console, stop_on_exit=True, name=inst.name)
@@ -284,17 +260,20 @@ def _foreground(inst: Any) -> None:
 
 
 def _new_name() -> str:
-    from vmctl import paths
-
     while True:
         name = f"vm-{secrets.token_hex(3)}"
         if not paths.instance(name).root.exists():
             return name
 
 
-def _load_running(name: str) -> Any:
-    from vmctl.vm import instance
+def _check_kind(name: str, verb: str) -> None:
+    wrong = inventory.wrong_kind(name, "guest", verb)
+    if wrong is not None:
+        raise wrong
 
+
+def _load_running(name: str, verb: str) -> Any:
+    _check_kind(name, verb)
     instance.reap()
     inst = instance.Instance.load(name)
     if not inst.alive():
@@ -302,83 +281,38 @@ def _load_running(name: str) -> Any:
     return inst
 
 
-@app.command("exec")
+@verbs.command("exec")
 def exec_(
     name: str = typer.Argument(..., help="Instance name."),
     tty: bool = typer.Option(False, "-t", "--tty", help="Run on a pty (interactive programs)."),
 ) -> None:
     """Run `-- CMD...` in the guest: stdin forwarded, stdout and stderr apart, its exit status."""
-    import shlex
-
-    from vmctl.vm import terminal
-
     cmd = passthrough()
     if not cmd:
         raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
-    chan = _load_running(name).exec_channel()
+    chan = _load_running(name, "exec").exec_channel()
     run = terminal.run_tty if tty else terminal.run
     # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
     raise SystemExit(run(chan, shlex.join(cmd)))
 
 
-@app.command()
+@verbs.command()
 def shell(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """An interactive login shell in /workspace as the agent user (like `limactl shell`)."""
-    from vmctl.vm import terminal
-
-    chan = _load_running(name).exec_channel()
+    chan = _load_running(name, "shell").exec_channel()
     raise SystemExit(terminal.run_tty(chan, terminal.LOGIN_SHELL))
 
 
-@app.command()
+@verbs.command()
 def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
-    from vmctl.vm.console import attach
-
-    inst = _load_running(name)
+    inst = _load_running(name, "console")
     ui.info("Ctrl-] detaches")
     if attach(inst.paths.console, name=name) == "closed":
         ui.info(f"{name}'s console closed: the guest is gone")
 
 
-@app.command()
-def status(
-    name: str = typer.Argument(..., help="Instance name."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """QMP run state, pid, uptime, network policy and forwards."""
-    from vmctl.vm import instance
-
-    instance.reap()
-    data = instance.status(name)
-    from vmctl.review import snapshot
-
-    if snapshot.exists(name):
-        data["review"] = f"{snapshot.load(name).source} (vmctl diff {name}; vmctl apply {name})"
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    keys = ("name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards")
-    for key in (*keys, "review"):
-        value = data.get(key)
-        if key == "review" and value is None:
-            continue
-        print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
-    print(f"{'mirror':15} {_mirror_line(data['mirror'])}")
-    print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
-
-
-def _mirror_line(m: dict[str, Any]) -> str:
-    from vmctl.events import safe
-
-    if m["state"] == "off":
-        return f"off ({m['why']})"
-    live = ", ".join(f"127.0.0.1:{p}" for p in m["live"]) or "no ports yet"
-    skipped = "; ".join(f"{p} skipped: {safe(why)}" for p, why in m["skipped"].items())
-    return f"on: {live}" + (f" ({skipped})" if skipped else "")
-
-
-@app.command()
+@verbs.command()
 def down(
     name: str = typer.Argument(..., help="Instance name."),
     discard: bool = typer.Option(
@@ -386,8 +320,7 @@ def down(
     ),
 ) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
-    from vmctl.vm import instance
-
+    _check_kind(name, "down")
     with ui.step(f"stopping {name}"):
         instance.down(name)
     _review_left(name, discard)

@@ -326,8 +326,7 @@ def run(req: RunRequest) -> int:
     ws = sandbox.check_workspace(req.workspace)
     binary = client.find(req.client_bin)
     target = find_endpoint(req.endpoint)
-    root = paths.client(client.name)
-    state = paths.private_dir(root / "state")
+    state = paths.private_dir(paths.client_paths(client.name).state)
     if req.policy is not None and (not req.sandbox or sys.platform != "linux"):
         raise ConfigError("--policy needs the Linux sandbox", "drop --policy or --no-sandbox")
     if not req.sandbox:
@@ -366,9 +365,9 @@ def _run_bridged(
     Under `--policy` the egress proxy is a second socket, bridged to
     127.0.0.1:PROXY_PORT inside, where HTTP(S)_PROXY point.
     """
-    root = paths.client(client.name)
-    runtime = paths.private_dir(root / "run" / str(os.getpid()))
-    sock = paths.check_socket_path(runtime / "ep.sock")
+    cp = paths.client_paths(client.name)
+    runtime = paths.private_dir(cp.runtime(os.getpid()))
+    sock = cp.endpoint_socket(os.getpid())
     env = client.configure(target.endpoint(f"http://127.0.0.1:{target.port}"), state)
     py_read, py_exec = python_runtime()
     ctx = SandboxContext(
@@ -392,9 +391,7 @@ def _run_bridged(
             env |= px.env
         inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--"]
         inner += client.argv(binary, req.args)
-        stack.enter_context(
-            HostRelay(sock, target.host, target.port, root / "relay.jsonl", client.name)
-        )
+        stack.enter_context(HostRelay(sock, target.host, target.port, cp.relay_log, client.name))
         cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
         return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
     raise AssertionError("unreachable")

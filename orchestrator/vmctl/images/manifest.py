@@ -7,7 +7,6 @@ build output. docs/guest-contract.md, "Image manifest", is the format.
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,42 +168,3 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(target)
     return target
-
-
-def resolve_image(
-    name_or_path: str,
-    with_agents: tuple[str, ...] | None = None,
-    *,
-    flake: str | None = None,
-    config: str | None = None,
-) -> ImageManifest:
-    """`micro` (built if needed), `nixos` (from the flake), or a manifest path.
-
-    For `micro` without `with_agents`, an already built image with opencode
-    is preferred, then one without; only when neither exists is a plain one
-    built (`vmctl image build micro --with opencode` adds the agent).
-    """
-    if name_or_path == "micro":
-        from vmctl.images import micro
-
-        wanted = [with_agents] if with_agents is not None else [("opencode",), ()]
-        for agents in wanted:
-            built = micro.find_built(agents)
-            if built is not None:
-                return load_manifest(built)
-        return load_manifest(micro.build_micro(wanted[-1]))
-    if name_or_path == "nixos":
-        try:
-            nixos = importlib.import_module("vmctl.images.nixos")
-        except ImportError:
-            raise VMError(
-                "the nixos image is not available in this vmctl",
-                "use --image micro or a manifest path",
-            ) from None
-        return load_manifest(Path(nixos.build_manifest(flake, config)))
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        path = path / "manifest.json"
-    if not path.exists() and "/" not in name_or_path and not name_or_path.endswith(".json"):
-        raise VMError(f"unknown image {name_or_path!r}", "use micro, nixos or a manifest path")
-    return load_manifest(path)

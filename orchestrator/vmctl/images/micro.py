@@ -170,7 +170,7 @@ def needed_libs(binaries: list[Path]) -> dict[str, Path]:
 
 def install_opencode() -> Path:
     """npm-install opencode-ai once into images_dir/agents (the read-only share)."""
-    target = paths.images_dir() / "agents" / f"opencode-{OPENCODE_VERSION}"
+    target = paths.image_agents_dir() / f"opencode-{OPENCODE_VERSION}"
     if (target / OPENCODE_BIN).is_file() and (target / ".complete").exists():
         target.chmod(0o755)  # the guest's agent user must enter the share
         return target

@@ -4,7 +4,7 @@ Debian's `linux-image-*-amd64` (never `-cloud-`, which lacks 9p) is fetched
 with `apt-get download`, its uncompressed `vmlinux` is cut out of the
 bzImage (PVH boot skips the ~3.5 s decompressor under TCG), and only the
 modules the guest contract needs are kept, in depmod's dependency order.
-Cached under `images_dir()/kernels/<package>_<version>/`.
+Cached under `paths.kernels_dir()/<package>_<version>/`.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _copy_module(mods: Path, rel: str, into: Path) -> str:
 
 def fetch_kernel(package: str, version: str) -> Kernel:
     """Download, unpack and trim the kernel package once; reuse it afterwards."""
-    kernel = Kernel(package, version, paths.images_dir() / "kernels" / f"{package}_{version}")
+    kernel = Kernel(package, version, paths.kernels_dir() / f"{package}_{version}")
     if (kernel.root / _DONE).exists():
         return kernel
     hint = "install the Debian tools: apt-get install kmod dpkg apt"

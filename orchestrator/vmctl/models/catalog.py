@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmctl.errors import ModelError
+from vmctl.models.names import ALIAS_RE, check_quant, check_repo_file, check_repo_id
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -110,8 +111,6 @@ def _sampling(name: str, raw: Any) -> tuple[tuple[str, float | int], ...]:
 
 def parse_entry(name: str, raw: Any) -> CatalogEntry:
     """Validate one `[models.NAME]` table."""
-    from vmctl.models.spec import ALIAS_RE, check_quant, check_repo_file, check_repo_id
-
     if not ALIAS_RE.match(name):
         raise _bad(name, "name", "must be lower-case letters, digits, '.', '_' or '-'")
     if not isinstance(raw, dict):

@@ -27,12 +27,12 @@ from vmctl.models.hub import (
     list_repo,
     not_cached,
 )
+from vmctl.models.names import check_repo_id
 from vmctl.models.spec import (
     SPLIT_RE,
     CatalogSpec,
     HubSpec,
     PathSpec,
-    check_repo_id,
     parse_spec,
     pick_mmproj,
     safe_join,

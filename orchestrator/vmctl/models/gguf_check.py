@@ -200,7 +200,7 @@ def file_stamp(path: Path) -> dict[str, int]:
 
 def _stamp_file(path: Path) -> Path:
     key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:32]
-    return paths.private_dir(paths.home() / "models" / "gguf-checked") / f"{key}.json"
+    return paths.gguf_checked_dir() / f"{key}.json"
 
 
 def _second_opinion(path: Path, n_tensors: int) -> None:

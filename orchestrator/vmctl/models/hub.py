@@ -20,7 +20,7 @@ from typing import Any
 from vmctl import paths, state, ui
 from vmctl.errors import FetchError, ModelError
 from vmctl.models.gguf_check import file_stamp
-from vmctl.models.spec import check_repo_file
+from vmctl.models.names import check_repo_file
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -201,8 +201,7 @@ def link_snapshot(repo: str, blob: Path, name: str, commit: str) -> Path:
 def _sidecar(repo: str, blob: Path) -> Path:
     key = blob.name if re.fullmatch(r"[0-9A-Za-z]{8,128}", blob.name) else None
     key = key or hashlib.sha256(os.fsencode(blob)).hexdigest()
-    folder = paths.home() / "models" / f"models--{repo.replace('/', '--')}"
-    return paths.private_dir(folder) / f"{key}.json"
+    return paths.model_digests_dir(repo) / f"{key}.json"
 
 
 def recorded_sha(repo: str, pointer: Path) -> str | None:

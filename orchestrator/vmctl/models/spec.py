@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmctl.errors import ModelError
+from vmctl.models import catalog
+from vmctl.models.names import check_quant, check_repo_file, check_repo_id
 
-REPO_RE = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
-PART_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
-QUANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 DEFAULT_QUANT = "Q4_K_M"
 _MAX_SPEC = 512
@@ -47,31 +45,6 @@ class PathSpec:
 ModelSpec = CatalogSpec | HubSpec | PathSpec
 
 
-def check_repo_id(repo: str) -> str:
-    """Refuse anything but `org/name` made of safe characters."""
-    if not REPO_RE.match(repo) or any(p in {".", ".."} for p in repo.split("/")):
-        raise ModelError(f"invalid hub repo id {repo!r}", "a repo id looks like org/name")
-    return repo
-
-
-def check_repo_file(name: str) -> str:
-    """Refuse absolute, empty, `..` or odd-character file paths inside a repo."""
-    parts = name.split("/")
-    if not name or len(name) > 255 or any(p in {"", ".", ".."} for p in parts):
-        raise ModelError(f"invalid file name {name!r}", "give a relative file path inside the repo")
-    if not all(PART_RE.match(p) for p in parts):
-        raise ModelError(f"invalid file name {name!r}", "file names may use A-Z a-z 0-9 . _ + -")
-    return name
-
-
-def check_quant(label: str) -> str:
-    if not QUANT_RE.match(label):
-        raise ModelError(
-            f"invalid quant label {label!r}", "a quant looks like Q4_K_M or UD-Q6_K_XL"
-        )
-    return label
-
-
 def _looks_like_path(spec: str) -> bool:
     if spec.startswith(("./", "/", "~")):
         return True
@@ -85,8 +58,6 @@ def _looks_like_path(spec: str) -> bool:
 
 def parse_spec(spec: str) -> ModelSpec:
     """Turn a user's spec into a checked `ModelSpec`, or raise `ModelError`."""
-    from vmctl.models import catalog
-
     spec = spec.strip()
     if not spec or len(spec) > _MAX_SPEC or "\0" in spec or not spec.isprintable():
         raise ModelError(f"invalid model spec {spec[:80]!r}", _HINT)

@@ -14,12 +14,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmctl.errors import ConfigError
 from vmctl.events import safe
 from vmctl.review.entries import FILE, LINK, SPECIAL, Entry, read_entry, scan
-from vmctl.review.snapshot import Review
+
+if TYPE_CHECKING:  # annotations only: snapshot imports this module for drop_if_clean
+    from vmctl.review.snapshot import Review
 
 #: Text files above this are summarised, not diffed.
 MAX_DIFF_BYTES = 1 << 20

@@ -171,7 +171,7 @@ def sandboxed_command(
 
 def _profile_dir() -> Path:
     """Default home of rendered SBPL files (servers pass their own)."""
-    return paths.home() / "sandbox"
+    return paths.sandbox_profiles_dir()
 
 
 def unsandboxed_command(argv: list[str], env: Mapping[str, str], profile: str) -> SandboxedCommand:

@@ -4,33 +4,45 @@ The model is resolved (and pulled, outside any sandbox) by the caller; this
 module builds llama-server's argv, wraps it with the `llama-server` host
 profile, supervises it and the gateway, and owns the server's state folder
 (paths.ServerPaths). A detached server is the same supervisor re-executed
-as `python -m vmctl.serve.server CONFIG` in its own session.
+as `python -m vmctl.serve.supervisor CONFIG` in its own session.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmctl import paths, ui
-from vmctl.errors import ConfigError, NotFoundError, ServerError, VmctlError
+from vmctl.errors import ConfigError, NotFoundError, ServerError
+from vmctl.logtail import tail_lines
+from vmctl.poll import Timeout, wait_until
 from vmctl.procs import ProcessRef
 from vmctl.sandbox import gpu
-from vmctl.state import StateError, read_json, write_json
+from vmctl.serve.record import ServerRecord
+from vmctl.state import StateError, write_json
 
 PROFILE = "llama-server"
 LOAD_TIMEOUT = float(os.environ.get("VMCTL_LOAD_TIMEOUT", "600"))
+#: Largest --ctx-size accepted (tokens): a bound on the KV cache a typo can ask for.
+MAX_CTX_SIZE = 1 << 22
+
+
+def check_options(name: str, port: int, ctx_size: int | None) -> None:
+    """Refuse bad `vmctl serve` options before anything is fetched or started."""
+    paths.check_name(name, "--name")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is out of range", "use 1-65535")
+    if ctx_size is not None and not 0 < ctx_size <= MAX_CTX_SIZE:
+        raise ConfigError(
+            f"--ctx-size {ctx_size} is not a context size",
+            f"give a number of tokens from 1 to {MAX_CTX_SIZE}, or leave it out for the catalog's",
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
     #: GPU kinds bound into the sandbox (host profile `[gpu.KIND]` tables).
     gpu: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_options(self.name, self.port, self.ctx_size)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerConfig:
@@ -118,18 +133,15 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServerError(
-                f"cannot listen on {host}:{port}: {e.strerror}",
-                "choose another port with --port, or stop what uses it (vmctl ls; vmctl stop NAME)",
-            ) from e
+            raise cannot_listen(host, port, e) from e
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def cannot_listen(host: str, port: int, e: OSError) -> ServerError:
+    """The one error for a gateway address that is taken or not ours to bind."""
+    return ServerError(
+        f"cannot listen on {host}:{port}: {e.strerror}",
+        "choose another port with --port, or stop what uses it (vmctl ls; vmctl stop NAME)",
+    )
 
 
 @dataclass(frozen=True)
@@ -158,25 +170,30 @@ class ServerInfo:
         return data
 
 
+def _record(sp: paths.ServerPaths) -> ServerRecord | None:
+    try:
+        return ServerRecord.read(sp.meta)
+    except StateError:
+        return None
+
+
 def _read_info(root: Path) -> ServerInfo | None:
     sp = paths.ServerPaths(root)
-    try:
-        meta = read_json(sp.meta, {"name": str, "url": str, "alias": str, "supervisor": dict})
-        ref = ProcessRef.from_json(meta["supervisor"])
-    except (StateError, ValueError):
+    rec = _record(sp)
+    if rec is None:
         return None
     return ServerInfo(
-        name=meta["name"],
-        url=meta["url"],
-        alias=meta["alias"],
-        host=str(meta.get("host", "")),
-        port=int(meta.get("port", 0)),
-        api_key=meta.get("api_key") if isinstance(meta.get("api_key"), str) else None,
-        sandbox=bool(meta.get("sandbox", True)),
-        pid=ref.pid,
-        model=str(meta.get("model", "")),
-        started=float(meta.get("started", 0.0)),
-        running=ref.alive(),
+        name=rec.name,
+        url=rec.url,
+        alias=rec.alias,
+        host=rec.host,
+        port=rec.port,
+        api_key=rec.api_key,
+        sandbox=rec.sandbox,
+        pid=rec.supervisor.pid,
+        model=rec.model,
+        started=rec.started,
+        running=rec.supervisor.alive(),
         audit=sp.audit,
         log=sp.log,
     )
@@ -207,20 +224,20 @@ def get_server(name: str) -> ServerInfo:
 def reap(root: Path) -> None:
     """Clean up after a supervisor that died: its llama-server and runtime folder."""
     sp = paths.ServerPaths(root)
-    with contextlib.suppress(StateError, ValueError):
-        meta = read_json(sp.meta, {})
-        if isinstance(meta.get("llama"), dict):
-            ProcessRef.from_json(meta["llama"]).terminate(timeout=5)
+    rec = _record(sp)
+    if rec is not None and rec.llama is not None:
+        rec.llama.terminate(timeout=5)
     shutil.rmtree(sp.runtime, ignore_errors=True)
 
 
 def stop_server(name: str, timeout: float = 15.0) -> ServerInfo:
     """SIGTERM the supervisor (only if it is still the process we started)."""
     info = get_server(name)
-    root = paths.server(name).root
-    meta = read_json(paths.ServerPaths(root).meta, {"supervisor": dict})
-    ProcessRef.from_json(meta["supervisor"]).terminate(timeout=timeout)
-    reap(root)
+    sp = paths.server(name)
+    rec = _record(sp)
+    if rec is not None:
+        rec.supervisor.terminate(timeout=timeout)
+    reap(sp.root)
     return info
 
 
@@ -246,12 +263,12 @@ def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> Serv
     """Start the supervisor in its own session and wait until it is healthy."""
     sp = prepare(config)
     check_port_free(config.host, config.port)
-    cfg = sp.root / "config.json"
+    cfg = sp.config
     write_json(cfg, asdict(config))
     sp.meta.unlink(missing_ok=True)
     with open(sp.log, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmctl.serve.server", str(cfg)],
+            [sys.executable, "-m", "vmctl.serve.supervisor", str(cfg)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -259,61 +276,27 @@ def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> Serv
             cwd=sp.root,
             env={**os.environ, "VMCTL_QUIET": "1"},
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = _read_info(sp.root)
-        if info is not None and _read_state(sp) == "ready":
-            return info
+
+    def ready() -> ServerInfo | None:
+        rec = _record(sp)
+        return _read_info(sp.root) if rec is not None and rec.state == "ready" else None
+
+    def died() -> str | None:
+        return None if proc.poll() is None else f"exited with status {proc.returncode}"
+
+    try:
+        return wait_until(ready, timeout=timeout, what=config.name, interval=0.2, abort=died)
+    except Timeout:
         if proc.poll() is not None:
             raise ServerError(
                 f"server {config.name} exited while loading (status {proc.returncode})",
                 "see the log lines above; `vmctl logs` has the audit trail",
-                details=log_tail(sp.log),
-            )
-        time.sleep(0.2)
-    ProcessRef.of(proc.pid).terminate()
-    raise ServerError(
-        f"server {config.name} not healthy after {timeout:.0f} s", details=log_tail(sp.log)
-    )
-
-
-def _read_state(sp: paths.ServerPaths) -> str | None:
-    try:
-        return str(read_json(sp.meta, {"state": str})["state"])
-    except StateError:
-        return None
-
-
-def run_foreground(
-    config: ServerConfig, on_ready: Callable[[ServerConfig], None] | None = None
-) -> None:
-    """Supervise in this process until Ctrl-C or SIGTERM."""
-    sp = prepare(config)
-    check_port_free(config.host, config.port)
-    from vmctl.serve.supervisor import supervise
-
-    asyncio.run(supervise(config, sp, on_ready))
-
-
-def main(argv: list[str]) -> int:
-    """Entry of a detached supervisor: `python -m vmctl.serve.server CONFIG`."""
-    from vmctl.serve.supervisor import supervise
-
-    cfg = Path(argv[0])
-    try:
-        config = ServerConfig.from_json(read_json(cfg, {"name": str}))
-        sp = paths.server(config.name)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        asyncio.run(supervise(config, sp))
-    except VmctlError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.details:
-            print(e.details, file=sys.stderr)
-        return 1
-    except (StateError, TypeError) as e:
-        print(f"error: bad server config {cfg}: {e}", file=sys.stderr)
-        return 1
-    return 0
+                details=tail_lines(sp.log),
+            ) from None
+        ProcessRef.of(proc.pid).terminate()
+        raise ServerError(
+            f"server {config.name} not healthy after {timeout:.0f} s", details=tail_lines(sp.log)
+        ) from None
 
 
 __all__ = [
@@ -325,9 +308,5 @@ __all__ = [
     "launch_detached",
     "list_servers",
     "llama_argv",
-    "run_foreground",
     "stop_server",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

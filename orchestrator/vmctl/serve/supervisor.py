@@ -11,65 +11,67 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
 from vmctl import events, paths, ui
-from vmctl.errors import ServerError
+from vmctl.errors import ServerError, VmctlError
+from vmctl.logtail import tail_lines
+from vmctl.poll import Timeout, wait_until
 from vmctl.procs import ProcessRef
+from vmctl.sandbox.launch import SandboxContext, sandboxed_command, unsandboxed_command
 from vmctl.serve.gateway import Gateway, GatewayConfig
-from vmctl.serve.server import LOAD_TIMEOUT, PROFILE, ServerConfig, llama_argv, log_tail
-from vmctl.state import write_json
+from vmctl.serve.record import ServerRecord
+from vmctl.serve.server import (
+    LOAD_TIMEOUT,
+    PROFILE,
+    ServerConfig,
+    cannot_listen,
+    check_port_free,
+    llama_argv,
+    prepare,
+)
+from vmctl.state import StateError, read_json
 
 
 def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[str], dict[str, str]]:
     """llama-server's argv and environment, wrapped in its sandbox unless disabled."""
     argv = llama_argv(config, sp.socket)
     env = {"HOME": str(sp.cache), "LLAMA_CACHE": str(sp.cache), "TMPDIR": str(sp.cache)}
-    from vmctl.sandbox import launch as sandbox
-
     if not config.sandbox:
-        cmd = sandbox.unsandboxed_command(argv, env, PROFILE)
+        cmd = unsandboxed_command(argv, env, PROFILE)
         return cmd.argv, cmd.env
     model = tuple(
         Path(p) for p in [*config.model_parts, *([config.mmproj] if config.mmproj else [])]
     )
-    ctx = sandbox.SandboxContext(
+    ctx = SandboxContext(
         binary=Path(config.binary),
         cache=sp.cache,
         runtime=sp.runtime,
         model=model,
         gpu=tuple(config.gpu),
     )
-    cmd = sandbox.sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
+    cmd = sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
     cmd.write_files()
     return cmd.argv, cmd.env
 
 
-def _meta(
+def _record(
     config: ServerConfig, llama: ProcessRef | None, state: str, started: float
-) -> dict[str, object]:
-    return {
-        "name": config.name,
-        "url": f"http://{config.host}:{config.port}",
-        "alias": config.alias,
-        "host": config.host,
-        "port": config.port,
-        "api_key": config.api_key,
-        "sandbox": config.sandbox,
-        "model": config.model_path,
-        "supervisor": ProcessRef.of(os.getpid()).to_json(),
-        "llama": llama.to_json() if llama else None,
-        "started": started,
-        "state": state,
-    }
+) -> ServerRecord:
+    return ServerRecord(
+        name=config.name, alias=config.alias, host=config.host, port=config.port,
+        api_key=config.api_key, sandbox=config.sandbox, model=config.model_path,
+        supervisor=ProcessRef.of(os.getpid()), llama=llama, started=started, state=state,
+    )  # fmt: skip
 
 
 def lifecycle(config: ServerConfig, action: str, **fields: object) -> None:
@@ -104,28 +106,51 @@ async def _exit_or_stop(proc: subprocess.Popen[bytes], stop: asyncio.Event) -> N
             await asyncio.wait_for(stop.wait(), timeout=0.25)
 
 
-async def _healthy(session: aiohttp.ClientSession) -> bool:
+class _UnixHTTP(http.client.HTTPConnection):
+    """HTTP over llama-server's UNIX socket."""
+
+    def __init__(self, sock: Path) -> None:
+        super().__init__("llama", timeout=2)
+        self.sock_path = sock
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.sock_path))
+
+
+def _healthy(sock: Path) -> bool | None:
+    """True once llama-server's /health says the model is loaded; None while not."""
+    conn = _UnixHTTP(sock)
     try:
-        async with session.get("http://llama/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-            return r.status == 200
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return False
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    return True if status == 200 else None
 
 
-async def _wait_healthy(gateway: Gateway, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    while not await _healthy(gateway.session()):
+def wait_healthy(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Block until the model is loaded; llama-server dying ends the wait at once."""
+
+    def died() -> str | None:
+        return None if proc.poll() is None else f"exited with status {proc.returncode}"
+
+    try:
+        wait_until(
+            lambda: _healthy(sock), timeout=LOAD_TIMEOUT, what="llama-server", interval=0.25,
+            abort=died,
+        )  # fmt: skip
+    except Timeout:
         if proc.poll() is not None:
             raise ServerError(
                 f"llama-server exited while loading the model (status {proc.returncode})",
                 "check the model file and flags; the server's last log lines are above",
-                details=log_tail(log),
-            )
-        if time.monotonic() > deadline:
-            raise ServerError(
-                f"llama-server not healthy after {LOAD_TIMEOUT:.0f} s", details=log_tail(log)
-            )
-        await asyncio.sleep(0.25)
+                details=tail_lines(log),
+            ) from None
+        raise ServerError(
+            f"llama-server not healthy after {LOAD_TIMEOUT:.0f} s", details=tail_lines(log)
+        ) from None
 
 
 async def supervise(
@@ -146,10 +171,7 @@ async def supervise(
     try:
         await gateway.start()
     except OSError as e:
-        raise ServerError(
-            f"cannot listen on {config.host}:{config.port}: {e.strerror}",
-            "choose another port with --port, or stop what uses it (vmctl ls; vmctl stop NAME)",
-        ) from e
+        raise cannot_listen(config.host, config.port, e) from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,10 +186,10 @@ async def supervise(
             )
         proc = _spawn(config, sp)
         llama = ProcessRef.of(proc.pid)
-        write_json(sp.meta, _meta(config, llama, "loading", started))
+        _record(config, llama, "loading", started).write(sp.meta)
         with ui.step(f"loading {config.alias}"):
-            await _wait_healthy(gateway, proc, sp.log)
-        write_json(sp.meta, _meta(config, llama, "ready", started))
+            await asyncio.to_thread(wait_healthy, sp.socket, proc, sp.log)
+        _record(config, llama, "ready", started).write(sp.meta)
         lifecycle(config, "ready", model=config.alias, detail=f"{config.host}:{config.port}")
         if on_ready:
             on_ready(config)
@@ -184,7 +206,7 @@ async def supervise(
                 raise ServerError(
                     f"llama-server died (status {status})",
                     "--restart on-failure (the default) restarts it",
-                    details=log_tail(sp.log),
+                    details=tail_lines(sp.log),
                 )
             failures = 1 if time.monotonic() - up_since > HEALTHY_RESET_S else failures + 1
             delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (failures - 1))
@@ -196,13 +218,13 @@ async def supervise(
             sp.socket.unlink(missing_ok=True)
             proc = _spawn(config, sp)
             llama = ProcessRef.of(proc.pid)
-            write_json(sp.meta, _meta(config, llama, "loading", started))
+            _record(config, llama, "loading", started).write(sp.meta)
             try:
-                await _wait_healthy(gateway, proc, sp.log)
+                await asyncio.to_thread(wait_healthy, sp.socket, proc, sp.log)
             except ServerError as e:
                 lifecycle(config, "crash", reason="load_failed", detail=e.message)
                 continue
-            write_json(sp.meta, _meta(config, llama, "ready", started))
+            _record(config, llama, "ready", started).write(sp.meta)
             lifecycle(config, "ready", model=config.alias, detail=f"restarted (try {failures})")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,4 +237,36 @@ async def supervise(
         await gateway.close()
         shutil.rmtree(sp.runtime, ignore_errors=True)
         with contextlib.suppress(OSError):
-            write_json(sp.meta, _meta(config, llama, "stopped", started))
+            _record(config, llama, "stopped", started).write(sp.meta)
+
+
+def run_foreground(
+    config: ServerConfig, on_ready: Callable[[ServerConfig], None] | None = None
+) -> None:
+    """Supervise in this process until Ctrl-C or SIGTERM."""
+    sp = prepare(config)
+    check_port_free(config.host, config.port)
+    asyncio.run(supervise(config, sp, on_ready))
+
+
+def main(argv: list[str]) -> int:
+    """Entry of a detached supervisor: `python -m vmctl.serve.supervisor CONFIG`."""
+    cfg = Path(argv[0])
+    try:
+        config = ServerConfig.from_json(read_json(cfg, {"name": str}))
+        sp = paths.server(config.name)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        asyncio.run(supervise(config, sp))
+    except VmctlError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr)
+        return 1
+    except (StateError, TypeError) as e:
+        print(f"error: bad server config {cfg}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

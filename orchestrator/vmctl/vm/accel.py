@@ -78,7 +78,7 @@ def _cache_file(qemu: str, kernel: Path | None) -> Path:
     st = os.stat(qemu)
     key = f"{PROBE_VERSION}\0{boot}\0{qemu}\0{st.st_mtime_ns}\0{st.st_size}\0{kernel}"
     key = hashlib.sha256(key.encode()).hexdigest()
-    return paths.cache_home() / "accel" / f"kvm-{key[:24]}.json"
+    return paths.accel_dir() / f"kvm-{key[:24]}.json"
 
 
 def probe_kernel(qemu: str, machine: str, kernel: Path) -> str | None:

@@ -17,21 +17,21 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
+from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars import guestpath, mirror
-from vmctl.state import StateError, read_json, write_json
-from vmctl.vm import accel as accel_mod
-from vmctl.vm import idmap
-from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
-from vmctl.vm.qemu import InstanceSpec, ManifestLike, qemu_argv
+from vmctl.state import StateError
+from vmctl.vm import accel, idmap
+from vmctl.vm.console import ExecChannel, expect_ready
+from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
+from vmctl.vm.spec import InstanceRecord, InstanceSpec
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
@@ -52,6 +52,7 @@ class InstanceInfo:
 
     name: str
     running: bool
+    state: str
     pid: int
     started: float
     ephemeral: bool
@@ -67,7 +68,7 @@ class InstanceInfo:
     audit: Path
     qemu_log: Path
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         for key in ("root", "console_log", "audit", "qemu_log"):
             data[key] = str(data[key])
@@ -75,33 +76,22 @@ class InstanceInfo:
         return data
 
 
-def _read_meta(ipaths: paths.InstancePaths) -> dict[str, Any]:
-    return read_json(ipaths.meta, {"name": str, "started": (int, float), "spec": dict})
-
-
-def _ref(meta: dict[str, Any], key: str) -> ProcessRef | None:
-    try:
-        return ProcessRef.from_json(meta.get(key))
-    except ValueError:
-        return None
-
-
-def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
-    spec = meta["spec"]
-    qemu = _ref(meta, "qemu")
+def _info(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
+    running = bool(rec.qemu and rec.qemu.alive())
     return InstanceInfo(
-        name=meta["name"],
-        running=bool(qemu and qemu.alive()),
-        pid=qemu.pid if qemu else 0,
-        started=float(meta["started"]),
-        ephemeral=bool(spec.get("ephemeral")),
-        detached=meta.get("owner") is None,
-        net=str(spec.get("net")),
-        policy=spec.get("policy"),
-        model_endpoint=spec.get("model_endpoint"),
-        forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
-        workspace=str(spec.get("workspace")),
-        image=str(meta.get("image", "")),
+        name=rec.name,
+        running=running,
+        state="running" if running else "stopped",
+        pid=rec.qemu.pid if rec.qemu else 0,
+        started=rec.started,
+        ephemeral=rec.ephemeral,
+        detached=rec.owner is None,
+        net=rec.net,
+        policy=rec.policy,
+        model_endpoint=rec.model_endpoint,
+        forwards=[f"{h}:{g}" for h, g in rec.forwards],
+        workspace=rec.workspace,
+        image=rec.image,
         root=ipaths.root,
         console_log=ipaths.console_log,
         audit=ipaths.audit,
@@ -112,10 +102,10 @@ def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
 class Instance:
     """One QEMU guest: start, wait for readiness, exec, shut down, clean up."""
 
-    def __init__(self, name: str, meta: dict[str, Any] | None = None):
-        self.name = name
-        self.paths = paths.instance(name)
-        self.meta: dict[str, Any] = meta if meta is not None else {}
+    def __init__(self, record: InstanceRecord):
+        self.name = record.name
+        self.paths = paths.instance(record.name)
+        self.record = record
         self.proc: subprocess.Popen[bytes] | None = None
         self._closed = False
 
@@ -124,25 +114,25 @@ class Instance:
     def load(cls, name: str) -> Instance:
         ipaths = paths.instance(name)
         try:
-            meta = _read_meta(ipaths)
+            record = InstanceRecord.read(ipaths.meta)
         except StateError:
-            raise NotFoundError(f"no instance named {name!r}", "see `vmctl ls`") from None
-        return cls(name, meta)
+            raise NotFoundError(f"no instance named {name!r}", "see `vmctl ls --all`") from None
+        return cls(record)
 
     @property
     def ephemeral(self) -> bool:
-        return bool(self.meta.get("spec", {}).get("ephemeral"))
+        return self.record.ephemeral
 
     @property
     def qemu(self) -> ProcessRef | None:
-        return _ref(self.meta, "qemu")
+        return self.record.qemu
 
     def alive(self) -> bool:
         ref = self.qemu
         return bool(ref and ref.alive())
 
     def info(self) -> InstanceInfo:
-        return _info(self.paths, self.meta)
+        return _info(self.paths, self.record)
 
     # ---- start ----
     def start(self, argv: list[str], *, detach: bool) -> None:
@@ -164,11 +154,11 @@ class Instance:
                 )
             except OSError as e:
                 raise VMError(f"cannot start {argv[0]}: {e.strerror}") from e
-        self.meta["qemu"] = ProcessRef.of(self.proc.pid).to_json()
+        self.record = replace(self.record, qemu=ProcessRef.of(self.proc.pid))
         self.save()
 
     def save(self) -> None:
-        write_json(self.paths.meta, self.meta)
+        self.record.write(self.paths.meta)
 
     def _died(self) -> str | None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -208,7 +198,7 @@ class Instance:
 
     def release(self) -> None:
         """Detach: the guest lives on after this vmctl exits, until `vmctl down`."""
-        self.meta["owner"] = None
+        self.record = replace(self.record, owner=None)
         self.save()
 
     # ---- use ----
@@ -255,9 +245,9 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
-            _stop_sidecar(self.meta)
-            mirror.stop(_ref(self.meta, "mirror"))
-            _stop_proxy(self.meta)
+            _stop_sidecar(self.record)
+            mirror.stop(self.record.mirror_sidecar)
+            _stop_proxy(self.record)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -286,29 +276,12 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
     ipaths = paths.instance(spec.name)
     if ipaths.root.exists() and not reap_one(ipaths):
         with contextlib.suppress(StateError):
-            if Instance(spec.name, _read_meta(ipaths)).alive():
+            if Instance(InstanceRecord.read(ipaths.meta)).alive():
                 raise VMError(f"instance {spec.name!r} is running", f"vmctl down {spec.name}")
         # A stopped persistent instance: its folder (and disk) is reused.
     paths.private_dir(ipaths.root)
-    meta: dict[str, Any] = {
-        "name": spec.name,
-        "started": time.time(),
-        "image": image,
-        "owner": ProcessRef.of(os.getpid()).to_json(),
-        "spec": {
-            "workspace": str(spec.workspace),
-            "net": spec.net,
-            "model_endpoint": None
-            if spec.model_endpoint is None
-            else "{}:{}".format(*spec.model_endpoint),
-            "forwards": [list(f) for f in spec.forwards],
-            "mem": spec.mem,
-            "cpus": spec.cpus,
-            "ephemeral": spec.ephemeral,
-            "mirror": spec.mirror,
-        },
-    }
-    inst = Instance(spec.name, meta)
+    record = InstanceRecord.of(spec, image, time.time(), ProcessRef.of(os.getpid()))
+    inst = Instance(record)
     inst.save()
     return inst
 
@@ -324,8 +297,8 @@ def up(
     max_conns: int = guestpath.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
-    qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
+    qemu_bin = accel.qemu_binary()
+    acc = accel.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
@@ -346,7 +319,7 @@ def up(
             inst.wait_ready(timeout)
         if spec.mirrors:
             ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
-            inst.meta["mirror"] = ref.to_json()
+            inst.record = replace(inst.record, mirror_sidecar=ref)
             inst.save()
         if detach:
             inst.release()
@@ -370,14 +343,13 @@ def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
         pid = guestpath.launch(inst.paths, config)
     except OSError as e:
         raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
-    inst.meta["sidecar"] = ProcessRef.of(pid).to_json()
+    inst.record = replace(inst.record, sidecar=ProcessRef.of(pid))
     inst.save()
 
 
-def _stop_sidecar(meta: dict[str, Any]) -> None:
-    ref = _ref(meta, "sidecar")
-    if ref is not None and ref.alive():
-        ref.terminate(timeout=3.0)
+def _stop_sidecar(record: InstanceRecord) -> None:
+    if record.sidecar is not None and record.sidecar.alive():
+        record.sidecar.terminate(timeout=3.0)
 
 
 def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
@@ -393,25 +365,23 @@ def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
         )  # fmt: skip
     except OSError as e:
         raise VMError(str(e)) from None
-    inst.meta["proxy"] = ref.to_json()
-    inst.meta["spec"] |= {"policy": spec.policy, "resolve": list(spec.resolve)}
+    inst.record = replace(inst.record, proxy=ref)
     inst.save()
 
 
-def _stop_proxy(meta: dict[str, Any]) -> None:
-    ref = _ref(meta, "proxy")
-    if ref is not None:
-        ref.terminate(timeout=5.0)
+def _stop_proxy(record: InstanceRecord) -> None:
+    if record.proxy is not None:
+        record.proxy.terminate(timeout=5.0)
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
     """Clean up one instance whose owner or QEMU died; True if its folder went away."""
     try:
-        meta = _read_meta(ipaths)
+        record = InstanceRecord.read(ipaths.meta)
     except StateError:
         return False
-    inst = Instance(meta["name"], meta)
-    owner = _ref(meta, "owner")
+    inst = Instance(record)
+    owner = record.owner
     owner_dead = owner is not None and not owner.alive()
     qemu = inst.qemu
     if qemu is not None and qemu.alive():
@@ -419,8 +389,8 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
             return False
         qemu.terminate(timeout=5.0)
     if qemu is None or not qemu.alive():
-        _stop_sidecar(meta)
-    _stop_proxy(meta)
+        _stop_sidecar(record)
+    _stop_proxy(record)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
@@ -443,11 +413,11 @@ def list_instances() -> list[InstanceInfo]:
     for root in sorted(paths.instances_dir().iterdir()):
         ipaths = paths.InstancePaths(root)
         with contextlib.suppress(StateError):
-            found.append(_info(ipaths, _read_meta(ipaths)))
+            found.append(_info(ipaths, InstanceRecord.read(ipaths.meta)))
     return found
 
 
-def status(name: str) -> dict[str, Any]:
+def status(name: str) -> dict[str, object]:
     """InstanceInfo plus QMP's run state for a running guest."""
     inst = Instance.load(name)
     data = inst.info().to_json()
@@ -458,7 +428,7 @@ def status(name: str) -> dict[str, Any]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
-    data["mirror"] = mirror.describe(inst.meta.get("spec", {}), inst.paths, inst.alive())
+    data["mirror"] = mirror.describe(inst.record.to_json()["spec"], inst.paths, inst.alive())
     return data
 
 

@@ -20,19 +20,16 @@ user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from vmctl import contract
 from vmctl.errors import ConfigError
-from vmctl.paths import InstancePaths, check_name
+from vmctl.paths import InstancePaths
 from vmctl.vm.accel import Accel
 from vmctl.vm.idmap import IdMap
+from vmctl.vm.spec import InstanceSpec
 
-NET_POLICIES = ("full", "model", "none")
-MEM_RE = re.compile(r"^([1-9][0-9]*)([MG])$")
-ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
 RELAY_PATH_RE = re.compile(r"^[A-Za-z0-9/._+-]+$")
 WORKSPACE_9P = "security_model=mapped-xattr,fmode=0644,dmode=0755"
 
@@ -57,76 +54,6 @@ class ManifestLike(Protocol):
     def cmdline(self) -> str: ...
     @property
     def shares(self) -> list[ShareLike] | tuple[ShareLike, ...]: ...
-
-
-def parse_endpoint(value: str, option: str = "--model-endpoint") -> tuple[str, int]:
-    """'HOST:PORT' -> (host, port), refusing anything else."""
-    m = ENDPOINT_RE.match(value.strip())
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ConfigError(f"{option} {value!r} is not HOST:PORT", "e.g. 127.0.0.1:8080")
-    return m.group(1).strip("[]"), int(m.group(2))
-
-
-def parse_forward(value: str) -> tuple[int, int]:
-    """'-p HOST:GUEST' -> (host_port, guest_port)."""
-    parts = value.split(":")
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
-        raise ConfigError(f"-p {value!r} is not HOST:GUEST", "e.g. -p 8000:8000 (ports 1-65535)")
-    return int(parts[0]), int(parts[1])
-
-
-@dataclass(frozen=True)
-class InstanceSpec:
-    """Everything `vmctl up` decides before QEMU starts, checked in __post_init__."""
-
-    name: str
-    workspace: Path
-    net: str = "none"
-    model_endpoint: tuple[str, int] | None = None
-    forwards: tuple[tuple[int, int], ...] = ()
-    mem: str = "2G"
-    cpus: int = 2
-    accel: str = "auto"
-    ephemeral: bool = False
-    extra_args: tuple[str, ...] = field(default=())
-    #: fw_cfg names (`opt/vmctl/...`) whose files sit in the instance's fwcfg/.
-    fw_cfg: tuple[str, ...] = ()
-    #: Egress preset (vmctl.egress) of the guest's proxy; None: no proxy.
-    policy: str | None = None
-    #: `--resolve HOST:ADDR` names for the proxy.
-    resolve: tuple[str, ...] = ()
-    #: Mirror the guest's listening TCP ports on the host's loopback (needs a network).
-    mirror: bool = False
-
-    @property
-    def mirrors(self) -> bool:
-        return self.mirror and self.net != "none"
-
-    def __post_init__(self) -> None:
-        check_name(self.name, "--name")
-        if self.net not in NET_POLICIES:
-            raise ConfigError(f"--net {self.net!r} is not one of {', '.join(NET_POLICIES)}")
-        if self.net == "model" and self.model_endpoint is None:
-            raise ConfigError("--net model needs a model endpoint", "pass --model-endpoint")
-        if self.net == "none" and self.forwards:
-            raise ConfigError("-p needs a network", "use --net model or --net full with -p")
-        m = MEM_RE.match(self.mem)
-        if not m or int(m.group(1)) * (1024 if m.group(2) == "G" else 1) < 128:
-            raise ConfigError(f"--mem {self.mem!r} is not a size of at least 128M", "e.g. 2G")
-        if not 1 <= self.cpus <= 64:
-            raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
-        if self.policy is not None:
-            from vmctl import egress
-
-            egress.preset(self.policy)
-            egress.resolve_map(self.resolve)
-            if self.net != "model":
-                raise ConfigError(f"--policy needs the guarded network, not --net {self.net}")
-        hosts = [h for h, _ in self.forwards]
-        if len(set(hosts)) != len(hosts):
-            raise ConfigError("-p names the same host port twice")
-        if not self.workspace.is_absolute():
-            raise ConfigError(f"workspace {self.workspace} is not absolute")
 
 
 def opt(value: str | Path) -> str:
@@ -270,8 +197,3 @@ def qemu_argv(
     argv += net_argv(spec, paths)
     argv += mirror_argv(spec, paths)
     return argv + list(spec.extra_args)
-
-
-def overlay_argv(base: Path, fmt: str, overlay: Path) -> list[str]:
-    """A throwaway qcow2 layer over a read-only base image."""
-    return ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt, str(overlay)]

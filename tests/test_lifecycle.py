@@ -1,0 +1,105 @@
+"""The shutdown ladder and reaping against fake peers (seconds, not minutes).
+
+A `FakeGuest` stands in for QEMU (a `sleep` process) and answers QMP
+through a fake monitor; vmctl's real `Instance` and `reap` drive them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fakes.guest import FakeGuest
+from vmctl.procs import ProcessRef
+from vmctl.vm import instance
+from vmctl.vm.spec import InstanceRecord
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[list[FakeGuest]]:
+    made: list[FakeGuest] = []
+    yield made
+    for g in made:
+        g.close()
+
+
+def _guest(guests: list[FakeGuest], tmp_path: Path, name: str, **kw: object) -> FakeGuest:
+    g = FakeGuest(name, tmp_path, **kw)  # type: ignore[arg-type]
+    guests.append(g)
+    return g
+
+
+def _gone(g: FakeGuest, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while g.reap() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return g.reap() is not None
+
+
+# --- the shutdown ladder --------------------------------------------------------------
+
+
+def test_powerdown_is_enough_for_a_guest_that_powers_off(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    g = _guest(guests, tmp_path, "polite")
+    instance.down("polite")
+    assert _gone(g)
+    assert g.qmp.commands == ["qmp_capabilities", "system_powerdown"]
+    assert g.paths.meta.exists() and not g.paths.qmp.exists()  # persistent: folder kept
+
+
+def test_quit_follows_an_ignored_powerdown(guests: list[FakeGuest], tmp_path: Path) -> None:
+    g = _guest(guests, tmp_path, "deaf", ignores_powerdown=True)
+    start = time.monotonic()
+    instance.down("deaf", powerdown_timeout=0.5)
+    assert _gone(g)
+    assert g.qmp.commands[-2:] == ["system_powerdown", "quit"]
+    assert time.monotonic() - start < 5
+
+
+def test_kill_ends_a_qemu_whose_monitor_is_gone(
+    guests: list[FakeGuest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = _guest(guests, tmp_path, "hung", ignores_powerdown=True)
+    g.qmp.close()  # QMP unreachable: only the signal rungs are left
+    monkeypatch.setattr(instance, "QUIT_TIMEOUT_S", 0.2)
+    instance.down("hung", powerdown_timeout=0.2)
+    assert _gone(g)
+
+
+def test_ephemeral_guest_leaves_nothing(guests: list[FakeGuest], tmp_path: Path) -> None:
+    g = _guest(guests, tmp_path, "tmp", ephemeral=True)
+    instance.down("tmp")
+    assert _gone(g) and not g.paths.root.exists()
+
+
+# --- reaping --------------------------------------------------------------------------
+
+
+def test_reap_stops_a_guest_whose_owner_died(guests: list[FakeGuest], tmp_path: Path) -> None:
+    g = _guest(guests, tmp_path, "orphan", ephemeral=True, detached=False)
+    owner = subprocess.Popen(["true"])
+    owner.wait()
+    record = InstanceRecord.read(g.paths.meta)
+    dead_owner = ProcessRef(owner.pid, "gone")
+    InstanceRecord(**{**record.__dict__, "owner": dead_owner}).write(g.paths.meta)
+    assert instance.reap() == ["orphan"]
+    assert _gone(g) and not g.paths.root.exists()
+
+
+def test_reap_keeps_a_live_owned_guest_and_a_stopped_persistent_one(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    live = _guest(guests, tmp_path, "owned", ephemeral=True, detached=False)  # owner: pytest
+    stopped = _guest(guests, tmp_path, "kept")
+    stopped.power_off()
+    assert _gone(stopped)
+    assert instance.reap() == []
+    states = {i.name: i.state for i in instance.list_instances()}
+    assert states == {"owned": "running", "kept": "stopped"}
+    assert live.reap() is None
