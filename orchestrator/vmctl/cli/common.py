@@ -53,10 +53,10 @@ def ls(
         table.add_row(
             "vm",
             str(d.get("name")),
-            str(d.get("state", "running")),
+            "running" if d.get("running") else "stopped",
             f"net={d.get('net', '?')}" + (f" policy={d['policy']}" if d.get("policy") else ""),
             str(d.get("workspace", "")),
-            str(d.get("pid", "")),
+            str(d.get("pid", "")) if d.get("running") else "",
         )
     if not servers and not instances:
         print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
