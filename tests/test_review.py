@@ -166,6 +166,23 @@ def test_cli_diff_stat_escapes_guest_names_and_apply_lists_conflicts(ws: Path) -
     assert vmctl("diff", "nosuch").stderr.startswith("error: no review copy for 'nosuch'")
 
 
+def test_cli_apply_escapes_guest_names(ws: Path) -> None:
+    """`vmctl apply` lists what landed by name: a guest-made name must not drive the terminal."""
+    import subprocess
+    import sys
+
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "t\x1b]2;pwned\x07.txt").write_text("x\n")
+    os.symlink("/etc/passwd", review.paths.work / "l\x1b[2J")
+    argv = [sys.executable, "-m", "vmctl", "apply", "box"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "applied   t\\x1b]2;pwned\\x07.txt" in r.stdout
+    assert "refused   l\\x1b[2J: symlink" in r.stdout
+    assert (ws / "t\x1b]2;pwned\x07.txt").read_text() == "x\n"  # the file itself lands
+
+
 def test_discard_drops_the_copy_and_says_so_in_the_log(ws: Path) -> None:
     review, _ = snapshot.create("box", ws)
     (review.paths.work / "new.txt").write_text("x\n")
