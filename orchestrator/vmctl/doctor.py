@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from vmctl.errors import VmctlError
 
@@ -44,6 +45,22 @@ def _qemu() -> Check:
     return Check("qemu", True, f"{binary}: {_version([binary, '--version'])}")
 
 
+def _guest_kernel() -> Path | None:
+    """The built micro image's kernel: `vmctl up` probes KVM by booting it, so doctor does too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from vmctl.images import manifest, micro
+
+    for agents in (("opencode",), ()):
+        built = micro.find_built(agents)
+        if built is not None:
+            try:
+                return manifest.load_manifest(built).kernel
+            except VmctlError:
+                continue
+    return None
+
+
 def _accel() -> Check:
     arch = "aarch64" if platform.machine() in ("arm64", "aarch64") else "x86_64"
     qemu = shutil.which(f"qemu-system-{arch}")
@@ -52,7 +69,7 @@ def _accel() -> Check:
     try:
         from vmctl.vm import accel
 
-        chosen = accel.choose("auto", qemu)
+        chosen = accel.choose("auto", qemu, kernel=_guest_kernel())
     except ImportError:
         return Check("accelerator", False, "accelerator probe not available", "reinstall vmctl")
     except VmctlError as e:
