@@ -95,6 +95,16 @@ def test_missing_folder(tmp_path: Path) -> None:
     assert_one_line(out, "nope")
 
 
+def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
+    """A mistyped preset or accelerator is the error, not "no model" or a slow image probe."""
+    out = run("up", "-d", str(tmp_path), "--policy", "lockd", "--detach")
+    assert_one_line(out, "unknown policy preset 'lockd'", "locked, balanced, open")
+    assert "model" not in out.stderr and not out.stdout
+    out = run("up", "-d", str(tmp_path), "--accel", "fast", "--detach")
+    assert_one_line(out, "--accel 'fast'", "tcg")
+    assert "image:" not in out.stderr
+
+
 def test_workspace_home_refused() -> None:
     out = run("sandbox", "exec", "shell", "-w", str(Path.home()), "--", "true")
     assert_one_line(out)

@@ -101,6 +101,9 @@ def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | 
     if policy is not None and net == "none":
         raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
     if policy is not None:
+        from vmctl import egress
+
+        egress.preset(policy)  # a typo is named before any model or image work
         return "model", policy
     return net, None
 
@@ -165,6 +168,7 @@ def up(
     instance.reap()
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
+    accel_mod.check_name(accel)
     name = name or _new_name()
     net, preset = _net_policy(net, policy)
     endpoint, net, files = _plan_model(
