@@ -105,6 +105,25 @@ def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
     assert "image:" not in out.stderr
 
 
+def test_up_with_a_busy_host_port_is_one_line(tmp_path: Path, qemu_bin: Path) -> None:
+    """`-p` on a port a host program listens on: named before QEMU, not QEMU's -netdev dump."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run(
+            "up", "-d", str(tmp_path), "--name", "busy", "--model-endpoint", "127.0.0.1:1",
+            "--model", "m", "-p", f"{port}:80", "--detach", env={"VMCTL_QUIET": "1"},
+        )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: -p {port}:...: host port {port} is already in use" in out.stderr
+    assert "hint: choose a free host port" in out.stderr
+    assert "qemu-system" not in out.stderr
+    assert not (Path(os.environ["VMCTL_HOME"]) / "instances" / "busy").exists()
+
+
 def test_workspace_home_refused() -> None:
     out = run("sandbox", "exec", "shell", "-w", str(Path.home()), "--", "true")
     assert_one_line(out)

@@ -31,7 +31,7 @@ from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
 from vmctl.vm import idmap
 from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
-from vmctl.vm.qemu import InstanceSpec, ManifestLike, qemu_argv
+from vmctl.vm.qemu import InstanceSpec, ManifestLike, check_forwards_free, qemu_argv
 from vmctl.vm.qmp import QMP
 
 POWERDOWN_TIMEOUT_S = 10.0
@@ -328,6 +328,7 @@ def up(
     if acc.reason:
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
+    check_forwards_free([host for host, _ in spec.forwards])
     inst = new_instance(spec, image)
     try:
         paths.private_dir(inst.paths.fwcfg)
