@@ -124,6 +124,24 @@ def test_up_with_a_busy_host_port_is_one_line(tmp_path: Path, qemu_bin: Path) ->
     assert not (Path(os.environ["VMCTL_HOME"]) / "instances" / "busy").exists()
 
 
+def test_system_credential_and_vmctl_folders_refused(tmp_path: Path) -> None:
+    """A guest or client writing /etc, ~/.ssh or vmctl's image and tool cache is refused."""
+    home = tmp_path / "home"
+    (home / ".ssh" / "keys").mkdir(parents=True)
+    cache = tmp_path / "cache"
+    (cache / "tools").mkdir(parents=True)
+    env = {"HOME": str(home), "VMCTL_CACHE": str(cache)}
+    for bad in ("/etc", "/usr/lib", str(home / ".ssh" / "keys"), str(cache / "tools")):
+        out = run("up", "-d", bad, "--net", "none", "--detach", env=env)
+        assert_one_line(out, "refusing workspace", "project folder")
+    out = run("run", "shell", "-w", "/etc", "--", "true", env=env)
+    assert_one_line(out, "refusing workspace")
+    (tmp_path / "proj").mkdir()  # an ordinary folder next to them is still fine
+    from vmctl.sandbox.launch import check_workspace
+
+    assert check_workspace(tmp_path / "proj") == (tmp_path / "proj").resolve()
+
+
 def test_workspace_home_refused() -> None:
     out = run("sandbox", "exec", "shell", "-w", str(Path.home()), "--", "true")
     assert_one_line(out)
