@@ -4,7 +4,7 @@ One run, side by side, alternating so both see the same host load:
   up_ratio        median(vmctl up --detach -> ready) / median(raw QEMU -> same marker)
                   (raw QEMU gets the very argv vmctl builds, started by this script)
   exec_median_ms  median `vmctl exec NAME -- true` (a fresh CLI process each time)
-  exec_inproc_median_ms  the same request through ExecChannel, no process start
+  exec_inproc_median_ms  the same session through ExecChannel, no process start
   vmctl_rss_mb    RSS of a foreground `vmctl up` while its guest runs
   mirror_listen_to_connect_median_s  a guest's busybox httpd returns from the exec that
                   started it (so after its listen()) -> the host's first page on 127.0.0.1
@@ -58,8 +58,9 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
     # vmctl starts QEMU paused (-S) and continues it once attached to the
     # console; raw QEMU just runs.
     argv = [a for a in argv if a != "-S"]
-    for fifo in (ip.exec_in, ip.exec_out):
-        os.mkfifo(fifo, 0o600)
+    for n in range(len(contract.exec_ports())):
+        for fifo in ip.exec_fifos(n)[:2]:
+            os.mkfifo(fifo, 0o600)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -83,7 +84,7 @@ def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, flo
         subprocess.run([*VMCTL, "exec", name, "--", "true"], env=env, check=True)
         cli.append(time.monotonic() - t0)
     ip = Path(env["VMCTL_HOME"]) / "instances" / name
-    chan = ExecChannel(ip / "exec.in", ip / "exec.out", ip / "lock", name)
+    chan = ExecChannel.for_instance(ip, name)
     inproc = []
     for _ in range(n):
         t0 = time.monotonic()
@@ -122,7 +123,7 @@ def mirror_latency(
     argv += ["--accel", accel]
     subprocess.run(argv, env=env, check=True)
     ip = Path(env["VMCTL_HOME"]) / "instances" / "mir"
-    chan = ExecChannel(ip / "exec.in", ip / "exec.out", ip / "lock", "mir")
+    chan = ExecChannel.for_instance(ip, "mir")
     chan.run("mkdir -p /tmp/w && echo ok > /tmp/w/index.html", lambda b: None, timeout=30)
     after, total = [], []
     try:

@@ -272,7 +272,7 @@ def image_manifest(tmp_path: Path) -> Path:
                 "initrd": str(out / "initrd"),
                 "cmdline": "init=/nix/store/x-nixos-system/init console=ttyS0",
                 "shares": [{"tag": "nix-store", "path": str(out), "readonly": True}],
-                "contract": 1,
+                "contract": contract.raw()["version"],
                 "features": ["opencode", "llm"],
             }
         )

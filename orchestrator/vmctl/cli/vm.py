@@ -1,4 +1,4 @@
-"""`vmctl up`, `exec`, `console`, `status`, `down`: guests, thinly.
+"""`vmctl up`, `exec`, `shell`, `console`, `status`, `down`: guests, thinly.
 
 Parsing and rendering only; the lifecycle lives in vmctl.instance. Heavy
 modules are imported inside the verbs so `vmctl exec` starts fast.
@@ -262,8 +262,13 @@ def _foreground(inst: Any) -> None:
     from vmctl.vm.console import attach
 
     if sys.stdin.isatty():
-        ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
-        attach(inst.paths.console)
+        ui.info(f"attached to {inst.name}'s console; `exit` or Ctrl-] stops it")
+        why = attach(inst.paths.console, stop_on_exit=True, name=inst.name)
+        if why == "closed":
+            ui.info(f"{inst.name}'s console closed: the guest is gone")
+        else:
+            what = "the console shell exited" if why == "exited" else "detached"
+            ui.info(f"{what}: stopping {inst.name} (`vmctl up --detach` keeps a guest running)")
     elif inst.proc is not None:
         ui.info(f"{inst.name} is running; Ctrl-C stops it")
         inst.proc.wait()
@@ -289,22 +294,31 @@ def _load_running(name: str) -> Any:
 
 
 @app.command("exec")
-def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
-    """Run `-- CMD...` in the guest; output streamed, its exit status returned."""
+def exec_(
+    name: str = typer.Argument(..., help="Instance name."),
+    tty: bool = typer.Option(False, "-t", "--tty", help="Run on a pty (interactive programs)."),
+) -> None:
+    """Run `-- CMD...` in the guest: stdin forwarded, stdout and stderr apart, its exit status."""
     import shlex
+
+    from vmctl.vm import terminal
 
     cmd = passthrough()
     if not cmd:
         raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
-    out = sys.stdout.buffer
-
-    def write(data: bytes) -> None:
-        out.write(data)
-        out.flush()
-
-    status = _load_running(name).exec_channel().run(shlex.join(cmd), write)
+    chan = _load_running(name).exec_channel()
+    run = terminal.run_tty if tty else terminal.run
     # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
-    raise SystemExit(status)
+    raise SystemExit(run(chan, shlex.join(cmd)))
+
+
+@app.command()
+def shell(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """An interactive login shell in /workspace as the agent user (like `limactl shell`)."""
+    from vmctl.vm import terminal
+
+    chan = _load_running(name).exec_channel()
+    raise SystemExit(terminal.run_tty(chan, terminal.LOGIN_SHELL))
 
 
 @app.command()
@@ -314,7 +328,8 @@ def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
 
     inst = _load_running(name)
     ui.info("Ctrl-] detaches")
-    attach(inst.paths.console)
+    if attach(inst.paths.console, name=name) == "closed":
+        ui.info(f"{name}'s console closed: the guest is gone")
 
 
 @app.command()

@@ -214,7 +214,7 @@ class Instance:
 
     # ---- use ----
     def exec_channel(self) -> ExecChannel:
-        return ExecChannel(self.paths.exec_in, self.paths.exec_out, self.paths.lock, self.name)
+        return ExecChannel.for_instance(self.paths.root, self.name)
 
     def qmp(self, timeout: float = 5.0) -> QMP:
         return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
@@ -261,12 +261,12 @@ class Instance:
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
-                for sock in (
-                    self.paths.qmp,
-                    self.paths.console,
-                    self.paths.exec_in,
-                    self.paths.exec_out,
-                ):
+                fifos = [
+                    f
+                    for n in range(len(contract.exec_ports()))
+                    for f in self.paths.exec_fifos(n)[:2]
+                ]
+                for sock in (self.paths.qmp, self.paths.console, *fifos):
                     sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Instance:
@@ -339,8 +339,9 @@ def up(
             write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
         if spec.policy is not None:
             _start_proxy(inst, spec)
-        for fifo in (inst.paths.exec_in, inst.paths.exec_out):
-            os.mkfifo(fifo, 0o600)
+        for n in range(len(contract.exec_ports())):
+            for fifo in inst.paths.exec_fifos(n)[:2]:
+                os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)

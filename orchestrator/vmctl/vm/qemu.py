@@ -212,14 +212,17 @@ def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
 
 
 def channel_argv(paths: InstancePaths) -> list[str]:
-    """QMP and the log console on sockets; the exec port on a FIFO pair.
+    """QMP and the log console on sockets; each exec port on a FIFO pair.
 
-    The exec port uses a `pipe` chardev: QEMU holds both FIFOs open, so the
-    guest's side of the port stays connected between `vmctl exec` calls
+    The exec ports use `pipe` chardevs: QEMU holds both FIFOs open, so the
+    guest's side of a port stays connected between `vmctl exec` calls
     and its agent blocks in read() instead of seeing EOF and restarting,
     which made every call wait for a respawn (about a second).
     """
-    port = contract.raw()["console"]["exec_port"]
+    execs: list[str] = []
+    for n, port in enumerate(contract.exec_ports()):
+        execs += ["-chardev", f"pipe,id=exec{n},path={opt(paths.exec(n))}"]
+        execs += ["-device", f"virtserialport,chardev=exec{n},name={opt(port)}"]
     return [
         "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -228,8 +231,7 @@ def channel_argv(paths: InstancePaths) -> list[str]:
         f",logfile={opt(paths.console_log)},logappend=on",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"pipe,id=exec,path={opt(paths.exec)}",
-        "-device", f"virtserialport,chardev=exec,name={opt(port)}",
+        *execs,
     ]  # fmt: skip
 
 
