@@ -151,6 +151,12 @@ def test_stop_unknown_server() -> None:
     assert_one_line(run("stop", "nosuch"), "vmctl ls")
 
 
+def test_down_unknown_guest_is_one_line() -> None:
+    out = run("down", "nosuch")
+    assert_one_line(out, "no instance named 'nosuch'", "vmctl ls")
+    assert "stopping" not in out.stderr
+
+
 @pytest.mark.llama
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bwrap is Linux-only")
 def test_sandbox_unavailable_never_runs_unconfined(tmp_path: Path, llama_server_bin: Path) -> None:

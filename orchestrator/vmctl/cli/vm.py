@@ -379,6 +379,7 @@ def down(
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
     from vmctl.vm import instance
 
+    instance.Instance.load(name)  # an unknown name is one error, not a failed "stopping"
     with ui.step(f"stopping {name}"):
         instance.down(name)
     _review_left(name, discard)
