@@ -95,6 +95,53 @@ def test_missing_folder(tmp_path: Path) -> None:
     assert_one_line(out, "nope")
 
 
+def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
+    """A mistyped preset or accelerator is the error, not "no model" or a slow image probe."""
+    out = run("up", "-d", str(tmp_path), "--policy", "lockd", "--detach")
+    assert_one_line(out, "unknown policy preset 'lockd'", "locked, balanced, open")
+    assert "model" not in out.stderr and not out.stdout
+    out = run("up", "-d", str(tmp_path), "--accel", "fast", "--detach")
+    assert_one_line(out, "--accel 'fast'", "tcg")
+    assert "image:" not in out.stderr
+
+
+def test_up_with_a_busy_host_port_is_one_line(tmp_path: Path, qemu_bin: Path) -> None:
+    """`-p` on a port a host program listens on: named before QEMU, not QEMU's -netdev dump."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run(
+            "up", "-d", str(tmp_path), "--name", "busy", "--model-endpoint", "127.0.0.1:1",
+            "--model", "m", "-p", f"{port}:80", "--detach", env={"VMCTL_QUIET": "1"},
+        )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: -p {port}:...: host port {port} is already in use" in out.stderr
+    assert "hint: choose a free host port" in out.stderr
+    assert "qemu-system" not in out.stderr
+    assert not (Path(os.environ["VMCTL_HOME"]) / "instances" / "busy").exists()
+
+
+def test_system_credential_and_vmctl_folders_refused(tmp_path: Path) -> None:
+    """A guest or client writing /etc, ~/.ssh or vmctl's image and tool cache is refused."""
+    home = tmp_path / "home"
+    (home / ".ssh" / "keys").mkdir(parents=True)
+    cache = tmp_path / "cache"
+    (cache / "tools").mkdir(parents=True)
+    env = {"HOME": str(home), "VMCTL_CACHE": str(cache)}
+    for bad in ("/etc", "/usr/lib", str(home / ".ssh" / "keys"), str(cache / "tools")):
+        out = run("up", "-d", bad, "--net", "none", "--detach", env=env)
+        assert_one_line(out, "refusing workspace", "project folder")
+    out = run("run", "shell", "-w", "/etc", "--", "true", env=env)
+    assert_one_line(out, "refusing workspace")
+    (tmp_path / "proj").mkdir()  # an ordinary folder next to them is still fine
+    from vmctl.sandbox.launch import check_workspace
+
+    assert check_workspace(tmp_path / "proj") == (tmp_path / "proj").resolve()
+
+
 def test_workspace_home_refused() -> None:
     out = run("sandbox", "exec", "shell", "-w", str(Path.home()), "--", "true")
     assert_one_line(out)
@@ -102,6 +149,12 @@ def test_workspace_home_refused() -> None:
 
 def test_stop_unknown_server() -> None:
     assert_one_line(run("stop", "nosuch"), "vmctl ls")
+
+
+def test_down_unknown_guest_is_one_line() -> None:
+    out = run("down", "nosuch")
+    assert_one_line(out, "no instance named 'nosuch'", "vmctl ls")
+    assert "stopping" not in out.stderr
 
 
 @pytest.mark.llama

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import vmctl_cmd
 
 
@@ -47,3 +49,19 @@ def test_sandbox_probe_is_real_on_linux(bwrap_bin: Path) -> None:
     checks = doctor()
     assert checks["bwrap"]["ok"] is True
     assert str(bwrap_bin) in str(checks["bwrap"]["detail"])
+
+
+def test_accelerator_is_the_one_vmctl_up_would_use(qemu_bin: Path) -> None:
+    """doctor probes KVM with the guest's own kernel, as `up` does: no "kvm ok" then a TCG boot."""
+    from vmctl.images import manifest, micro
+    from vmctl.vm import accel
+
+    built = micro.find_built(("opencode",)) or micro.find_built(())
+    if built is None:
+        pytest.skip("no micro image built")
+    kernel = manifest.load_manifest(built).kernel
+    expected = accel.choose("auto", str(qemu_bin), kernel=kernel)
+    got = doctor()["accelerator"]
+    assert str(got["detail"]).split(":")[0] == expected.name
+    if expected.name == "tcg" and expected.reason:
+        assert expected.reason in str(got["detail"])

@@ -169,3 +169,17 @@ def test_port_busy_on_host_is_skipped_and_logged(env: dict[str, str]) -> None:
         out = vmctl(env, "status", "a").stdout
         assert f"{port} skipped: host port {port} is already in use" in out
     stop(env, "a", port)
+
+
+def test_guest_never_takes_the_model_gateway_port(env: dict[str, str]) -> None:
+    """A guest listening on 8080 must not pose as vmctl's model to host clients and other guests."""
+    serve(env, "a", 8080)
+    assert wait_for(
+        lambda: any(e["action"] == "skip" and e["port"] == 8080 for e in events(env, "a")),
+        BOUND_S + 5,
+    )
+    skip = [e for e in events(env, "a") if e["action"] == "skip" and e["port"] == 8080][-1]
+    assert "model gateway" in str(skip["reason"]) and skip["decision"] == "deny"
+    status = json.loads(vmctl(env, "status", "a", "--json").stdout)
+    assert 8080 not in status["mirror"]["live"] and "8080" in status["mirror"]["skipped"]
+    stop(env, "a", 8080)

@@ -76,17 +76,17 @@ def test_sidecar_adds_removes_and_skips(tmp_path: Path) -> None:
         busy = taken.getsockname()[1]
         m = mirror.Mirror(InstancePaths(root), "a", log, static={9000})
         m.mon = FakeMonitor(busy={busy})  # type: ignore[assignment]
-        m.apply(mirror.parse_report(f"ports 8080 {busy} 9000".encode(), 64) or set())
-        assert sorted(m.live) == [8080]
+        m.apply(mirror.parse_report(f"ports 8000 {busy} 9000".encode(), 64) or set())
+        assert sorted(m.live) == [8000]
         m.apply({busy, 9000})
         m.apply(set())
     assert m.mon.lines == [  # type: ignore[union-attr]
-        "hostfwd_add n0 tcp:127.0.0.1:8080-:8080",
+        "hostfwd_add n0 tcp:127.0.0.1:8000-:8000",
         f"hostfwd_add n0 tcp:127.0.0.1:{busy}-:{busy}",
-        "hostfwd_remove n0 tcp:127.0.0.1:8080",
+        "hostfwd_remove n0 tcp:127.0.0.1:8000",
     ]
     got = [(e.action, e.port, e.reason or "") for e in events.read_file(log_path)]
-    assert got[0][:2] == ("add", 8080) and got[-1][:2] == ("remove", 8080)
+    assert got[0][:2] == ("add", 8000) and got[-1][:2] == ("remove", 8000)
     skips = {p: why for a, p, why in got if a == "skip"}
     assert sorted(skips) == sorted([busy, 9000]) and len(got) == 4
     assert "in use on the host" in skips[busy] and "-p forward" in skips[9000]

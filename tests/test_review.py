@@ -64,6 +64,31 @@ def test_diff_shows_edit_new_delete_mode(ws: Path) -> None:
     assert "0644 -> 0755" in changes.stat_line(found["run.sh"])
 
 
+def test_git_config_and_hooks_never_land(ws: Path, tmp_path: Path) -> None:
+    """An agent's core.fsmonitor or hook would run on the host's next `git status`."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    subprocess.run([git, "init", "-q", str(ws)], check=True)
+    review, _ = snapshot.create("box", ws)
+    marker = tmp_path / "PWNED"
+    work = review.paths.work
+    with (work / ".git" / "config").open("a") as f:
+        f.write(f'[core]\n\tfsmonitor = "touch {marker} #"\n')
+    (work / ".git" / "hooks" / "pre-commit").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (work / "sub").mkdir()
+    (work / "sub" / ".git").write_text(f"gitdir: {tmp_path}\n")
+    (work / "README").write_text("agent\n")
+    out = land.apply(snapshot.load("box"))
+    assert sorted(p for p, _ in out.refused) == [".git/config", ".git/hooks/pre-commit", "sub/.git"]
+    assert "README" in out.applied and (ws / "README").read_text() == "agent\n"
+    subprocess.run([git, "-C", str(ws), "status"], capture_output=True, check=True)
+    assert not marker.exists() and "fsmonitor" not in (ws / ".git" / "config").read_text()
+
+
 def test_apply_one_path_lands_only_that(ws: Path) -> None:
     review, _ = snapshot.create("box", ws)
     (review.paths.work / "src" / "app.py").write_text("edited\n")
@@ -164,6 +189,23 @@ def test_cli_diff_stat_escapes_guest_names_and_apply_lists_conflicts(ws: Path) -
     assert r.returncode == 1 and "conflict  README: the user changed it" in r.stdout
     assert "hint:" in r.stderr and "Traceback" not in r.stderr
     assert vmctl("diff", "nosuch").stderr.startswith("error: no review copy for 'nosuch'")
+
+
+def test_cli_apply_escapes_guest_names(ws: Path) -> None:
+    """`vmctl apply` lists what landed by name: a guest-made name must not drive the terminal."""
+    import subprocess
+    import sys
+
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "t\x1b]2;pwned\x07.txt").write_text("x\n")
+    os.symlink("/etc/passwd", review.paths.work / "l\x1b[2J")
+    argv = [sys.executable, "-m", "vmctl", "apply", "box"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "applied   t\\x1b]2;pwned\\x07.txt" in r.stdout
+    assert "refused   l\\x1b[2J: symlink" in r.stdout
+    assert (ws / "t\x1b]2;pwned\x07.txt").read_text() == "x\n"  # the file itself lands
 
 
 def test_discard_drops_the_copy_and_says_so_in_the_log(ws: Path) -> None:

@@ -12,10 +12,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from vmctl.clients import registry
 from vmctl.errors import VmctlError
-from vmctl.images import micro
+from vmctl.images import manifest, micro
 from vmctl.images.nixos import nix_available
 from vmctl.models.fetch import resolve_model
 from vmctl.sandbox.launch import check_available
@@ -51,13 +52,27 @@ def _qemu() -> Check:
     return Check("qemu", True, f"{binary}: {_version([binary, '--version'])}")
 
 
+def _guest_kernel() -> Path | None:
+    """The built micro image's kernel: `vmctl up` probes KVM by booting it, so doctor does too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for agents in (("opencode",), ()):
+        built = micro.find_built(agents)
+        if built is not None:
+            try:
+                return manifest.load_manifest(built).kernel
+            except VmctlError:
+                continue
+    return None
+
+
 def _accel() -> Check:
     arch = "aarch64" if platform.machine() in ("arm64", "aarch64") else "x86_64"
     qemu = shutil.which(f"qemu-system-{arch}")
     if not qemu:
         return Check("accelerator", False, "no QEMU to probe with", "install QEMU first")
     try:
-        chosen = accel.choose("auto", qemu)
+        chosen = accel.choose("auto", qemu, kernel=_guest_kernel())
     except VmctlError as e:
         return Check("accelerator", False, e.message, e.hint)
     name = getattr(chosen, "name", str(chosen))

@@ -7,6 +7,7 @@ import json
 import typer
 
 from vmctl.errors import VmctlError
+from vmctl.events import safe
 
 verbs = typer.Typer()
 
@@ -52,15 +53,15 @@ def apply_(
     out = land.apply(review, paths or [])
     if as_json:
         print(json.dumps(out.to_json(), indent=2))
-    else:
+    else:  # paths and reasons name guest-made files: escaped, as in `vmctl diff`
         for p in out.applied:
-            print(f"applied   {p}")
+            print(f"applied   {safe(p)}")
         for p, why in out.conflicts:
-            print(f"conflict  {p}: {why}")
+            print(f"conflict  {safe(p)}: {safe(why)}")
         for p, why in out.refused:
-            print(f"refused   {p}: {why}")
+            print(f"refused   {safe(p)}: {safe(why)}")
         for note in out.notes:
-            print(f"note      {note}")
+            print(f"note      {safe(note)}")
         if not (out.applied or out.conflicts or out.refused):
             print("nothing to apply")
     if out.conflicts:

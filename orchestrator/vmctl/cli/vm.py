@@ -24,6 +24,7 @@ from vmctl.images.choose import choose_image
 from vmctl.sandbox.launch import check_workspace
 from vmctl.serve.server import list_servers
 from vmctl.vm import instance, terminal
+from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
 from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
@@ -101,6 +102,9 @@ def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | 
     if policy is not None and net == "none":
         raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
     if policy is not None:
+        from vmctl import egress
+
+        egress.preset(policy)  # a typo is named before any model or image work
         return "model", policy
     return net, None
 
@@ -149,6 +153,7 @@ def up(
     instance.reap()
     ws = _workspace(directory)
     qemu_binary()  # a missing QEMU is reported before any image work
+    check_accel(accel)
     name = name or _new_name()
     net, preset = _net_policy(net, policy)
     endpoint, net, files = _plan_model(
@@ -321,6 +326,7 @@ def down(
 ) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
     _check_kind(name, "down")
+    instance.Instance.load(name)  # an unknown name is one error, not a failed "stopping"
     with ui.step(f"stopping {name}"):
         instance.down(name)
     _review_left(name, discard)

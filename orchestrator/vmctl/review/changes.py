@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmctl.errors import ConfigError
 from vmctl.events import safe
-from vmctl.review.entries import FILE, LINK, SPECIAL, Entry, read_entry, scan
+from vmctl.review.entries import DIR, FILE, LINK, SPECIAL, Entry, read_entry, scan
 
 if TYPE_CHECKING:  # annotations only: snapshot imports this module for drop_if_clean
     from vmctl.review.snapshot import Review
@@ -57,10 +57,23 @@ def link_escapes(rel: str, target: str) -> bool:
     return joined == ".." or joined.startswith("../")
 
 
+def runs_on_host(rel: str) -> bool:
+    """A path git on the host executes from: `.git/config` (core.fsmonitor, aliases,
+    filters), `.git/hooks/*`, or a `.git` file pointing git elsewhere (any repo depth)."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        if part == ".git":
+            rest = parts[i + 1 :]
+            return not rest or rest == ["config"] or rest[0] == "hooks"
+    return False
+
+
 def refusal(rel: str, new: Entry | None) -> str | None:
     """Why `apply` would never land this entry, or None."""
     if new is None:
         return None
+    if runs_on_host(rel) and new.kind != DIR:
+        return "git on the host runs what this names: never applied (read it, copy by hand)"
     if new.kind == SPECIAL:
         return f"{new.special}: never applied"
     if new.kind == LINK and link_escapes(rel, new.key):

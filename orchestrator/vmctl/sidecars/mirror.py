@@ -38,6 +38,10 @@ from vmctl.procs import ProcessRef, wait_gone
 from vmctl.state import StateError, read_json, write_json
 
 NETDEV = "n0"
+#: Host ports a guest never takes, even while free: vmctl's model gateway port
+#: (clients and other guests trust 127.0.0.1 there to be the model; a guest
+#: listening there first would pose as it).
+RESERVED = frozenset({int(contract.raw()["network"]["model_port"])})  # vmctl serve's default
 MAX_LINE = 1024
 RETRY_S = 10.0
 CONNECT_TIMEOUT_S = 20.0
@@ -136,6 +140,10 @@ class Mirror:
         assert self.mon is not None
         if port in self.static:
             return self._skip(port, f"host port {port} is already taken by a -p forward")
+        if port in RESERVED:
+            return self._skip(
+                port, f"host port {port} is vmctl's model gateway port: never mirrored"
+            )
         out = self.mon.hmp(f"hostfwd_add {NETDEV} tcp:127.0.0.1:{port}-:{port}").strip()
         if out:
             return self._skip(port, f"{self._why_taken(port)} ({out[:120]})")

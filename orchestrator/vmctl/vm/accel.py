@@ -156,6 +156,12 @@ def kvm_problem(qemu: str, arch: str, kernel: Path | None = None) -> str | None:
     return problem
 
 
+def check_name(requested: str) -> None:
+    """A bad `--accel` in one line, before any image or probe work."""
+    if requested not in ACCELS:
+        raise ConfigError(f"--accel {requested!r} is not one of {', '.join(ACCELS)}")
+
+
 def choose(requested: str, qemu: str, arch: str | None = None, kernel: Path | None = None) -> Accel:
     """Resolve `--accel` to a working accelerator, or fail in one line.
 
@@ -163,8 +169,7 @@ def choose(requested: str, qemu: str, arch: str | None = None, kernel: Path | No
     counts on hosts where KVM starts but cannot run Linux.
     """
     arch = arch or host_arch()
-    if requested not in ACCELS:
-        raise ConfigError(f"--accel {requested!r} is not one of {', '.join(ACCELS)}")
+    check_name(requested)
     if requested == "tcg":
         return _make("tcg", arch)
     if requested == "hvf" or (requested == "auto" and sys.platform == "darwin"):

@@ -31,7 +31,7 @@ from vmctl.vm import accel, idmap
 from vmctl.vm.console import ExecChannel, expect_ready
 from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
-from vmctl.vm.spec import InstanceRecord, InstanceSpec
+from vmctl.vm.spec import InstanceRecord, InstanceSpec, check_forwards_free
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
@@ -302,6 +302,7 @@ def up(
     if acc.reason:
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
+    check_forwards_free([host for host, _ in spec.forwards])
     inst = new_instance(spec, image)
     try:
         paths.private_dir(inst.paths.fwcfg)

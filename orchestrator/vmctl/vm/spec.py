@@ -10,6 +10,7 @@ record.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,26 @@ def parse_forward(value: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
         raise ConfigError(f"-p {value!r} is not HOST:GUEST", "e.g. -p 8000:8000 (ports 1-65535)")
     return int(parts[0]), int(parts[1])
+
+
+def check_forwards_free(host_ports: list[int]) -> None:
+    """A `-p` host port another program listens on, in one line before QEMU starts.
+
+    QEMU would otherwise die with its whole -netdev line; bound as QEMU binds
+    (SO_REUSEADDR on 127.0.0.1), so only a real listener counts.
+    """
+    for port in host_ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except PermissionError:
+                continue  # privileged: vm.idmap names it for QEMU's own privileges
+            except OSError:
+                raise ConfigError(
+                    f"-p {port}:...: host port {port} is already in use on 127.0.0.1",
+                    "choose a free host port (see `ss -ltnp`)",
+                ) from None
 
 
 @dataclass(frozen=True)
