@@ -79,9 +79,10 @@ def guest_script(modes: list[str], runs: int) -> str:
             lines += [f"mkdir -p /mnt/{m}", f"mount -t 9p -o {CANDIDATES[m][1]} {m} /mnt/{m}"]
     lines += ["mkdir -p /mnt/ram/tree && cp -r /workspace/tree/. /mnt/ram/tree/"]
     lines += ["echo BENCH-START"]
-    for _ in range(runs):
+    for r in range(runs):
         for op, cmd in OPS.items():
-            for m in modes:
+            # Each run starts the rotation one mode later: no mode is always first.
+            for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 root = {"today": "/workspace", "ram": "/mnt/ram"}.get(m, f"/mnt/{m}")
                 lines += [
                     f"cd {root}; D=tree; t0=$(now); {cmd} >/dev/null; t1=$(now)",
