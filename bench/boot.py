@@ -39,13 +39,15 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> t
     import json
     import resource
 
+    from vmctl import paths
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", name]
     subprocess.run([*argv, "--net", "none", "--ephemeral", "--detach"], env=env, check=True)
     took = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    meta = Path(env["VMCTL_HOME"]) / "instances" / name / "meta.json"
+    meta = paths.InstancePaths(Path(env["VMCTL_HOME"]) / "instances" / name).meta
     qemu_pid = int(json.loads(meta.read_text())["qemu"]["pid"])
     cpu = cpu_seconds(qemu_pid) + sum(
         getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime")
