@@ -5,16 +5,22 @@ One run, side by side, alternating so both see the same host load:
                   (raw QEMU gets the very argv vmctl builds, started by this script)
   up_cpu_ratio    the same with CPU seconds (vmctl's own plus its QEMU's, against QEMU's):
                   steadier than wall time when other work shares the host
-  exec_median_ms  median `vmctl exec NAME -- true` (a fresh CLI process each time)
-  exec_inproc_median_ms  the same request through ExecChannel, no process start
-  vmctl_rss_mb    RSS of a foreground `vmctl up` while its guest runs
   boot_<phase>_s / boot_<phase>_cpu_s  where a raw boot's time goes, wall and QEMU's
-                  CPU time (steadier on a loaded host), from a run with `loglevel=7`:
-                  firmware (QEMU start to the kernel's first line), kernel (to
-                  `Run /init`), init (to VMCTL-BOOTED), userspace (modules, mounts,
-                  fw_cfg, exec agent: to VMCTL-READY), total
-  loadavg         the host's 1-minute load average when the runs ended
+                  CPU time, from a run with `loglevel=7`: firmware (QEMU start to the
+                  kernel's first line), kernel (to `Run /init`), init (to VMCTL-BOOTED),
+                  userspace (modules, mounts, fw_cfg, exec agent: to VMCTL-READY), total
+  loadavg         the host's 1-minute load average at the end
+  exec_median_ms  median `vmctl exec NAME -- true` (a fresh CLI process each time)
+  exec_inproc_median_ms  the same session through ExecChannel, no process start
+  vmctl_rss_mb    RSS of a foreground `vmctl up` while its guest runs
+  mirror_listen_to_connect_median_s  a guest's busybox httpd returns from the exec that
+                  started it (so after its listen()) -> the host's first page on 127.0.0.1
+  mirror_exec_to_connect_median_s    the same from sending that exec (an upper bound)
+  review_snapshot_s_per_10k / cp_r_s_per_10k / review_vs_cp_ratio
+                  `vmctl up --review`'s snapshot (copy + manifest) of 10,000 small files
+                  against a plain `cp -r` of the same tree, alternating, medians
 Usage: .venv/bin/python bench/boot.py [--runs 5] [--image micro|MANIFEST]
+                                      [--only boot,breakdown,mirror,review] [--accel ...]
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> t
 
 def raw_argv(ws: Path, manifest: str, scratch: Path, append: str = "") -> tuple[list[str], Path]:
     """The argv `vmctl up` builds (user namespace included), unpaused; its console log."""
-    from vmctl import paths
+    from vmctl import contract, paths
     from vmctl.images import manifest as images
     from vmctl.vm import accel, idmap
     from vmctl.vm.qemu import InstanceSpec, qemu_argv
@@ -75,13 +81,14 @@ def raw_argv(ws: Path, manifest: str, scratch: Path, append: str = "") -> tuple[
     if append:
         i = argv.index("-append") + 1
         argv[i] = f"{argv[i]} {append}"
-    for fifo in (ip.exec_in, ip.exec_out):
-        os.mkfifo(fifo, 0o600)
+    for n in range(len(contract.exec_ports())):
+        for fifo in ip.exec_fifos(n)[:2]:
+            os.mkfifo(fifo, 0o600)
     return argv, ip.console_log
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of `pid` and its reaped children (QEMU under unshare)."""
+    """User plus system CPU time of `pid` and its live children."""
     total = 0.0
     for p in [pid, *_children(pid)]:
         try:
@@ -160,7 +167,7 @@ def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, flo
         subprocess.run([*VMCTL, "exec", name, "--", "true"], env=env, check=True)
         cli.append(time.monotonic() - t0)
     ip = Path(env["VMCTL_HOME"]) / "instances" / name
-    chan = ExecChannel(ip / "exec.in", ip / "exec.out", ip / "lock", name)
+    chan = ExecChannel.for_instance(ip, name)
     inproc = []
     for _ in range(n):
         t0 = time.monotonic()
@@ -185,12 +192,81 @@ def rss_while_running(env: dict[str, str], ws: Path, manifest: str) -> float:
         proc.wait(60)
 
 
+def mirror_latency(
+    env: dict[str, str], ws: Path, manifest: str, n: int, accel: str
+) -> tuple[float, float]:
+    """Medians of (exec return -> host page, exec sent -> host page) over `n` ports."""
+    import socket
+    import urllib.request
+
+    from vmctl.vm.console import ExecChannel
+
+    argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "mir", "--detach"]
+    argv += ["--ephemeral", "--net", "model", "--model-endpoint", "127.0.0.1:9", "--model", "m"]
+    argv += ["--accel", accel]
+    subprocess.run(argv, env=env, check=True)
+    ip = Path(env["VMCTL_HOME"]) / "instances" / "mir"
+    chan = ExecChannel.for_instance(ip, "mir")
+    chan.run("mkdir -p /tmp/w && echo ok > /tmp/w/index.html", lambda b: None, timeout=30)
+    after, total = [], []
+    try:
+        for _ in range(n):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            t0 = time.monotonic()
+            chan.run(f"httpd -p {port} -h /tmp/w", lambda b: None, timeout=30)
+            t1 = time.monotonic()
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
+                        r.read()
+                    break
+                except OSError:
+                    if time.monotonic() - t1 > 30:
+                        raise
+                    time.sleep(0.01)
+            t2 = time.monotonic()
+            after.append(t2 - t1)
+            total.append(t2 - t0)
+            chan.run("killall httpd", lambda b: None, timeout=30)
+    finally:
+        subprocess.run([*VMCTL, "down", "mir"], env=env, check=False, timeout=60)
+    return statistics.median(after), statistics.median(total)
+
+
+def review_cost(scratch: Path, runs: int) -> tuple[float, float, str]:
+    """Medians of (review snapshot, cp -r) for a tree of 10,000 files of 1-4 KiB."""
+    import shutil
+
+    from vmctl.review import snapshot
+
+    src = scratch / "tree"
+    for i in range(10_000):
+        d = src / f"d{i // 100:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05d}.txt").write_bytes(os.urandom(512 + (i % 7) * 512))
+    snaps, cps, method = [], [], ""
+    for i in range(runs):
+        t0 = time.monotonic()
+        subprocess.run(["cp", "-r", str(src), str(scratch / f"cp{i}")], check=True)
+        cps.append(time.monotonic() - t0)
+        shutil.rmtree(scratch / f"cp{i}")
+        _, cost = snapshot.create(f"bench{i}", src)
+        snaps.append(cost.seconds)
+        method = cost.method
+        snapshot.drop(f"bench{i}")
+    return statistics.median(snaps), statistics.median(cps), method
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--image", default="micro")
-    parser.add_argument("--breakdown-only", action="store_true", help="only the boot breakdown")
+    parser.add_argument("--only", default="boot,breakdown,mirror,review", help="what to measure")
+    parser.add_argument("--accel", default="auto", help="accelerator for the mirror guest")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="vb"))
     env = {**os.environ, "VMCTL_HOME": str(scratch / "h"), "VMCTL_QUIET": "1"}
     os.environ["VMCTL_HOME"] = env["VMCTL_HOME"]
@@ -199,20 +275,34 @@ def main() -> None:
     manifest = str(images.resolve_image(args.image).path)
     ws = scratch / "ws"
     ws.mkdir()
+    if "boot" in only:
+        boot_figures(env, ws, manifest, scratch, args.runs)
+    if "breakdown" in only:
+        phases: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.runs):
+            for name, took in boot_breakdown(ws, manifest, scratch).items():
+                phases.setdefault(name, []).append(took)
+        for name, took in phases.items():
+            print(f"boot_{name}_s={statistics.median(t[0] for t in took):.2f}")
+            print(f"boot_{name}_cpu_s={statistics.median(t[1] for t in took):.2f}")
+    print(f"loadavg={os.getloadavg()[0]:.1f}")
+    if "mirror" in only:
+        after, total = mirror_latency(env, ws, manifest, max(args.runs, 5), args.accel)
+        print(f"mirror_listen_to_connect_median_s={after:.3f}")
+        print(f"mirror_exec_to_connect_median_s={total:.3f}")
+    if "review" in only:
+        snap, cp, method = review_cost(scratch, max(args.runs, 3))
+        print(f"review_snapshot_s_per_10k={snap:.2f}")
+        print(f"cp_r_s_per_10k={cp:.2f}")
+        print(f"review_vs_cp_ratio={snap / cp:.2f}")
+        print(f"review_method={method.split(' ')[0]}")
+
+
+def boot_figures(env: dict[str, str], ws: Path, manifest: str, scratch: Path, runs: int) -> None:
     ups, raws = [], []
-    phases: dict[str, list[tuple[float, float]]] = {}
-    for i in range(args.runs):
-        if not args.breakdown_only:
-            raws.append(timed_raw_qemu(ws, manifest, scratch))
-            ups.append(timed_vmctl_up(env, ws, manifest, f"b{i}"))
-        for name, took in boot_breakdown(ws, manifest, scratch).items():
-            phases.setdefault(name, []).append(took)
-    for name, took in phases.items():
-        print(f"boot_{name}_s={statistics.median(t[0] for t in took):.2f}")
-        print(f"boot_{name}_cpu_s={statistics.median(t[1] for t in took):.2f}")
-    if args.breakdown_only:
-        print(f"loadavg={os.getloadavg()[0]:.1f}")
-        return
+    for i in range(runs):
+        raws.append(timed_raw_qemu(ws, manifest, scratch))
+        ups.append(timed_vmctl_up(env, ws, manifest, f"b{i}"))
     up_s, raw_s = statistics.median(u[0] for u in ups), statistics.median(r[0] for r in raws)
     up_cpu, raw_cpu = statistics.median(u[1] for u in ups), statistics.median(r[1] for r in raws)
     print(f"up_median_s={up_s:.2f}")
@@ -230,7 +320,6 @@ def main() -> None:
     print(f"exec_median_ms={cli_ms:.0f}")
     print(f"exec_inproc_median_ms={inproc_ms:.0f}")
     print(f"vmctl_rss_mb={rss_while_running(env, ws, manifest):.1f}")
-    print(f"loadavg={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

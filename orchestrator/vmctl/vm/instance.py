@@ -25,7 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
-from vmctl.sidecars.relay import write_script
+from vmctl.sidecars import guestpath, mirror
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
 from vmctl.vm import idmap
@@ -213,7 +213,7 @@ class Instance:
 
     # ---- use ----
     def exec_channel(self) -> ExecChannel:
-        return ExecChannel(self.paths.exec_in, self.paths.exec_out, self.paths.lock, self.name)
+        return ExecChannel.for_instance(self.paths.root, self.name)
 
     def qmp(self, timeout: float = 5.0) -> QMP:
         return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
@@ -255,16 +255,18 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            _stop_sidecar(self.meta)
+            mirror.stop(_ref(self.meta, "mirror"))
             _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
-                for sock in (
-                    self.paths.qmp,
-                    self.paths.console,
-                    self.paths.exec_in,
-                    self.paths.exec_out,
-                ):
+                fifos = [
+                    f
+                    for n in range(len(contract.exec_ports()))
+                    for f in self.paths.exec_fifos(n)[:2]
+                ]
+                for sock in (self.paths.qmp, self.paths.console, *fifos):
                     sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Instance:
@@ -303,6 +305,7 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
             "mem": spec.mem,
             "cpus": spec.cpus,
             "ephemeral": spec.ephemeral,
+            "mirror": spec.mirror,
         },
     }
     inst = Instance(spec.name, meta)
@@ -318,6 +321,7 @@ def up(
     fwcfg: dict[str, bytes] | None = None,
     timeout: float = 120.0,
     detach: bool = False,
+    max_conns: int = guestpath.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
@@ -330,23 +334,50 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        if spec.net == "model":
-            assert spec.model_endpoint is not None
-            write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
+        start_sidecar(inst, spec, max_conns)
         if spec.policy is not None:
             _start_proxy(inst, spec)
-        for fifo in (inst.paths.exec_in, inst.paths.exec_out):
-            os.mkfifo(fifo, 0o600)
+        for n in range(len(contract.exec_ports())):
+            for fifo in inst.paths.exec_fifos(n)[:2]:
+                os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+        if spec.mirrors:
+            ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
+            inst.meta["mirror"] = ref.to_json()
+            inst.save()
         if detach:
             inst.release()
     except BaseException:
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
+    """The guest's sidecar: its guarded model path (net model) and its watchdog.
+
+    Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
+    and stops a QEMU whose `vmctl up` died before the guest was ready.
+    """
+    host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
+    config = guestpath.SidecarConfig(
+        spec.name, str(inst.paths.sidecar), str(inst.paths.meta), host, port, max_conns
+    )
+    try:
+        pid = guestpath.launch(inst.paths, config)
+    except OSError as e:
+        raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
+    inst.meta["sidecar"] = ProcessRef.of(pid).to_json()
+    inst.save()
+
+
+def _stop_sidecar(meta: dict[str, Any]) -> None:
+    ref = _ref(meta, "sidecar")
+    if ref is not None and ref.alive():
+        ref.terminate(timeout=3.0)
 
 
 def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
@@ -387,6 +418,8 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    if qemu is None or not qemu.alive():
+        _stop_sidecar(meta)
     _stop_proxy(meta)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
@@ -425,6 +458,7 @@ def status(name: str) -> dict[str, Any]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
+    data["mirror"] = mirror.describe(inst.meta.get("spec", {}), inst.paths, inst.alive())
     return data
 
 
