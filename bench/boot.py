@@ -3,6 +3,13 @@
 One run, side by side, alternating so both see the same host load:
   up_ratio        median(vmctl up --detach -> ready) / median(raw QEMU -> same marker)
                   (raw QEMU gets the very argv vmctl builds, started by this script)
+  up_cpu_ratio    the same with CPU seconds (vmctl's own plus its QEMU's, against QEMU's):
+                  steadier than wall time when other work shares the host
+  boot_<phase>_s / boot_<phase>_cpu_s  where a raw boot's time goes, wall and QEMU's
+                  CPU time, from a run with `loglevel=7`: firmware (QEMU start to the
+                  kernel's first line), kernel (to `Run /init`), init (to VMCTL-BOOTED),
+                  userspace (modules, mounts, fw_cfg, exec agent: to VMCTL-READY), total
+  loadavg         the host's 1-minute load average at the end
   exec_median_ms  median `vmctl exec NAME -- true` (a fresh CLI process each time)
   exec_inproc_median_ms  the same session through ExecChannel, no process start
   vmctl_rss_mb    RSS of a foreground `vmctl up` while its guest runs
@@ -13,7 +20,7 @@ One run, side by side, alternating so both see the same host load:
                   `vmctl up --review`'s snapshot (copy + manifest) of 10,000 small files
                   against a plain `cp -r` of the same tree, alternating, medians
 Usage: .venv/bin/python bench/boot.py [--runs 5] [--image micro|MANIFEST]
-                                      [--only boot,mirror,review] [--accel auto|tcg|kvm]
+                                      [--only boot,breakdown,mirror,review] [--accel ...]
 """
 
 from __future__ import annotations
@@ -33,38 +40,116 @@ _SCRIPT = Path(sys.executable).with_name("vmctl")
 VMCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "vmctl"]
 
 
-def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> float:
+def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> tuple[float, float]:
+    """(wall s, CPU s of vmctl and its QEMU) from `vmctl up --detach` to ready."""
+    import json
+    import resource
+
+    from vmctl import paths
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", name]
     subprocess.run([*argv, "--net", "none", "--ephemeral", "--detach"], env=env, check=True)
     took = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    meta = paths.InstancePaths(Path(env["VMCTL_HOME"]) / "instances" / name).meta
+    qemu_pid = int(json.loads(meta.read_text())["qemu"]["pid"])
+    cpu = cpu_seconds(qemu_pid) + sum(
+        getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime")
+    )
     subprocess.run([*VMCTL, "down", name], env=env, check=True, timeout=60)
-    return took
+    return took, cpu
 
 
-def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
+def raw_argv(ws: Path, manifest: str, scratch: Path, append: str = "") -> tuple[list[str], Path]:
+    """The argv `vmctl up` builds (user namespace included), unpaused; its console log."""
     from vmctl import contract, paths
     from vmctl.images.manifest import load_manifest
-    from vmctl.vm import accel
-    from vmctl.vm.console import wait_for_marker
+    from vmctl.vm import accel, idmap
     from vmctl.vm.qemu import qemu_argv
     from vmctl.vm.spec import InstanceSpec
 
     ip = paths.InstancePaths(Path(tempfile.mkdtemp(dir=scratch)))
     spec = InstanceSpec(name="raw", workspace=ws)
     qemu = accel.qemu_binary()
-    argv = qemu_argv(spec, load_manifest(Path(manifest)), ip, accel.choose("auto", qemu), qemu)
+    mf = load_manifest(Path(manifest))
+    acc = accel.choose("auto", qemu, kernel=mf.kernel)
+    argv = qemu_argv(spec, mf, ip, acc, qemu, ids=idmap.choose())
     # vmctl starts QEMU paused (-S) and continues it once attached to the
     # console; raw QEMU just runs.
     argv = [a for a in argv if a != "-S"]
+    if append:
+        i = argv.index("-append") + 1
+        argv[i] = f"{argv[i]} {append}"
     for n in range(len(contract.exec_ports())):
         for fifo in ip.exec_fifos(n)[:2]:
             os.mkfifo(fifo, 0o600)
+    return argv, ip.console_log
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid` and its live children."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
+
+
+#: Console lines that close each phase of the boot breakdown, in order.
+PHASES = (
+    ("firmware", "Linux version"),
+    ("kernel", "Run /init"),
+    ("init", "VMCTL-BOOTED"),
+    ("userspace", "VMCTL-READY"),
+)
+
+
+def boot_breakdown(ws: Path, manifest: str, scratch: Path) -> dict[str, tuple[float, float]]:
+    """phase -> (wall s, QEMU CPU s) of one raw boot with the kernel's messages shown."""
+    argv, log = raw_argv(ws, manifest, scratch, "loglevel=7")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marks: list[tuple[float, float]] = []
+    try:
+        while len(marks) < len(PHASES) and time.monotonic() - t0 < 300:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            while len(marks) < len(PHASES) and PHASES[len(marks)][1] in text:
+                marks.append((time.monotonic() - t0, cpu_seconds(proc.pid)))
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    out, prev = {}, (0.0, 0.0)
+    for (name, _), mark in zip(PHASES, marks, strict=False):
+        out[name] = (mark[0] - prev[0], mark[1] - prev[1])
+        prev = mark
+    out["total"] = prev
+    return out
+
+
+def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> tuple[float, float]:
+    from vmctl import contract
+    from vmctl.vm.console import wait_for_marker
+
+    argv, console_log = raw_argv(ws, manifest, scratch)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_marker(ip.console_log, contract.ready_marker(), 120)
-        return time.monotonic() - t0
+        wait_for_marker(console_log, contract.ready_marker(), 120)
+        return time.monotonic() - t0, cpu_seconds(proc.pid)
     finally:
         proc.kill()
         proc.wait(10)
@@ -179,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--image", default="micro")
-    parser.add_argument("--only", default="boot,mirror,review", help="what to measure")
+    parser.add_argument("--only", default="boot,breakdown,mirror,review", help="what to measure")
     parser.add_argument("--accel", default="auto", help="accelerator for the mirror guest")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -193,6 +278,15 @@ def main() -> None:
     ws.mkdir()
     if "boot" in only:
         boot_figures(env, ws, manifest, scratch, args.runs)
+    if "breakdown" in only:
+        phases: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.runs):
+            for name, took in boot_breakdown(ws, manifest, scratch).items():
+                phases.setdefault(name, []).append(took)
+        for name, took in phases.items():
+            print(f"boot_{name}_s={statistics.median(t[0] for t in took):.2f}")
+            print(f"boot_{name}_cpu_s={statistics.median(t[1] for t in took):.2f}")
+    print(f"loadavg={os.getloadavg()[0]:.1f}")
     if "mirror" in only:
         after, total = mirror_latency(env, ws, manifest, max(args.runs, 5), args.accel)
         print(f"mirror_listen_to_connect_median_s={after:.3f}")
@@ -210,9 +304,14 @@ def boot_figures(env: dict[str, str], ws: Path, manifest: str, scratch: Path, ru
     for i in range(runs):
         raws.append(timed_raw_qemu(ws, manifest, scratch))
         ups.append(timed_vmctl_up(env, ws, manifest, f"b{i}"))
-    print(f"up_median_s={statistics.median(ups):.2f}")
-    print(f"raw_median_s={statistics.median(raws):.2f}")
-    print(f"up_ratio={statistics.median(ups) / statistics.median(raws):.2f}")
+    up_s, raw_s = statistics.median(u[0] for u in ups), statistics.median(r[0] for r in raws)
+    up_cpu, raw_cpu = statistics.median(u[1] for u in ups), statistics.median(r[1] for r in raws)
+    print(f"up_median_s={up_s:.2f}")
+    print(f"raw_median_s={raw_s:.2f}")
+    print(f"up_ratio={up_s / raw_s:.2f}")
+    print(f"up_cpu_s={up_cpu:.2f}")
+    print(f"raw_cpu_s={raw_cpu:.2f}")
+    print(f"up_cpu_ratio={up_cpu / raw_cpu:.2f}")
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "ex", "--net", "none"]
     subprocess.run([*argv, "--detach", "--ephemeral"], env=env, check=True)
     try:

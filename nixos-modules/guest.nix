@@ -194,7 +194,16 @@ in
     ];
     boot.initrd.kernelModules = [ "virtio_console" ];
     boot.kernelModules = [ "qemu_fw_cfg" ];
-    boot.kernelParams = [ "console=${consoleDev}" ];
+    # As the micro image (vmctl/images/micro.py, CMDLINE): no crypto
+    # self-tests (the slowest initcalls under TCG), and on x86 a TSC taken
+    # as reliable instead of HPET reads that exit to QEMU. Not booted here.
+    boot.kernelParams = [
+      "console=${consoleDev}"
+      "cryptomgr.notests"
+    ]
+    ++ lib.optional pkgs.stdenv.hostPlatform.isx86_64 "tsc=reliable";
+    # No NTP client: the clock comes from the host (RTC, kvmclock), and most nets have no route.
+    services.timesyncd.enable = mkDefault false;
 
     fileSystems."/" = {
       device = "tmpfs";

@@ -33,10 +33,11 @@ class Manifest:
 
 
 HEAD = [
-    "qemu-system-x86_64", "-name", "guest=vmctl-t1", "-M", "q35",
+    "qemu-system-x86_64", "-name", "guest=vmctl-t1",
+    "-M", "q35,sata=off,smbus=off,i8042=off,vmport=off",
     "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "2",
     "-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-    "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.cpio",
+    "-bios", "qboot.rom", "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.cpio",
 ]  # fmt: skip
 CHANNELS = [
     "-chardev", "socket,id=qmp,path=/st/instances/t1/qmp.sock,server=on,wait=off",
@@ -129,6 +130,7 @@ def test_kvm_uses_host_cpu_and_aarch64_uses_virt() -> None:
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
     arm = qemu_argv(spec, Manifest(), ROOT, Accel("tcg", "max", "virt", "aarch64"), "qa")
     assert arm[:5] == ["qa", "-name", "guest=vmctl-t1", "-M", "virt"]
+    assert "-bios" not in arm  # qboot is x86 firmware; virt boots the kernel itself
 
 
 @pytest.mark.parametrize(
