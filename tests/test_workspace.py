@@ -96,7 +96,7 @@ def image() -> Iterator[Path]:
     need(shutil.which("qemu-system-x86_64") is not None, "qemu")
     need(sys.platform.startswith("linux"), "user namespaces are Linux-only")
     need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
-    manifest = resolve_image("micro").path
+    manifest = resolve_image("micro", ()).path  # no agent shares: the copy stays small
     top = Path(tempfile.mkdtemp(prefix="vmctl-ws-img-", dir="/tmp"))
     try:
         shutil.copytree(manifest.parent, top / "micro")
