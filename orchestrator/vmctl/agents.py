@@ -29,7 +29,8 @@ import yaml
 from vmctl import contract
 from vmctl.errors import ConfigError
 
-GUEST_BASE_URL = "http://10.0.2.2:8080/v1"
+#: The model as a guest sees it under `--net model` (the guest contract's address).
+GUEST_BASE_URL = "http://{model_host}:{model_port}/v1".format(**contract.raw()["network"])
 #: What clients send when the endpoint has no key (they all insist on one).
 DUMMY_API_KEY = "vmctl-local"
 #: The name `llm keys set` stores the key under, when there is one.
@@ -142,6 +143,11 @@ def discover(
         data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
     except (OSError, ValueError, urllib.error.URLError):
         return (), None
+    return parse_models(data)
+
+
+def parse_models(data: Any) -> tuple[tuple[str, ...], int | None]:
+    """Model ids and the smallest context from a parsed `GET /v1/models` answer."""
     entries = data.get("data") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         return (), None

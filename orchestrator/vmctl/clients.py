@@ -305,6 +305,8 @@ class RunRequest:
     workspace: Path
     args: list[str] = field(default_factory=list)
     endpoint: str | None = None
+    server: str | None = None
+    api_key: str | None = None
     client_bin: Path | None = None
     sandbox: bool = True
 
@@ -314,7 +316,7 @@ def run(req: RunRequest) -> int:
     client = get(req.client)
     ws = sandbox.check_workspace(req.workspace)
     binary = client.find(req.client_bin)
-    target = find_endpoint(req.endpoint)
+    target = find_endpoint(req.endpoint, server=req.server, api_key=req.api_key)
     root = paths.client(client.name)
     state = paths.private_dir(root / "state")
     if not req.sandbox:

@@ -19,8 +19,6 @@ from vmctl import ui
 from vmctl.cli import app, passthrough
 from vmctl.errors import ConfigError, VMError
 
-DEFAULT_ENDPOINT = "127.0.0.1:8080"
-
 
 def _sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through `with Instance`, so cleanup runs
@@ -38,47 +36,6 @@ def _workspace(path: Path) -> Path:
         return check_workspace(path)
     except ConfigError as e:
         raise ConfigError(e.message, "pass a project folder with -d DIR") from None
-
-
-def _running_server() -> tuple[str, str | None, str | None] | None:
-    """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
-    try:
-        from vmctl.server import list_servers
-    except ImportError:
-        return None
-    for srv in list_servers():
-        return f"{srv.host}:{srv.port}", srv.alias, srv.api_key
-    return None
-
-
-def _plan_model(
-    endpoint: str | None, model: str | None, net: str | None
-) -> tuple[str | None, str, dict[str, bytes]]:
-    """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
-    from vmctl import agents
-    from vmctl.qemu import parse_endpoint
-
-    api_key = None
-    server = None if endpoint else _running_server()
-    if server:
-        endpoint, served, api_key = server
-        model = model or served
-        ui.info(f"model endpoint: {endpoint} (vmctl serve)")
-    if endpoint is None and net in ("model", "full"):
-        endpoint = DEFAULT_ENDPOINT
-    if net is None:
-        net = "model" if endpoint else "none"
-        why = f"model endpoint {endpoint} known" if endpoint else "no model endpoint known"
-        ui.info(f"network: {net} ({why}; choose with --net)")
-    if endpoint is None or net == "none":
-        return endpoint, net, {}
-    host, port = parse_endpoint(endpoint)
-    probe = f"http://{host}:{port}/v1"
-    guest_host = "10.0.2.2" if net == "model" or host in ("127.0.0.1", "localhost") else host
-    guest_port = 8080 if net == "model" else port
-    base = f"http://{guest_host}:{guest_port}/v1"
-    ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    return endpoint, net, agents.guest_files(ep)
 
 
 def _image(
@@ -107,6 +64,12 @@ def up(
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
     net: str | None = typer.Option(None, "--net", help="full | model | none."),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
+    server: str | None = typer.Option(
+        None, "--server", help="The running `vmctl serve` to use (needed when several run)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="Key of a non-vmctl endpoint (or VMCTL_API_KEY)."
+    ),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
     publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
     mem: str = typer.Option("2G", "--mem"),
@@ -118,20 +81,21 @@ def up(
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     from vmctl import accel as accel_mod
-    from vmctl import instance, paths
-    from vmctl.qemu import InstanceSpec, parse_endpoint, parse_forward
+    from vmctl import endpoint, instance, paths
+    from vmctl.qemu import InstanceSpec, parse_forward
 
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    plan = endpoint.plan_guest(model_endpoint, server=server, api_key=api_key, model=model, net=net)
+    files = plan.files
     spec = InstanceSpec(
         name=name,
         workspace=ws,
-        net=policy,
-        model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
+        net=plan.net,
+        model_endpoint=plan.endpoint,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
         cpus=cpus,
