@@ -32,7 +32,7 @@ from vmctl.agents import AgentEndpoint
 from vmctl.errors import ClientError, ConfigError, NotFoundError
 
 if TYPE_CHECKING:
-    from vmctl.server import ServerInfo
+    from vmctl.serve.server import ServerInfo
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 ENV_KEY = "VMCTL_API_KEY"
@@ -102,9 +102,9 @@ def parse_origin(value: str, option: str = "--endpoint") -> tuple[str, str, int]
 
 
 def running_servers() -> list[ServerInfo]:
-    # Imported here: `vmctl.server` pulls in the serving stack, which the
+    # Imported here: `vmctl.serve.server` pulls in the serving stack, which the
     # unit tests of this module and `vmctl run --endpoint` never need.
-    from vmctl.server import list_servers
+    from vmctl.serve.server import list_servers
 
     return list_servers()
 

@@ -26,7 +26,7 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _workspace(path: Path) -> Path:
     try:
-        from vmctl.sandbox import check_workspace
+        from vmctl.sandbox.launch import check_workspace
     except ImportError:  # pragma: no cover - sandbox.py ships with vmctl
         real = path.expanduser().resolve()
         if not real.is_dir():
@@ -41,7 +41,8 @@ def _workspace(path: Path) -> Path:
 def _image(
     image: str, with_agents: list[str] | None, flake: str | None, config: str | None
 ) -> tuple[Any, str]:
-    from vmctl import images, nixos
+    from vmctl.images import manifest as images
+    from vmctl.images import nixos
 
     if image == "auto":
         reason = nixos.nix_available(flake)
@@ -80,9 +81,10 @@ def up(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
-    from vmctl import accel as accel_mod
-    from vmctl import endpoint, instance, paths
-    from vmctl.qemu import InstanceSpec, parse_forward
+    from vmctl import endpoint, paths
+    from vmctl.vm import accel as accel_mod
+    from vmctl.vm import instance
+    from vmctl.vm.qemu import InstanceSpec, parse_forward
 
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
@@ -121,7 +123,7 @@ def up(
 
 def _foreground(inst: Any) -> None:
     """Attach the console on a TTY, else wait for the guest to power off."""
-    from vmctl.console import attach
+    from vmctl.vm.console import attach
 
     if sys.stdin.isatty():
         ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
@@ -141,7 +143,7 @@ def _new_name() -> str:
 
 
 def _load_running(name: str) -> Any:
-    from vmctl import instance
+    from vmctl.vm import instance
 
     instance.reap()
     inst = instance.Instance.load(name)
@@ -172,7 +174,7 @@ def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
 @app.command()
 def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
-    from vmctl.console import attach
+    from vmctl.vm.console import attach
 
     inst = _load_running(name)
     ui.info("Ctrl-] detaches")
@@ -185,7 +187,7 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """QMP run state, pid, uptime, network policy and forwards."""
-    from vmctl import instance
+    from vmctl.vm import instance
 
     instance.reap()
     data = instance.status(name)
@@ -201,7 +203,7 @@ def status(
 @app.command()
 def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
-    from vmctl import instance
+    from vmctl.vm import instance
 
     with ui.step(f"stopping {name}"):
         instance.down(name)
