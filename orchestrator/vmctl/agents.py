@@ -255,6 +255,57 @@ def llm_default_model(ep: AgentEndpoint) -> str:
     return ep.model + "\n"
 
 
+#: The variable Codex reads its key from (`env_key`); agent_env sets it.
+CODEX_KEY_ENV = "OPENAI_API_KEY"
+
+
+def codex_config_toml(ep: AgentEndpoint) -> str:
+    """Codex's config.toml: the local model over the Responses API, nothing else.
+
+    Codex speaks only `/v1/responses`. Its own sandbox is off because the
+    boundary is vmctl's (the guest, or the host profile); web search,
+    plugins and apps are off (plugins resolve github.com at start-up),
+    and so are update checks, analytics, feedback and history.
+    Strings are JSON-quoted, which TOML reads as basic strings.
+    """
+    q = json.dumps
+    lines = [
+        "# Written by vmctl: the local model only, offline.",
+        f"model = {q(ep.model)}",
+        f"model_provider = {q(PROVIDER)}",
+        'approval_policy = "never"',
+        'sandbox_mode = "danger-full-access"',
+        "check_for_update_on_startup = false",
+        'web_search = "disabled"',
+    ]
+    if ep.context is not None:
+        lines.append(f"model_context_window = {ep.context}")
+    lines += [
+        "",
+        f"[model_providers.{PROVIDER}]",
+        f"name = {q('Local model (vmctl)')}",
+        f"base_url = {q(ep.base_url)}",
+        f"env_key = {q(CODEX_KEY_ENV)}",
+        'wire_api = "responses"',
+        "request_max_retries = 1",
+        "stream_max_retries = 1",
+        "",
+        "[features]",
+        "plugins = false",
+        "apps = false",
+        "",
+        "[analytics]",
+        "enabled = false",
+        "",
+        "[feedback]",
+        "enabled = false",
+        "",
+        "[history]",
+        'persistence = "none"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def agent_env(ep: AgentEndpoint) -> dict[str, str]:
     """Variables that point OpenAI, Anthropic and opencode clients at `ep`."""
     env = {
@@ -290,6 +341,7 @@ def guest_files(ep: AgentEndpoint) -> dict[str, bytes]:
         "llm-models.yaml": llm_models_yaml(ep),
         "llm-default-model.txt": llm_default_model(ep),
         "env": env_file(ep),
+        "codex-config.toml": codex_config_toml(ep),
     }
     files: dict[str, bytes] = {}
     for f in contract.fw_cfg_files():

@@ -33,7 +33,7 @@ def run(
         False, "--no-sandbox", help="Run the client unconfined (loudly warned)."
     ),
 ) -> None:
-    """Run llm, opencode, claude or a shell against the local model, sandboxed.
+    """Run llm, opencode, claude, codex or a shell against the local model, sandboxed.
 
     Arguments after `--` go to the client verbatim; its exit status is vmctl's.
     """

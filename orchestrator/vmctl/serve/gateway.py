@@ -41,7 +41,8 @@ HOP_BY_HOP = frozenset(
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 TAIL_BYTES = 64 * 1024
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+# One level of nesting: the Responses API's usage holds `input_tokens_details`.
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 _TIMINGS_RE = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
 
 
