@@ -297,11 +297,14 @@ def plan_guest(
     api_key: str | None = None,
     model: str | None = None,
     net: str | None = None,
+    proxy_env: bool = False,
 ) -> GuestPlan:
     """`vmctl up`'s endpoint, chosen as `vmctl run`'s is, seen from the guest.
 
     Unlike `run`, a silent endpoint is accepted when `--model` names the
     model (the server may start after the guest); a keyed one never is.
+    `proxy_env`: the guest's env file points HTTP(S)_PROXY at the egress
+    proxy (agents.guest_files), only ever under `--net model`.
     """
     loc = locate(url, server=server, api_key=api_key, option="--model-endpoint")
     if loc is not None and loc.server is not None:
@@ -327,4 +330,5 @@ def plan_guest(
         )
     base = guest_origin(loc.host, loc.port, net) + "/v1"
     ep = AgentEndpoint(base, models, loc.api_key, context)
-    return GuestPlan(net, (loc.host, loc.port), agents.guest_files(ep))
+    files = agents.guest_files(ep, proxy=proxy_env and net == "model")
+    return GuestPlan(net, (loc.host, loc.port), files)

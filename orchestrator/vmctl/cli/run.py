@@ -32,6 +32,12 @@ def run(
     no_sandbox: bool = typer.Option(
         False, "--no-sandbox", help="Run the client unconfined (loudly warned)."
     ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset through vmctl's proxy: locked | balanced | open."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
 ) -> None:
     """Run llm, opencode, claude, codex or a shell against the local model, sandboxed.
 
@@ -46,6 +52,8 @@ def run(
         api_key=api_key,
         client_bin=client_bin,
         sandbox=not no_sandbox,
+        policy=policy,
+        resolve=tuple(resolve),
     )
     code = clients.run(req)
     sys.stdout.flush()

@@ -38,6 +38,24 @@ def _workspace(path: Path) -> Path:
         raise ConfigError(e.message, "pass a project folder with -d DIR") from None
 
 
+def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
+    """`--net` and `--policy` together; `--net full` is `--policy open`, said loudly."""
+    if net == "full":
+        if policy not in (None, "open"):
+            raise ConfigError(f"--net full and --policy {policy} disagree", "drop --net full")
+        ui.warn(
+            "--net full is --policy open now: the guest reaches any public address by name "
+            "through vmctl's egress proxy (logged); the host's loopback, private and "
+            "metadata addresses stay closed unless `vmctl policy allow CIDR:PORT` names them"
+        )
+        return "model", "open"
+    if policy is not None and net == "none":
+        raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
+    if policy is not None:
+        return "model", policy
+    return net, None
+
+
 def _image(
     image: str, with_agents: list[str] | None, flake: str | None, config: str | None
 ) -> tuple[Any, str]:
@@ -63,7 +81,15 @@ def up(
     ),
     flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
-    net: str | None = typer.Option(None, "--net", help="full | model | none."),
+    net: str | None = typer.Option(
+        None, "--net", help="model (= --policy locked) | none | full (= --policy open)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset: locked | balanced | open (see `vmctl policy`)."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
     server: str | None = typer.Option(
         None, "--server", help="The running `vmctl serve` to use (needed when several run)."
@@ -91,12 +117,26 @@ def up(
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    plan = endpoint.plan_guest(model_endpoint, server=server, api_key=api_key, model=model, net=net)
-    files = plan.files
+    net, preset = _net_policy(net, policy)
+    plan = endpoint.plan_guest(
+        model_endpoint,
+        server=server,
+        api_key=api_key,
+        model=model,
+        net=net,
+        proxy_env=preset not in (None, "locked"),
+    )
+    net, files = plan.net, plan.files
+    if net == "model":
+        preset = preset or "locked"
+    elif resolve:
+        raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     spec = InstanceSpec(
         name=name,
         workspace=ws,
-        net=plan.net,
+        net=net,
+        policy=preset,
+        resolve=tuple(resolve),
         model_endpoint=plan.endpoint,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
@@ -194,7 +234,8 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
+    keys = ("name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards")
+    for key in keys:
         value = data.get(key)
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")

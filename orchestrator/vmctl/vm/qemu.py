@@ -90,6 +90,10 @@ class InstanceSpec:
     extra_args: tuple[str, ...] = field(default=())
     #: fw_cfg names (`opt/vmctl/...`) whose files sit in the instance's fwcfg/.
     fw_cfg: tuple[str, ...] = ()
+    #: Egress preset (vmctl.egress) of the guest's proxy; None: no proxy.
+    policy: str | None = None
+    #: `--resolve HOST:ADDR` names for the proxy.
+    resolve: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -104,6 +108,13 @@ class InstanceSpec:
             raise ConfigError(f"--mem {self.mem!r} is not a size of at least 128M", "e.g. 2G")
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
+        if self.policy is not None:
+            from vmctl import egress
+
+            egress.preset(self.policy)
+            egress.resolve_map(self.resolve)
+            if self.net != "model":
+                raise ConfigError(f"--policy needs the guarded network, not --net {self.net}")
         hosts = [h for h, _ in self.forwards]
         if len(set(hosts)) != len(hosts):
             raise ConfigError("-p names the same host port twice")
@@ -153,6 +164,9 @@ def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
             f"user,id=n0,net=10.0.2.0/24,host={net['slirp_host_when_restricted']},restrict=on"
             f",guestfwd=tcp:{net['model_host']}:{net['model_port']}-cmd:{relay}{fwds}"
         )
+        if spec.policy is not None:  # the egress proxy, on the same guarded path
+            connect = relay_path(paths.proxy_connect)
+            netdev += f",guestfwd=tcp:{net['model_host']}:{net['proxy_port']}-cmd:{connect}"
     return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
 
