@@ -24,15 +24,13 @@ import stat
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from vmctl import agents, contract, paths, ui
 from vmctl.agents import AgentEndpoint
 from vmctl.errors import ClientError, ConfigError, NotFoundError
-
-if TYPE_CHECKING:
-    from vmctl.serve.server import ServerInfo
+from vmctl.serve.server import ServerInfo, list_servers
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 ENV_KEY = "VMCTL_API_KEY"
@@ -102,10 +100,7 @@ def parse_origin(value: str, option: str = "--endpoint") -> tuple[str, str, int]
 
 
 def running_servers() -> list[ServerInfo]:
-    # Imported here: `vmctl.serve.server` pulls in the serving stack, which the
-    # unit tests of this module and `vmctl run --endpoint` never need.
-    from vmctl.serve.server import list_servers
-
+    """Running `vmctl serve` servers (their owner lists them; dead ones are reaped)."""
     return list_servers()
 
 
