@@ -14,7 +14,7 @@ file or folder owned by the user running vmctl, with fixed modes
 and even symlinks live only in `user.virtfs.*` xattrs (a guest-made
 symlink is a regular file on the host). The cost: executable bits set in
 the guest do not reach the host, and the host filesystem must support
-user xattrs.
+user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from vmctl import contract
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths, check_name
 from vmctl.vm.accel import Accel
+from vmctl.vm.idmap import IdMap
 
 NET_POLICIES = ("full", "model", "none")
 MEM_RE = re.compile(r"^([1-9][0-9]*)([MG])$")
@@ -94,6 +95,12 @@ class InstanceSpec:
     policy: str | None = None
     #: `--resolve HOST:ADDR` names for the proxy.
     resolve: tuple[str, ...] = ()
+    #: Mirror the guest's listening TCP ports on the host's loopback (needs a network).
+    mirror: bool = False
+
+    @property
+    def mirrors(self) -> bool:
+        return self.mirror and self.net != "none"
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -144,10 +151,10 @@ def relay_path(path: Path) -> str:
     return str(path)
 
 
-def kernel_cmdline(spec: InstanceSpec, base: str) -> str:
+def kernel_cmdline(spec: InstanceSpec, base: str, ids: str = "") -> str:
     keys = contract.raw()["kernel_cmdline"]
     extra = f"{keys['instance']}={spec.name} {keys['net']}={spec.net} {keys['workspace']}=1"
-    return f"{base.strip()} {extra}".strip()
+    return " ".join(p for p in (base.strip(), extra, ids) if p)
 
 
 def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
@@ -184,14 +191,17 @@ def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
 
 
 def channel_argv(paths: InstancePaths) -> list[str]:
-    """QMP and the log console on sockets; the exec port on a FIFO pair.
+    """QMP and the log console on sockets; each exec port on a FIFO pair.
 
-    The exec port uses a `pipe` chardev: QEMU holds both FIFOs open, so the
-    guest's side of the port stays connected between `vmctl exec` calls
+    The exec ports use `pipe` chardevs: QEMU holds both FIFOs open, so the
+    guest's side of a port stays connected between `vmctl exec` calls
     and its agent blocks in read() instead of seeing EOF and restarting,
     which made every call wait for a respawn (about a second).
     """
-    port = contract.raw()["console"]["exec_port"]
+    execs: list[str] = []
+    for n, port in enumerate(contract.exec_ports()):
+        execs += ["-chardev", f"pipe,id=exec{n},path={opt(paths.exec(n))}"]
+        execs += ["-device", f"virtserialport,chardev=exec{n},name={opt(port)}"]
     return [
         "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -200,8 +210,20 @@ def channel_argv(paths: InstancePaths) -> list[str]:
         f",logfile={opt(paths.console_log)},logappend=on",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"pipe,id=exec,path={opt(paths.exec)}",
-        "-device", f"virtserialport,chardev=exec,name={opt(port)}",
+        *execs,
+    ]  # fmt: skip
+
+
+def mirror_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
+    """Port mirroring: the guest's report port and a QMP monitor for the mirror sidecar."""
+    if not spec.mirrors:
+        return []
+    port = contract.raw()["mirror"]["port"]
+    return [
+        "-chardev", f"socket,id=ports,path={opt(paths.ports)},server=on,wait=off",
+        "-device", f"virtserialport,chardev=ports,name={opt(port)}",
+        "-chardev", f"socket,id=mqmp,path={opt(paths.mirror_qmp)},server=on,wait=off",
+        "-mon", "chardev=mqmp,mode=control",
     ]  # fmt: skip
 
 
@@ -222,16 +244,22 @@ def qemu_argv(
     paths: InstancePaths,
     accel: Accel,
     qemu: str = "qemu-system-x86_64",
+    ids: IdMap | None = None,
 ) -> list[str]:
-    """The full QEMU command line; the user's extra arguments go last, verbatim."""
-    argv = [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
+    """The full QEMU command line; the user's extra arguments go last, verbatim.
+
+    `ids` (vmctl.vm.idmap) puts its user-namespace prefix first and its
+    kernel command-line keys after vmctl's.
+    """
+    argv = list(ids.prefix) if ids else []
+    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
     # -S: the CPU waits until vmctl is attached to the serial console and
     # continues it over QMP, so no line of the boot is ever missed.
     argv += ["-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     argv += ["-kernel", no_comma(manifest.kernel, "kernel")]
     argv += ["-initrd", no_comma(manifest.initrd, "initrd")]
-    argv += ["-append", kernel_cmdline(spec, manifest.cmdline)]
+    argv += ["-append", kernel_cmdline(spec, manifest.cmdline, ids.cmdline() if ids else "")]
     disk = getattr(manifest, "disk", None)
     if disk is not None:
         argv += ["-drive", f"if=virtio,format=qcow2,file={opt(paths.overlay)}"]
@@ -240,6 +268,7 @@ def qemu_argv(
     argv += share_argv(spec, manifest)
     argv += fw_cfg_argv(spec, paths)
     argv += net_argv(spec, paths)
+    argv += mirror_argv(spec, paths)
     return argv + list(spec.extra_args)
 
 
