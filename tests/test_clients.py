@@ -287,10 +287,12 @@ def test_codex_answers_through_the_gateway(vmctl_server: ServedModel, workspace:
     args = ["exec", "--skip-git-repo-check", "Say hello."]
     # ~4.5k prompt tokens: 30-60 s on 2 idle cores, up to 8 minutes on a crowded machine.
     answer, posts = _run_posts(vmctl_server, workspace, "codex", *args, timeout=780)
-    assert [(a["path"], a["status"]) for a in posts] == [("/v1/responses", 200)]
+    # One turn; Codex may retry it once (stream_max_retries) on a machine too slow for it.
+    assert 1 <= len(posts) <= 2
+    assert all((a["path"], a["status"]) == ("/v1/responses", 200) for a in posts)
     # Codex's system prompt and tool schemas: thousands of tokens, all audited.
-    assert int(str(posts[0]["prompt_tokens"])) > 1000
-    assert int(str(posts[0]["completion_tokens"])) > 0
+    assert int(str(posts[-1]["prompt_tokens"])) > 1000
+    assert int(str(posts[-1]["completion_tokens"])) > 0
     assert answer.strip()
     home = vmctl_server.home / "clients" / "codex" / "state" / "codex"
     assert 'wire_api = "responses"' in (home / "config.toml").read_text()

@@ -289,6 +289,8 @@ def codex_config_toml(ep: AgentEndpoint) -> str:
         'wire_api = "responses"',
         "request_max_retries = 1",
         "stream_max_retries = 1",
+        # A CPU model can take minutes on a first long prompt before its first byte.
+        "stream_idle_timeout_ms = 900000",
         "",
         "[features]",
         "plugins = false",
