@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Install the pinned agent clients (opencode, Claude Code) into vmctl's own
+# Install the pinned agent clients (opencode, Claude Code, Codex) into vmctl's own
 # npm prefix, never into the user's global npm. Idempotent: when the pinned
 # versions are already there it returns at once. Prints the prefix on stdout
-# (its bin/ holds `opencode` and `claude`); progress goes to stderr.
+# (its bin/ holds `opencode`, `claude` and `codex`); progress goes to stderr.
 #
 #   VMCTL_TOOLS   tools folder (default ~/.cache/vmctl/tools); prefix is $VMCTL_TOOLS/npm
-#   VMCTL_AGENTS  which to install (default "opencode claude")
+#   VMCTL_AGENTS  which to install (default "opencode claude codex")
 set -euo pipefail
 
 OPENCODE_VERSION=1.18.33
 # The version the project's field notes were checked against.
 CLAUDE_VERSION=2.1.197
+# Checked against vmctl's gateway and llama-server (docs/codex.md).
+CODEX_VERSION=0.171.0
 
 prefix="${VMCTL_TOOLS:-$HOME/.cache/vmctl/tools}/npm"
-agents="${VMCTL_AGENTS:-opencode claude}"
+agents="${VMCTL_AGENTS:-opencode claude codex}"
 
 installed_version() {
     # $1: package name. Prints the installed version, or nothing.
@@ -33,7 +35,8 @@ for agent in $agents; do
     case "$agent" in
         opencode) pkg=opencode-ai; ver=$OPENCODE_VERSION ;;
         claude) pkg=@anthropic-ai/claude-code; ver=$CLAUDE_VERSION ;;
-        *) echo "install-agents: unknown agent '$agent' (opencode, claude)" >&2; exit 2 ;;
+        codex) pkg=@openai/codex; ver=$CODEX_VERSION ;;
+        *) echo "install-agents: unknown agent '$agent' (opencode, claude, codex)" >&2; exit 2 ;;
     esac
     if [ "$(installed_version "$pkg")" = "$ver" ] && [ -x "$prefix/bin/$agent" ]; then
         echo "install-agents: $pkg@$ver already installed" >&2
@@ -44,8 +47,9 @@ done
 
 if [ "${#wanted[@]}" -gt 0 ]; then
     echo "install-agents: installing ${wanted[*]} into $prefix" >&2
-    # --ignore-scripts is not used: both packages pick their native binary in
-    # postinstall. No audit/fund calls: registry traffic only.
+    # --ignore-scripts is not used: opencode and claude pick their native
+    # binary in postinstall (codex has it in an optional platform package).
+    # No audit/fund calls: registry traffic only.
     npm install --global --prefix "$prefix" --no-audit --no-fund --loglevel=error \
         "${wanted[@]}" >&2
 fi

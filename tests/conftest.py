@@ -169,6 +169,48 @@ def vmctl_server(
         subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
 
 
+#: The key `keyed_server` requires.
+KEYED_SERVER_KEY = "vmctl-test-k3y"
+
+
+def start_server(home: Path, name: str, llama_server_bin: Path, *extra: str) -> ServedModel:
+    """`vmctl serve --detach` of the embedded model in `home`; stop it with `vmctl stop`."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
+    argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, *extra]
+    out = subprocess.run(vmctl_cmd("serve", *argv), env=env, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"
+    return ServedModel(home, name, json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def stop_server(served: ServedModel) -> None:
+    import subprocess
+
+    subprocess.run(vmctl_cmd("stop", served.name), env=served.env(), timeout=60, check=False)
+
+
+@pytest.fixture(scope="session")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smollm2: Path
+) -> Iterator[ServedModel]:
+    """`vmctl serve --api-key`, alone in its own VMCTL_HOME; a keyless request gets 401."""
+    import urllib.error
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("key")
+    served = start_server(home, "k", llama_server_bin, "--api-key", KEYED_SERVER_KEY)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{served.base_url}/models", timeout=10)
+        assert refused.value.code == 401
+        yield served
+    finally:
+        stop_server(served)
+
+
 # --- a stand-in HTTP peer -----------------------------------------------------
 
 

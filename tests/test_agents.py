@@ -201,3 +201,23 @@ def test_discover_is_bounded_and_empty_when_nothing_answers() -> None:
         assert time.monotonic() - start < 3
     ep = agents.endpoint(url, models=("fallback",), timeout=0.5)
     assert ep.models == ("fallback",) and ep.context is None
+
+
+def test_codex_config_is_the_local_responses_provider_only() -> None:
+    import tomllib
+
+    ep = agents.AgentEndpoint(agents.GUEST_BASE_URL, ("m1",), "k3y", 8192)
+    files = agents.guest_files(ep)
+    entry = contract.fw_cfg("codex-config.toml")
+    assert entry.dest == "/home/agent/.codex/config.toml" and entry.owner == "agent"
+    config = tomllib.loads(files[entry.name].decode())
+    provider = config["model_providers"][config["model_provider"]]
+    assert provider["base_url"] == agents.GUEST_BASE_URL
+    assert provider["wire_api"] == "responses"  # Codex's only wire protocol
+    # The key is not in the file: Codex reads it from the variable the env file sets.
+    assert provider["env_key"] == agents.CODEX_KEY_ENV and "k3y" not in files[entry.name].decode()
+    assert f"{agents.CODEX_KEY_ENV}=k3y\n" in files["opt/vmctl/env"].decode()
+    assert (config["model"], config["model_context_window"]) == ("m1", 8192)
+    assert config["sandbox_mode"] == "danger-full-access"  # vmctl's boundary, not Codex's
+    assert config["web_search"] == "disabled" and config["features"]["plugins"] is False
+    assert config["analytics"]["enabled"] is False and not config["check_for_update_on_startup"]

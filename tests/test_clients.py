@@ -15,15 +15,21 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import HttpStub, ServedModel, StubFactory, StubRequest, free_port, need, vmctl_cmd
+from conftest import (
+    KEYED_SERVER_KEY,
+    HttpStub,
+    ServedModel,
+    StubFactory,
+    StubRequest,
+    free_port,
+    need,
+)
 from vmctl.clients import registry as clients
 
 SECRET = "AKIA-vmctl-canary-secret"
@@ -116,7 +122,7 @@ print("PROBE " + json.dumps(res), flush=True)
 """
 
 
-@pytest.mark.parametrize("client", ["shell", "llm", "opencode", "claude"])
+@pytest.mark.parametrize("client", ["shell", "llm", "opencode", "claude", "codex"])
 def test_escapes_fail_under_each_profile(
     client: str,
     tmp_path: Path,
@@ -227,11 +233,11 @@ def _client_or_skip(name: str) -> None:
 
 
 def _run_posts(
-    served: ServedModel, ws: Path, client: str, *args: str
+    served: ServedModel, ws: Path, client: str, *args: str, timeout: float = 300
 ) -> tuple[str, list[dict[str, object]]]:
     """`vmctl run CLIENT -- ARGS` against `served` (found, not named): output, POSTs audited."""
     before = len(served.audit_lines())
-    out = vmctl_run(client, "-w", str(ws), "--", *args, env=served.env(), timeout=300)
+    out = vmctl_run(client, "-w", str(ws), "--", *args, env=served.env(), timeout=timeout)
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(ws.iterdir()) == []
     return out.stdout, [a for a in _new_audit(served, before) if a["method"] == "POST"]
@@ -273,31 +279,28 @@ def test_claude_code_reaches_the_messages_route(vmctl_server: ServedModel, works
     assert any(a["status"] == 200 for a in posts)
 
 
+@pytest.mark.slow
+@pytest.mark.llama
+def test_codex_answers_through_the_gateway(vmctl_server: ServedModel, workspace: Path) -> None:
+    """Codex speaks only the Responses API: its streamed turn passes the gateway to llama-server."""
+    _client_or_skip("codex")
+    args = ["exec", "--skip-git-repo-check", "Say hello."]
+    # ~4.5k prompt tokens: 30-60 s on 2 idle cores, up to 8 minutes on a crowded machine.
+    answer, posts = _run_posts(vmctl_server, workspace, "codex", *args, timeout=780)
+    # One turn; Codex may retry it once (stream_max_retries) on a machine too slow for it.
+    assert 1 <= len(posts) <= 2
+    assert all((a["path"], a["status"]) == ("/v1/responses", 200) for a in posts)
+    # Codex's system prompt and tool schemas: thousands of tokens, all audited.
+    assert int(str(posts[-1]["prompt_tokens"])) > 1000
+    assert int(str(posts[-1]["completion_tokens"])) > 0
+    assert answer.strip()
+    home = vmctl_server.home / "clients" / "codex" / "state" / "codex"
+    assert 'wire_api = "responses"' in (home / "config.toml").read_text()
+
+
 # --- a server with an API key: the client must be told it, and send it -------
 
-KEY = "vmctl-test-k3y"
-
-
-@pytest.fixture(scope="module")
-def keyed_server(
-    tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smollm2: Path
-) -> Iterator[ServedModel]:
-    """`vmctl serve --api-key`, in its own VMCTL_HOME; a keyless request gets 401."""
-    home = tmp_path_factory.mktemp("key")
-    env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
-    name = "k"
-    argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, "--api-key", KEY]
-    try:
-        out = subprocess.run(vmctl_cmd("serve", *argv), env=env, capture_output=True, text=True,
-                             timeout=300, check=False)  # fmt: skip
-        assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"
-        served = ServedModel(home, name, json.loads(out.stdout.strip().splitlines()[-1]))
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{served.base_url}/models", timeout=10)
-        assert refused.value.code == 401
-        yield served
-    finally:
-        subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
+KEY = KEYED_SERVER_KEY
 
 
 @pytest.mark.slow

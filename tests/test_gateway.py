@@ -167,6 +167,16 @@ def test_token_usage_reads_openai_anthropic_and_timings() -> None:
     assert token_usage(b"no usage here") == {}
 
 
+def test_token_usage_reads_the_responses_api_nested_usage() -> None:
+    """`/v1/responses`: usage nests `input_tokens_details`; timings count new tokens only."""
+    completed = (
+        b'data: {"type":"response.completed","response":{"usage":{"input_tokens":4566,'
+        b'"output_tokens":27,"input_tokens_details":{"cached_tokens":4132}}},'
+        b'"timings":{"prompt_n":434,"predicted_n":27}}\n\n'
+    )
+    assert token_usage(completed) == {"prompt_tokens": 4566, "completion_tokens": 27}
+
+
 def test_authorized_compares_in_constant_time_semantics() -> None:
     class Req:
         path = "/v1/models"

@@ -29,7 +29,8 @@ import yaml
 from vmctl import contract
 from vmctl.errors import ConfigError
 
-GUEST_BASE_URL = "http://10.0.2.2:8080/v1"
+#: The model as a guest sees it under `--net model` (the guest contract's address).
+GUEST_BASE_URL = "http://{model_host}:{model_port}/v1".format(**contract.raw()["network"])
 #: What clients send when the endpoint has no key (they all insist on one).
 DUMMY_API_KEY = "vmctl-local"
 #: The name `llm keys set` stores the key under, when there is one.
@@ -142,6 +143,11 @@ def discover(
         data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
     except (OSError, ValueError, urllib.error.URLError):
         return (), None
+    return parse_models(data)
+
+
+def parse_models(data: Any) -> tuple[tuple[str, ...], int | None]:
+    """Model ids and the smallest context from a parsed `GET /v1/models` answer."""
     entries = data.get("data") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         return (), None
@@ -249,6 +255,59 @@ def llm_default_model(ep: AgentEndpoint) -> str:
     return ep.model + "\n"
 
 
+#: The variable Codex reads its key from (`env_key`); agent_env sets it.
+CODEX_KEY_ENV = "OPENAI_API_KEY"
+
+
+def codex_config_toml(ep: AgentEndpoint) -> str:
+    """Codex's config.toml: the local model over the Responses API, nothing else.
+
+    Codex speaks only `/v1/responses`. Its own sandbox is off because the
+    boundary is vmctl's (the guest, or the host profile); web search,
+    plugins and apps are off (plugins resolve github.com at start-up),
+    and so are update checks, analytics, feedback and history.
+    Strings are JSON-quoted, which TOML reads as basic strings.
+    """
+    q = json.dumps
+    lines = [
+        "# Written by vmctl: the local model only, offline.",
+        f"model = {q(ep.model)}",
+        f"model_provider = {q(PROVIDER)}",
+        'approval_policy = "never"',
+        'sandbox_mode = "danger-full-access"',
+        "check_for_update_on_startup = false",
+        'web_search = "disabled"',
+    ]
+    if ep.context is not None:
+        lines.append(f"model_context_window = {ep.context}")
+    lines += [
+        "",
+        f"[model_providers.{PROVIDER}]",
+        f"name = {q('Local model (vmctl)')}",
+        f"base_url = {q(ep.base_url)}",
+        f"env_key = {q(CODEX_KEY_ENV)}",
+        'wire_api = "responses"',
+        "request_max_retries = 1",
+        "stream_max_retries = 1",
+        # A CPU model can take minutes on a first long prompt before its first byte.
+        "stream_idle_timeout_ms = 900000",
+        "",
+        "[features]",
+        "plugins = false",
+        "apps = false",
+        "",
+        "[analytics]",
+        "enabled = false",
+        "",
+        "[feedback]",
+        "enabled = false",
+        "",
+        "[history]",
+        'persistence = "none"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def agent_env(ep: AgentEndpoint) -> dict[str, str]:
     """Variables that point OpenAI, Anthropic and opencode clients at `ep`."""
     env = {
@@ -306,6 +365,7 @@ def guest_files(ep: AgentEndpoint, *, proxy: bool = False) -> dict[str, bytes]:
         "llm-models.yaml": llm_models_yaml(ep),
         "llm-default-model.txt": llm_default_model(ep),
         "env": env_file(ep, guest_proxy_env() if proxy else None),
+        "codex-config.toml": codex_config_toml(ep),
     }
     files: dict[str, bytes] = {}
     for f in contract.fw_cfg_files():

@@ -22,6 +22,12 @@ def run(
     endpoint: str | None = typer.Option(
         None, "--endpoint", help="Model endpoint (default: the running `vmctl serve`)."
     ),
+    server: str | None = typer.Option(
+        None, "--server", help="The running `vmctl serve` to use (needed when several run)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="Key of a non-vmctl endpoint (or VMCTL_API_KEY)."
+    ),
     client_bin: Path | None = typer.Option(
         None, "--client-bin", help="The client's executable (default: PATH, then vmctl's tools)."
     ),
@@ -35,7 +41,7 @@ def run(
         [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
     ),
 ) -> None:
-    """Run llm, opencode, claude or a shell against the local model, sandboxed.
+    """Run llm, opencode, claude, codex or a shell against the local model, sandboxed.
 
     Arguments after `--` go to the client verbatim; its exit status is vmctl's.
     """
@@ -44,6 +50,8 @@ def run(
         workspace=workspace,
         args=passthrough(),
         endpoint=endpoint,
+        server=server,
+        api_key=api_key,
         client_bin=client_bin,
         sandbox=not no_sandbox,
         policy=policy,

@@ -6,7 +6,6 @@ plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import shlex
@@ -17,19 +16,16 @@ from typing import Any
 
 import typer
 
-from vmctl import agents, inventory, paths, ui
+from vmctl import endpoint, inventory, paths, ui
 from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.launch import check_workspace
-from vmctl.serve.server import list_servers
 from vmctl.vm import instance, terminal
 from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
-from vmctl.vm.spec import InstanceSpec, parse_endpoint, parse_forward
-
-DEFAULT_ENDPOINT = "127.0.0.1:8080"
+from vmctl.vm.spec import InstanceSpec, parse_forward
 
 verbs = typer.Typer()
 
@@ -43,49 +39,6 @@ def _workspace(path: Path) -> Path:
         return check_workspace(path)
     except ConfigError as e:
         raise ConfigError(e.message, "pass a project folder with -d DIR") from None
-
-
-def _running_server() -> tuple[str, str | None, str | None] | None:
-    """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
-    for srv in list_servers():
-        return f"{srv.host}:{srv.port}", srv.alias, srv.api_key
-    return None
-
-
-def _plan_model(
-    endpoint: str | None, model: str | None, net: str | None, proxy_env: bool = False
-) -> tuple[str | None, str, dict[str, bytes]]:
-    """Endpoint, network policy and fw_cfg agent files, saying what was chosen.
-
-    `proxy_env`: the env file points HTTP(S)_PROXY at the egress proxy
-    (balanced, open); under locked nothing but the model is meant to be
-    reached, so tools are not sent to the proxy (busybox wget, for one,
-    ignores NO_PROXY and would ask the proxy for the model).
-    """
-    api_key = None
-    server = None if endpoint else _running_server()
-    if server:
-        endpoint, served, api_key = server
-        model = model or served
-        ui.info(f"model endpoint: {endpoint} (vmctl serve)")
-    if endpoint is None and net in ("model", "full"):
-        endpoint = DEFAULT_ENDPOINT
-    if net is None:
-        net = "model" if endpoint else "none"
-        why = f"model endpoint {endpoint} known" if endpoint else "no model endpoint known"
-        ui.info(f"network: {net} ({why}; choose with --net)")
-    if endpoint is None or net == "none":
-        return endpoint, net, {}
-    host, port = parse_endpoint(endpoint)
-    probe = f"http://{host}:{port}/v1"
-    guest_host = "10.0.2.2" if net == "model" or host in ("127.0.0.1", "localhost") else host
-    guest_port = 8080 if net == "model" else port
-    base = f"http://{guest_host}:{guest_port}/v1"
-    ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    if server and net == "model":
-        # The guest's sidecar route is authenticated by who the guest is: no key inside.
-        ep = dataclasses.replace(ep, api_key=None)
-    return endpoint, net, agents.guest_files(ep, proxy=proxy_env and net == "model")
 
 
 def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
@@ -130,6 +83,12 @@ def up(
         [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
     ),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
+    server: str | None = typer.Option(
+        None, "--server", help="The running `vmctl serve` to use (needed when several run)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="Key of a non-vmctl endpoint (or VMCTL_API_KEY)."
+    ),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
     publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
     mem: str = typer.Option("2G", "--mem"),
@@ -156,9 +115,15 @@ def up(
     check_accel(accel)
     name = name or _new_name()
     net, preset = _net_policy(net, policy)
-    endpoint, net, files = _plan_model(
-        model_endpoint, model, net, proxy_env=preset not in (None, "locked")
+    plan = endpoint.plan_guest(
+        model_endpoint,
+        server=server,
+        api_key=api_key,
+        model=model,
+        net=net,
+        proxy_env=preset not in (None, "locked"),
     )
+    net, files = plan.net, plan.files
     if net == "model":
         preset = preset or "locked"
     elif resolve:
@@ -170,7 +135,7 @@ def up(
         net=net,
         policy=preset,
         resolve=tuple(resolve),
-        model_endpoint=parse_endpoint(endpoint) if endpoint and net != "none" else None,
+        model_endpoint=plan.endpoint,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
         cpus=cpus,

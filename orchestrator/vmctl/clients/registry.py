@@ -236,6 +236,41 @@ class ClaudeClient(_Base):
         return env
 
 
+class CodexClient(_Base):
+    """OpenAI's Codex CLI: Responses API only, its config in a private CODEX_HOME."""
+
+    name = command = "codex"
+    install_hint = f"run VMCTL_AGENTS=codex {INSTALL_AGENTS} (npm @openai/codex)"
+
+    def candidates(self) -> list[Path]:
+        return [*super().candidates(), tools_prefix() / "bin" / "codex"]
+
+    def needs(self, binary: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        """Its npm package, and the native binary its node wrapper starts.
+
+        The platform package (`@openai/codex-linux-x64`, ...) sits inside
+        the package's node_modules, or beside it when npm hoisted it.
+        """
+        pkg = package_dir(binary)
+        if pkg is None:
+            return (), ()
+        platform = sorted(pkg.parent.glob("codex-*-*"))
+        native = [
+            *pkg.glob("node_modules/@openai/codex-*/vendor/*/bin/codex"),
+            *(p for d in platform for p in d.glob("vendor/*/bin/codex")),
+        ]
+        return (pkg, *platform), tuple(native)
+
+    def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
+        home = state / "codex"
+        _write(home / "config.toml", agents.codex_config_toml(ep))
+        return {
+            **self.base_env(state),
+            "CODEX_HOME": str(home),
+            agents.CODEX_KEY_ENV: ep.key,
+        }
+
+
 class ShellClient(_Base):
     """A POSIX shell in the same confinement, with the endpoint in its env."""
 
@@ -265,7 +300,7 @@ XDG = {
 }
 
 CLIENTS: dict[str, Client] = {
-    c.name: c for c in (LlmClient(), OpencodeClient(), ClaudeClient(), ShellClient())
+    c.name: c for c in (LlmClient(), OpencodeClient(), ClaudeClient(), CodexClient(), ShellClient())
 }
 
 
@@ -308,6 +343,8 @@ class RunRequest:
     workspace: Path
     args: list[str] = field(default_factory=list)
     endpoint: str | None = None
+    server: str | None = None
+    api_key: str | None = None
     client_bin: Path | None = None
     sandbox: bool = True
     #: Egress preset (vmctl.egress): the proxy is bridged in; None: the model only.
@@ -325,7 +362,7 @@ def run(req: RunRequest) -> int:
         raise ConfigError("--resolve needs the egress proxy", "pass --policy")
     ws = sandbox.check_workspace(req.workspace)
     binary = client.find(req.client_bin)
-    target = find_endpoint(req.endpoint)
+    target = find_endpoint(req.endpoint, server=req.server, api_key=req.api_key)
     state = paths.private_dir(paths.client_paths(client.name).state)
     if req.policy is not None and (not req.sandbox or sys.platform != "linux"):
         raise ConfigError("--policy needs the Linux sandbox", "drop --policy or --no-sandbox")

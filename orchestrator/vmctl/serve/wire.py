@@ -32,7 +32,8 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+# One level of nesting: the Responses API's usage holds `input_tokens_details`.
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 _TIMINGS_RE = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
 
 
