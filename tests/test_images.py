@@ -93,7 +93,7 @@ def test_unknown_image_name_and_agent_are_refused() -> None:
     with pytest.raises(VMError, match="unknown image"):
         images.resolve_image("ubuntu")
     with pytest.raises(ConfigError, match="unknown agent"):
-        micro.build_micro(("claude",))
+        micro.build_micro(("aider",))
 
 
 def test_vmlinux_is_cut_out_of_the_xz_stream() -> None:

@@ -35,11 +35,25 @@ DUMMY_API_KEY = "vmctl-local"
 #: The name `llm keys set` stores the key under, when there is one.
 LLM_KEY_NAME = "vmctl"
 OPENCODE_SCHEMA = "https://opencode.ai/config.json"
+#: Claude Code's switches for network use vmctl never wants (field notes).
+CLAUDE_OFFLINE_ENV = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_TELEMETRY": "1",
+}
 PROVIDER = "llama"
-#: Below this context, opencode's default request (~7.7k tokens: system
-#: prompt plus ten tool schemas) does not fit: title requests are switched
-#: off and the build agent gets a short prompt and no tools.
-TINY_CONTEXT = 16384
+#: The served context each client's tools need: its default request (system
+#: prompt plus tool schemas; field notes: opencode ~7.7k tokens, Claude Code
+#: ~19k) with room left to answer. Below it the client runs without tools,
+#: and vmctl says so (`context_notice`): a request that does not fit is a 400.
+TOOLS_CONTEXT = {"opencode": 16384, "claude": 32768}
+#: Tokens a client's request takes with its tools, and with them off.
+PROMPT_TOKENS = {"opencode": 8192, "claude": 20480}
+TRIMMED_PROMPT_TOKENS = 2048
+#: The clients' own default output cap; vmctl never sets a higher one.
+MAX_OUTPUT_TOKENS = 32000
+CLIENT_LABELS = {"opencode": "opencode", "claude": "Claude Code"}
+LARGER_MODEL = "qwen3.5-35b-a3b"
 TINY_PROMPT = "You are a concise assistant. Answer the user directly."
 #: opencode's switches for network use vmctl never wants (field notes).
 OPENCODE_ENV = {
@@ -99,9 +113,25 @@ class AgentEndpoint:
         """`scheme://host:port` without `/v1` (Anthropic clients add it)."""
         return self.base_url[: -len("/v1")]
 
-    @property
-    def tiny(self) -> bool:
-        return self.context is not None and self.context < TINY_CONTEXT
+    def tools_on(self, client: str) -> bool:
+        """Whether `client`'s request with its tools fits the served context."""
+        return self.context is None or self.context >= TOOLS_CONTEXT[client]
+
+    def output_tokens(self, client: str) -> int | None:
+        """`client`'s output cap: what the context leaves after its request.
+
+        None when the context is unknown (the client's default stands).
+        opencode keeps half of that room for the conversation to grow (it
+        compacts once input exceeds context minus output); Claude Code gets
+        it all, so no reply fails on a cap vmctl chose.
+        """
+        if self.context is None:
+            return None
+        used = PROMPT_TOKENS[client] if self.tools_on(client) else TRIMMED_PROMPT_TOKENS
+        room = self.context - used
+        if client == "opencode":
+            room //= 2
+        return max(256, min(MAX_OUTPUT_TOKENS, room))
 
 
 def check_base_url(url: str) -> str:
@@ -158,7 +188,22 @@ def discover(
             n_ctx = meta.get(key) if isinstance(meta, dict) else None
             if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
                 contexts.append(n_ctx)
+    served = _served_context(base_url, api_key, timeout)
+    if served is not None:
+        contexts.append(served)
     return tuple(ids), (min(contexts) if contexts else None)
+
+
+def _served_context(base_url: str, api_key: str | None, timeout: float) -> int | None:
+    """llama-server's per-slot context (`/props`), which can be below the trained one."""
+    try:
+        props = _get_json(base_url.removesuffix("/v1") + "/props", api_key, timeout)
+        n_ctx = props["default_generation_settings"]["n_ctx"]
+    except (OSError, ValueError, LookupError, TypeError, urllib.error.URLError):
+        return None
+    return (
+        n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256 else None
+    )
 
 
 def discover_models(
@@ -192,8 +237,9 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for m in ep.models:
         entry: dict[str, Any] = {"name": m, "tool_call": True}
-        if ep.context is not None:
-            entry["limit"] = {"context": ep.context, "output": _output_limit(ep.context)}
+        output = ep.output_tokens("opencode")
+        if ep.context is not None and output is not None:
+            entry["limit"] = {"context": ep.context, "output": output}
         models[m] = entry
     config: dict[str, Any] = {
         "$schema": OPENCODE_SCHEMA,
@@ -211,7 +257,8 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
         "share": "disabled",
         "small_model": f"{PROVIDER}/{ep.model}",
     }
-    if ep.tiny:
+    if not ep.tools_on("opencode"):
+        # Loud, not silent: context_notice() says so at up/run/status.
         config["agent"] = {
             "build": {"prompt": TINY_PROMPT, "tools": {"*": False}},
             "title": {"disable": True},
@@ -219,9 +266,20 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
     return config
 
 
-def _output_limit(context: int) -> int:
-    """Room for the answer: 1/16 of the context, 256..8192 tokens."""
-    return max(256, min(8192, context // 16))
+def context_notice(
+    ep: AgentEndpoint, clients: tuple[str, ...] = ("opencode", "claude")
+) -> str | None:
+    """One line when the served context turns `clients`' tools off, naming the fix."""
+    off = [c for c in clients if c in TOOLS_CONTEXT and not ep.tools_on(c)]
+    if not off:
+        return None
+    need = max(TOOLS_CONTEXT[c] for c in off)
+    names = " and ".join(CLIENT_LABELS[c] for c in off)
+    return (
+        f"the model's context ({ep.context} tokens) is below the {need} {names} need for "
+        f"tools: they run without tools (text answers only); fix: serve a model with "
+        f"a larger context, e.g. `vmctl serve {LARGER_MODEL} --ctx-size {need}`"
+    )
 
 
 def opencode_json(ep: AgentEndpoint) -> str:
@@ -259,17 +317,57 @@ def agent_env(ep: AgentEndpoint) -> dict[str, str]:
         "ANTHROPIC_API_KEY": ep.key,
         "ANTHROPIC_MODEL": ep.model,
         "ANTHROPIC_SMALL_FAST_MODEL": ep.model,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_TELEMETRY": "1",
+        **CLAUDE_OFFLINE_ENV,
         **OPENCODE_ENV,
     }
+    output = ep.output_tokens("claude")
+    if output is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(output)
+    if not ep.tools_on("claude"):
+        env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
     return env
 
 
+def claude_settings(ep: AgentEndpoint) -> dict[str, Any]:
+    """Claude Code's settings.json: the endpoint (its own `env`) and no prompts.
+
+    Permissions are bypassed because the guest or the sandbox is the
+    boundary ("let the agent go wild"); with too small a context every tool
+    is denied, which removes them from its requests (context_notice says so).
+    """
+    env = {k: v for k, v in agent_env(ep).items() if k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    permissions: dict[str, Any] = {"defaultMode": "bypassPermissions"}
+    if not ep.tools_on("claude"):
+        permissions["deny"] = ["*"]
+    return {
+        "env": env | CLAUDE_OFFLINE_ENV,
+        "includeCoAuthoredBy": False,
+        "permissions": permissions,
+        "skipDangerousModePermissionPrompt": True,
+    }
+
+
+def claude_state(ep: AgentEndpoint) -> dict[str, Any]:
+    """Claude Code's .claude.json: first-run questions answered, the key accepted."""
+    return {
+        "bypassPermissionsModeAccepted": True,
+        "customApiKeyResponses": {"approved": [ep.key[-20:]], "rejected": []},
+        "hasCompletedOnboarding": True,
+    }
+
+
+def json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def env_file(ep: AgentEndpoint) -> str:
-    """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`."""
+    """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`.
+
+    For the guest: Claude Code's folder is where the contract puts its files.
+    """
     lines = []
-    for key, value in sorted(agent_env(ep).items()):
+    claude_dir = str(Path(contract.fw_cfg("claude-settings.json").dest).parent)
+    for key, value in sorted((agent_env(ep) | {"CLAUDE_CONFIG_DIR": claude_dir}).items()):
         if not _ENV_VALUE_RE.match(value):
             raise ConfigError(f"unsafe value for {key}", "remove quotes, newlines and '$'")
         lines.append(f"{key}={value}\n")
@@ -284,6 +382,8 @@ def guest_files(ep: AgentEndpoint) -> dict[str, bytes]:
         "llm-models.yaml": llm_models_yaml(ep),
         "llm-default-model.txt": llm_default_model(ep),
         "env": env_file(ep),
+        "claude-settings.json": json_text(claude_settings(ep)),
+        "claude.json": json_text(claude_state(ep)),
     }
     files: dict[str, bytes] = {}
     for f in contract.fw_cfg_files():

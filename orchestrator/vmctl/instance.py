@@ -275,7 +275,7 @@ class Instance:
         self.close()
 
 
-def new_instance(spec: InstanceSpec, image: str) -> Instance:
+def new_instance(spec: InstanceSpec, image: str, notices: list[str] | None = None) -> Instance:
     """Claim the instance folder and record the spec before anything starts."""
     ipaths = paths.instance(spec.name)
     if ipaths.root.exists() and not reap_one(ipaths):
@@ -288,6 +288,7 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
         "name": spec.name,
         "started": time.time(),
         "image": image,
+        "notices": list(notices or []),  # what `vmctl up` warned about, for `vmctl status`
         "owner": ProcessRef.of(os.getpid()).to_json(),
         "spec": {
             "workspace": str(spec.workspace),
@@ -314,13 +315,14 @@ def up(
     fwcfg: dict[str, bytes] | None = None,
     timeout: float = 120.0,
     detach: bool = False,
+    notices: list[str] | None = None,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
     acc = accel_mod.choose(spec.accel, qemu_bin)
     if acc.reason:
         ui.warn(acc.reason)
-    inst = new_instance(spec, image)
+    inst = new_instance(spec, image, notices)
     try:
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
@@ -387,6 +389,7 @@ def status(name: str) -> dict[str, Any]:
     inst = Instance.load(name)
     data = inst.info().to_json()
     data["state"] = "stopped"
+    data["notices"] = [str(n) for n in inst.meta.get("notices") or []]
     if inst.alive():
         try:
             with inst.qmp(timeout=2.0) as mon:

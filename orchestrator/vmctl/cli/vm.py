@@ -53,8 +53,8 @@ def _running_server() -> tuple[str, str | None, str | None] | None:
 
 def _plan_model(
     endpoint: str | None, model: str | None, net: str | None
-) -> tuple[str | None, str, dict[str, bytes]]:
-    """Endpoint, network policy and fw_cfg agent files, saying what was chosen."""
+) -> tuple[str | None, str, dict[str, bytes], list[str]]:
+    """Endpoint, network policy, fw_cfg agent files and notices, saying what was chosen."""
     from vmctl import agents
     from vmctl.qemu import parse_endpoint
 
@@ -71,14 +71,17 @@ def _plan_model(
         why = f"model endpoint {endpoint} known" if endpoint else "no model endpoint known"
         ui.info(f"network: {net} ({why}; choose with --net)")
     if endpoint is None or net == "none":
-        return endpoint, net, {}
+        return endpoint, net, {}, []
     host, port = parse_endpoint(endpoint)
     probe = f"http://{host}:{port}/v1"
     guest_host = "10.0.2.2" if net == "model" or host in ("127.0.0.1", "localhost") else host
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
-    return endpoint, net, agents.guest_files(ep)
+    notice = agents.context_notice(ep)
+    if notice:
+        ui.warn(notice)
+    return endpoint, net, agents.guest_files(ep), [notice] if notice else []
 
 
 def _image(
@@ -126,7 +129,7 @@ def up(
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    endpoint, policy, files = _plan_model(model_endpoint, model, net)
+    endpoint, policy, files, notices = _plan_model(model_endpoint, model, net)
     spec = InstanceSpec(
         name=name,
         workspace=ws,
@@ -142,7 +145,13 @@ def up(
     )
     manifest, image_name = _image(image, with_agents, flake, config)
     inst = instance.up(
-        spec, manifest, image=image_name, fwcfg=files, timeout=timeout, detach=detach
+        spec,
+        manifest,
+        image=image_name,
+        fwcfg=files,
+        timeout=timeout,
+        detach=detach,
+        notices=notices,
     )
     if detach:
         if as_json:
@@ -232,6 +241,8 @@ def status(
         value = data.get(key)
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
+    for notice in data.get("notices", []):
+        print(f"{'notice':15} {notice}")
 
 
 @app.command()
