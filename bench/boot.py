@@ -36,9 +36,11 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> f
 
 
 def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
-    from vmctl import accel, contract, images, paths
-    from vmctl.console import wait_for_marker
-    from vmctl.qemu import InstanceSpec, qemu_argv
+    from vmctl import contract, paths
+    from vmctl.images import manifest as images
+    from vmctl.vm import accel
+    from vmctl.vm.console import wait_for_marker
+    from vmctl.vm.qemu import InstanceSpec, qemu_argv
 
     ip = paths.InstancePaths(Path(tempfile.mkdtemp(dir=scratch)))
     spec = InstanceSpec(name="raw", workspace=ws)
@@ -62,7 +64,7 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> float:
 
 
 def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, float]:
-    from vmctl.console import ExecChannel
+    from vmctl.vm.console import ExecChannel
 
     for _ in range(5):  # warm-up: the guest is still settling right after ready
         subprocess.run([*VMCTL, "exec", name, "--", "true"], env=env, check=True, timeout=30)
@@ -84,7 +86,7 @@ def exec_round_trips(env: dict[str, str], name: str, n: int) -> tuple[float, flo
 
 
 def rss_while_running(env: dict[str, str], ws: Path, manifest: str) -> float:
-    from vmctl.console import wait_for_marker
+    from vmctl.vm.console import wait_for_marker
 
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "rss", "--net", "none"]
     proc = subprocess.Popen([*argv, "--ephemeral"], env=env, stdin=subprocess.DEVNULL)
@@ -107,7 +109,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="vb"))
     env = {**os.environ, "VMCTL_HOME": str(scratch / "h"), "VMCTL_QUIET": "1"}
     os.environ["VMCTL_HOME"] = env["VMCTL_HOME"]
-    from vmctl import images
+    from vmctl.images import manifest as images
 
     manifest = str(images.resolve_image(args.image).path)
     ws = scratch / "ws"

@@ -13,7 +13,7 @@ One run starts two real servers of the embedded model (sandboxed and
 Rates are measured at the client, from the arrival of the first to the last
 streamed token, with prompt caching off and a fixed token count, and
 alternated (ABAB...) so drift on a busy machine hits both sides alike.
-Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N]
+Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N] [--gpu]
 """
 
 from __future__ import annotations
@@ -117,12 +117,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--gpu", action="store_true", help="serve with --gpu (a GPU build of llama-server)"
+    )
     args = parser.parse_args()
+    gpu = ("--gpu",) if args.gpu else ()
     with tempfile.TemporaryDirectory(prefix="vb") as tmp:
         home = Path(tmp)
         try:
-            healthy = start(home, "sbx", 18181)
-            start(home, "nosbx", 18182, "--no-sandbox")
+            healthy = start(home, "sbx", 18181, *gpu)
+            start(home, "nosbx", 18182, "--no-sandbox", *gpu)
             results = asyncio.run(measure(home, args.rounds, args.tokens))
         finally:
             for name in ("sbx", "nosbx"):

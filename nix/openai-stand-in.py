@@ -21,7 +21,7 @@ def read_request(rfile):
         if key.strip().lower() == "content-length":
             length = int(value.strip() or 0)
     body = rfile.read(length) if length else b""
-    method, path = (parts + ["", ""])[:2]
+    method, path = [*parts, "", ""][:2]
     return method, path.split("?")[0], body
 
 
@@ -31,7 +31,8 @@ def answer(model, method, path):
     if method == "POST" and path == "/v1/chat/completions":
         message = {"role": "assistant", "content": "stand-in reply"}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
-        return 200, {"id": "smoke", "object": "chat.completion", "model": model, "choices": [choice]}
+        reply = {"id": "smoke", "object": "chat.completion", "model": model, "choices": [choice]}
+        return 200, reply
     return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}
 
 

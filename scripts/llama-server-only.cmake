@@ -22,20 +22,29 @@ if(NOT VMCTL_SERVER_ONLY_HOOKED)
         set_property(TARGET ${t} PROPERTY EXCLUDE_FROM_ALL ON)
       endif()
     endforeach()
-    # mtmd-helper*.cpp refuse to be compiled inside a unity build.
-    if(TARGET mtmd)
-      get_target_property(mtmd_dir mtmd SOURCE_DIR)
-      get_target_property(mtmd_sources mtmd SOURCES)
-      foreach(src IN LISTS mtmd_sources)
-        if(src MATCHES "mtmd-helper")
+    # Sources that refuse to share a unity translation unit: mtmd-helper*.cpp
+    # (#error), and ggml-cpu's AMX kernels, which redefine the quant block
+    # structs (built only where -march=native enables AMX).
+    foreach(t IN LISTS all_targets)
+      get_target_property(t_type ${t} TYPE)
+      if(t_type STREQUAL "INTERFACE_LIBRARY")
+        continue()
+      endif()
+      get_target_property(t_dir ${t} SOURCE_DIR)
+      get_target_property(t_sources ${t} SOURCES)
+      if(NOT t_sources)
+        continue()
+      endif()
+      foreach(src IN LISTS t_sources)
+        if(src MATCHES "mtmd-helper|/amx/|^amx/")
           if(NOT IS_ABSOLUTE "${src}")
-            set(src "${mtmd_dir}/${src}")
+            set(src "${t_dir}/${src}")
           endif()
-          set_source_files_properties("${src}" DIRECTORY "${mtmd_dir}"
+          set_source_files_properties("${src}" DIRECTORY "${t_dir}"
             PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
         endif()
       endforeach()
-    endif()
+    endforeach()
   endfunction()
 
   cmake_language(DEFER DIRECTORY "${CMAKE_SOURCE_DIR}" CALL vmctl_server_only)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import bwrap, policy, sandbox
 from vmctl.errors import SandboxError
-from vmctl.resolve import SandboxContext, resolve
+from vmctl.sandbox import bwrap, policy
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox.resolve import SandboxContext, resolve
 
 
 @pytest.fixture

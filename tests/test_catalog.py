@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmctl import catalog
 from vmctl.errors import ModelError
+from vmctl.models import catalog
 
 QWEN35_NON_THINKING = (
     "--temp", "0.7", "--top-p", "0.8", "--top-k", "20", "--min-p", "0",

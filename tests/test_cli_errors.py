@@ -78,7 +78,7 @@ def test_missing_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_forced_kvm_when_kvm_is_unusable(tmp_path: Path, qemu_bin: Path) -> None:
     """These machines have a /dev/kvm that fails; `--accel kvm` must say so in one line."""
-    from vmctl import accel
+    from vmctl.vm import accel
 
     if accel.kvm_problem(str(qemu_bin), "x86_64") is None:
         pytest.skip("KVM works on this machine")

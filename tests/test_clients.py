@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HttpStub, ServedModel, StubFactory, StubRequest, free_port, need, vmctl_cmd
-from vmctl import clients
+from vmctl.clients import registry as clients
 
 SECRET = "AKIA-vmctl-canary-secret"
 PY = os.path.realpath(sys.executable)

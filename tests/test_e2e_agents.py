@@ -26,7 +26,8 @@ import pytest
 
 from conftest import need, vmctl_cmd
 from fakes.scripted_model import FINAL_TEXT, TITLE_TEXT, Script, ScriptedModel
-from vmctl import clients, paths
+from vmctl import paths
+from vmctl.clients import registry as clients
 
 GUEST_AGENTS = ("opencode", "claude", "llm")
 PROMPT = "Do the job in notes.txt."

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from test_gguf_check import make_gguf
-from vmctl import catalog, fetch
-from vmctl import hub as hub_mod
 from vmctl.cli import main
 from vmctl.errors import FetchError, ModelError
+from vmctl.models import catalog, fetch
+from vmctl.models import hub as hub_mod
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RESOLVE = re.compile(r"^(?P<cdn>/cdn)?/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from vmctl.gateway import Gateway, GatewayConfig, authorized, token_usage
+from vmctl.serve.gateway import Gateway, GatewayConfig, authorized, token_usage
 
 
 def free_port() -> int:

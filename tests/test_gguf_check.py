@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFWriter
 
 from vmctl.errors import ModelError
-from vmctl.gguf_check import check_gguf
+from vmctl.models.gguf_check import check_gguf
 
 VMCTL = Path(sys.executable).parent / "vmctl"
 

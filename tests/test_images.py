@@ -25,11 +25,13 @@ import platformdirs
 import pytest
 
 from conftest import need
-from vmctl import contract, images, micro, micro_kernel
-from vmctl.cpio import Archive
+from vmctl import contract
 from vmctl.errors import ConfigError, VMError
+from vmctl.images import manifest as images
+from vmctl.images import micro, micro_kernel
+from vmctl.images.cpio import Archive
 
-AGENT = Path(micro.__file__).parent / "data" / "guest" / "vmctl-exec-agent.sh"
+AGENT = Path(micro.__file__).parents[1] / "data" / "guest" / "vmctl-exec-agent.sh"
 
 
 @pytest.fixture

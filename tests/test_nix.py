@@ -1,5 +1,5 @@
 """The Nix side: every .nix file parses, the guest reads the one contract,
-and vmctl's `nixos` image backend (vmctl.nixos) handles nix's answers.
+and vmctl's `nixos` image backend (vmctl.images.nixos) handles nix's answers.
 
 Real Nix cannot evaluate or build the flake here (no nixpkgs, no network):
 `nix flake check` runs in CI. These tests use Debian's `nix-instantiate`
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl import contract, nixos
+from vmctl import contract
 from vmctl.errors import ConfigError, VMError
+from vmctl.images import nixos
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / "nixos-modules"
@@ -213,7 +214,7 @@ def test_nix_parses_the_contract_like_python() -> None:
 
 
 def test_guest_manifest_has_exactly_the_keys_the_image_loader_reads() -> None:
-    images = pytest.importorskip("vmctl.images")
+    images = pytest.importorskip("vmctl.images.manifest")
     text = code_of(MODULES / "guest.nix")
     block = text[text.index("manifest = {") : text.index("in\n{")]
     keys = set(re.findall(r"^    (\w+) =", block, re.MULTILINE))
@@ -228,7 +229,7 @@ def test_guest_runs_the_shared_exec_agent() -> None:
     assert (MODULES / m.group(1)).resolve().is_file()
 
 
-# --- vmctl.nixos against a FAKE nix ------------------------------------------
+# --- vmctl.images.nixos against a FAKE nix ------------------------------------------
 
 
 @pytest.fixture
@@ -289,7 +290,7 @@ def test_fake_nix_missing_nix_is_one_clear_error(fake_nix: FakeNix, tmp_path: Pa
 def test_fake_nix_successful_build_feeds_the_image_loader(
     fake_nix: FakeNix, tmp_path: Path
 ) -> None:
-    images = pytest.importorskip("vmctl.images")
+    images = pytest.importorskip("vmctl.images.manifest")
     manifest = image_manifest(tmp_path)
     answer = json.dumps([{"drvPath": "/nix/store/x.drv", "outputs": {"out": str(manifest)}}])
     log = fake_nix(f"echo 'building /nix/store/x.drv...' >&2\necho '{answer}'")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import paths, policy, sandbox
+from vmctl import paths
 from vmctl.errors import ConfigError, SandboxError
-from vmctl.resolve import SandboxContext, resolve
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox import policy
+from vmctl.sandbox.resolve import SandboxContext, resolve
 
 SHIPPED = {"llama-server", "llm", "opencode", "claude", "shell"}
 

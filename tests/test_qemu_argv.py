@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.accel import Accel
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths
-from vmctl.qemu import InstanceSpec, parse_endpoint, parse_forward, qemu_argv
+from vmctl.vm.accel import Accel
+from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward, qemu_argv
 
 TCG = Accel("tcg", "max", "q35", "x86_64")
 ROOT = InstancePaths(Path("/st/instances/t1"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import StubFactory, StubRequest
-from vmctl.relay import request_line
+from vmctl.sidecars.relay import request_line
 
 
 def _echo(req: StubRequest) -> tuple[int, bytes]:
@@ -24,7 +24,7 @@ def server(http_stub: StubFactory) -> int:
 
 
 def run_relay(port: int, audit: Path, data: bytes) -> bytes:
-    argv = [sys.executable, "-m", "vmctl.relay", "--target", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "vmctl.sidecars.relay", "--target", f"127.0.0.1:{port}"]
     argv += ["--audit", str(audit), "--instance", "t1"]
     return subprocess.run(argv, input=data, capture_output=True, timeout=20, check=False).stdout
 

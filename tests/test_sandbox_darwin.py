@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import sandbox
+from vmctl.sandbox import launch as sandbox
 
 pytestmark = [
     pytest.mark.darwin,

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import bwrap, sandbox
-from vmctl.resolve import within
+from vmctl.sandbox import bwrap, policy
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox.resolve import within
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bwrap is Linux")
 
@@ -32,6 +33,8 @@ try:
         s = socket.socket(socket.AF_UNIX); s.settimeout(3); s.connect(arg); s.close()
     elif op == "bind":
         s = socket.socket(socket.AF_UNIX); s.bind(arg); s.listen(1); s.close()
+    elif op == "stat":
+        os.stat(arg)
     elif op == "read":
         open(arg, "rb").read()
     elif op == "write":
@@ -47,9 +50,39 @@ except OSError as e:
 """
 
 
-@pytest.fixture
-def server_ctx(tmp_path: Path, bwrap_bin: Path) -> sandbox.SandboxContext:
+def stand_in_gpu_profiles(folder: Path) -> Path:
+    """The shipped profiles, with [gpu.nvidia]'s device nodes replaced by stand-ins.
+
+    No GPU exists on the machines these tests run on: /dev/cpu_dma_latency (absent
+    from bwrap's minimal /dev) and /dev/zero
+    stand in for /dev/nvidia*, so the grant (device binds, sysfs and driver
+    reads, variables) is rendered and run for real around the same probes.
+    """
+    shipped = Path(policy.search_path()[-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in shipped.glob("*.toml"):
+        text = f.read_text()
+        if f.stem == "llama-server":
+            start = text.index("[gpu.nvidia]\ndevices = [")
+            end = text.index("\n]", start) + 2  # the list's closing line
+            text = (
+                text[:start]
+                + '[gpu.nvidia]\ndevices = ["/dev/cpu_dma_latency", "/dev/zero"]'
+                + text[end:]
+            )
+        (folder / f.name).write_text(text)
+    return folder
+
+
+@pytest.fixture(params=["cpu", "gpu-stand-in-devices"])
+def server_ctx(
+    request: pytest.FixtureRequest, tmp_path: Path, bwrap_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> sandbox.SandboxContext:
     sandbox.check_available()
+    gpu: tuple[str, ...] = ()
+    if request.param != "cpu":
+        monkeypatch.setenv("VMCTL_PROFILES_DIR", str(stand_in_gpu_profiles(tmp_path / "profiles")))
+        gpu = ("nvidia",)
     run = tmp_path / "run"
     (run / "cache").mkdir(parents=True)
     model = tmp_path / "models" / "m.gguf"
@@ -62,6 +95,7 @@ def server_ctx(tmp_path: Path, bwrap_bin: Path) -> sandbox.SandboxContext:
         model=(model,),
         endpoint_socket=run / "llama.sock",
         extra_read=(Path(sys.base_prefix),),
+        gpu=gpu,
     )
 
 
@@ -217,3 +251,13 @@ def test_shell_tools_run_in_the_workspace(client_ctx: tuple) -> None:
     assert out.returncode == 7
     assert "made" in out.stdout and "No such file" in out.stdout
     assert (ctx.workspace / "made.txt").read_text() == "made\n"
+
+
+def test_gpu_grant_binds_exactly_its_devices(server_ctx: sandbox.SandboxContext) -> None:
+    """The stand-in device is visible only with the grant; the network stays absent."""
+    cmd = sandbox.sandboxed_command("llama-server", [str(PY)], server_ctx)
+    granted = "--dev-bind" in cmd.argv
+    assert granted == bool(server_ctx.gpu)
+    want = "OK" if server_ctx.gpu else "DENIED"
+    assert probe("llama-server", server_ctx, "stat", "/dev/cpu_dma_latency").startswith(want)
+    assert "--unshare-all" in cmd.argv and "--share-net" not in cmd.argv

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmctl import sandbox, seatbelt
 from vmctl.errors import SandboxError
-from vmctl.resolve import SandboxContext
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox import seatbelt
+from vmctl.sandbox.resolve import SandboxContext
 
 SExp = Union[str, "list[SExp]"]
 TOKEN = re.compile(r'\s+|;[^\n]*|\(|\)|"(?:[^"\\]|\\.)*"|[^\s()";]+')
@@ -189,6 +190,6 @@ def test_seatbelt_argv_shape() -> None:
 
 
 def test_shipped_templates_have_no_literal_paths() -> None:
-    text = (Path(seatbelt.__file__).parent / "templates" / "profile.sb.j2").read_text()
+    text = (Path(seatbelt.__file__).parents[1] / "templates" / "profile.sb.j2").read_text()
     assert not re.search(r'\((subpath|literal|path-literal) "', text)
     assert "(local ip" not in text and "system.sb" not in text

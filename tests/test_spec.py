@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmctl.errors import ModelError
-from vmctl.spec import (
+from vmctl.models.spec import (
     REPO_RE,
     CatalogSpec,
     HubSpec,

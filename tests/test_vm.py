@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, need
-from vmctl import agents, images
-from vmctl.console import wait_for_marker
+from vmctl import agents
+from vmctl.images import manifest as images
 from vmctl.procs import ProcessRef
+from vmctl.vm.console import wait_for_marker
 
 pytestmark = pytest.mark.qemu
 MODEL = "smoke-model"

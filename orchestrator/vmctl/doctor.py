@@ -50,7 +50,7 @@ def _accel() -> Check:
     if not qemu:
         return Check("accelerator", False, "no QEMU to probe with", "install QEMU first")
     try:
-        from vmctl import accel
+        from vmctl.vm import accel
 
         chosen = accel.choose("auto", qemu)
     except ImportError:
@@ -66,7 +66,7 @@ def _accel() -> Check:
 
 
 def _sandbox() -> Check:
-    from vmctl import sandbox
+    from vmctl.sandbox import launch as sandbox
 
     tool = "sandbox-exec" if sys.platform == "darwin" else "bwrap"
     try:
@@ -78,7 +78,7 @@ def _sandbox() -> Check:
 
 
 def _llama() -> Check:
-    from vmctl.server import find_llama_server
+    from vmctl.serve.server import find_llama_server
 
     try:
         path = find_llama_server()
@@ -89,7 +89,7 @@ def _llama() -> Check:
 
 def _nix() -> Check:
     try:
-        from vmctl.nixos import nix_available
+        from vmctl.images.nixos import nix_available
     except ImportError:
         return Check("nix", False, "nixos backend not available", "reinstall vmctl")
     reason = nix_available()
@@ -102,7 +102,7 @@ def _nix() -> Check:
 
 def _models() -> Check:
     try:
-        from vmctl.fetch import resolve_model
+        from vmctl.models.fetch import resolve_model
 
         local = resolve_model(None, pull=False)
     except VmctlError as e:
@@ -126,7 +126,7 @@ def _hf_cache() -> Check:
 def _image() -> Check:
     if not sys.platform.startswith("linux"):
         return Check("guest image", True, "built on demand (vmctl up)")
-    from vmctl import micro
+    from vmctl.images import micro
 
     for agents in (("opencode",), ()):
         built = micro.find_built(agents)
@@ -142,7 +142,7 @@ def _image() -> Check:
 
 
 def _clients() -> Check:
-    from vmctl import clients
+    from vmctl.clients import registry as clients
 
     found, missing = [], []
     for name in ("llm", "opencode", "claude"):

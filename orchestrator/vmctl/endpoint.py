@@ -72,7 +72,7 @@ def find_endpoint(url: str | None) -> Target:
     """`--endpoint`, else the running `vmctl serve`, else 127.0.0.1:8080; checked."""
     api_key, alias = None, None
     if url is None:
-        from vmctl.server import list_servers
+        from vmctl.serve.server import list_servers
 
         servers = list_servers()
         if len(servers) > 1:

@@ -27,9 +27,9 @@ def fast_exec(args: list[str]) -> int | None:
         return None
     from vmctl import paths
     from vmctl.errors import VmctlError
-    from vmctl.execchan import ExecChannel
     from vmctl.procs import ProcessRef
     from vmctl.state import StateError, read_json
+    from vmctl.vm.execchan import ExecChannel
 
     name, cmd = args[1], args[3:]
     try:

@@ -12,14 +12,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmctl import paths, server
+from vmctl import paths
 from vmctl.cli import app
 from vmctl.errors import NotFoundError
+from vmctl.serve import server
 
 
 def _instances() -> list[Any]:
     try:
-        from vmctl.instance import list_instances
+        from vmctl.vm.instance import list_instances
     except ImportError:
         return []
     return list(list_instances())

@@ -6,8 +6,9 @@ import json
 
 import typer
 
-from vmctl import images, ui
+from vmctl import ui
 from vmctl.cli import app
+from vmctl.images import manifest as images
 
 image_app = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
@@ -23,8 +24,8 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Build an image (cached by the content of its inputs); prints its manifest path."""
-    from vmctl import micro
     from vmctl.errors import ConfigError
+    from vmctl.images import micro
 
     if name != "micro":
         raise ConfigError(

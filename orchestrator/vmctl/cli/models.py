@@ -1,4 +1,4 @@
-"""`vmctl pull` and `vmctl models`: thin verbs over `vmctl.fetch`."""
+"""`vmctl pull` and `vmctl models`: thin verbs over `vmctl.models.fetch`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmctl import fetch, ui
+from vmctl import ui
 from vmctl.cli import app
+from vmctl.models import fetch
 
 
 def _size(n: int | None) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from vmctl import clients
 from vmctl.cli import app, passthrough
+from vmctl.clients import registry as clients
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import typer
 
-from vmctl import paths, policy, sandbox
+from vmctl import paths
 from vmctl.cli import app, passthrough
 from vmctl.errors import ConfigError
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox import policy
 
 sandbox_app = typer.Typer(
     help="Inspect and try the host sandbox profiles.",

@@ -7,12 +7,13 @@ from typing import Any
 
 import typer
 
-from vmctl import server, ui
+from vmctl import ui
 from vmctl.cli import app, passthrough
+from vmctl.serve import server
 
 
 def _resolve(model: str | None, mmproj: bool) -> Any:
-    from vmctl.fetch import resolve_model
+    from vmctl.models.fetch import resolve_model
 
     return resolve_model(model, pull=True, mmproj=mmproj)
 
@@ -57,6 +58,11 @@ def serve(
     llama_server: str | None = typer.Option(
         None, "--llama-server", help="llama-server binary to use."
     ),
+    gpu: bool | None = typer.Option(
+        None,
+        "--gpu/--no-gpu",
+        help="Bind the GPU into the sandbox (default: when llama-server is a GPU build).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
 ) -> None:
     """Serve a model with llama-server in a default-deny sandbox, behind an audited gateway.
@@ -85,6 +91,7 @@ def serve(
         sandbox=not no_sandbox,
         model_args=list(local.server_args),
         extra_args=passthrough(),
+        gpu=list(server.gpu_kinds(binary, gpu)),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         ui.warn(

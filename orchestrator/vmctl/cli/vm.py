@@ -28,7 +28,7 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _workspace(path: Path) -> Path:
     try:
-        from vmctl.sandbox import check_workspace
+        from vmctl.sandbox.launch import check_workspace
     except ImportError:  # pragma: no cover - sandbox.py ships with vmctl
         real = path.expanduser().resolve()
         if not real.is_dir():
@@ -43,7 +43,7 @@ def _workspace(path: Path) -> Path:
 def _running_server() -> tuple[str, str | None, str | None] | None:
     """(HOST:PORT, model id, api key) of a `vmctl serve` server, if one runs."""
     try:
-        from vmctl.server import list_servers
+        from vmctl.serve.server import list_servers
     except ImportError:
         return None
     for srv in list_servers():
@@ -56,7 +56,7 @@ def _plan_model(
 ) -> tuple[str | None, str, dict[str, bytes], list[str]]:
     """Endpoint, network policy, fw_cfg agent files and notices, saying what was chosen."""
     from vmctl import agents
-    from vmctl.qemu import parse_endpoint
+    from vmctl.vm.qemu import parse_endpoint
 
     api_key = None
     server = None if endpoint else _running_server()
@@ -87,7 +87,8 @@ def _plan_model(
 def _image(
     image: str, with_agents: list[str] | None, flake: str | None, config: str | None
 ) -> tuple[Any, str]:
-    from vmctl import images, nixos
+    from vmctl.images import manifest as images
+    from vmctl.images import nixos
 
     if image == "auto":
         reason = nixos.nix_available(flake)
@@ -120,9 +121,10 @@ def up(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
-    from vmctl import accel as accel_mod
-    from vmctl import instance, paths
-    from vmctl.qemu import InstanceSpec, parse_endpoint, parse_forward
+    from vmctl import paths
+    from vmctl.vm import accel as accel_mod
+    from vmctl.vm import instance
+    from vmctl.vm.qemu import InstanceSpec, parse_endpoint, parse_forward
 
     signal.signal(signal.SIGTERM, _sigterm)
     instance.reap()
@@ -166,7 +168,7 @@ def up(
 
 def _foreground(inst: Any) -> None:
     """Attach the console on a TTY, else wait for the guest to power off."""
-    from vmctl.console import attach
+    from vmctl.vm.console import attach
 
     if sys.stdin.isatty():
         ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
@@ -186,7 +188,7 @@ def _new_name() -> str:
 
 
 def _load_running(name: str) -> Any:
-    from vmctl import instance
+    from vmctl.vm import instance
 
     instance.reap()
     inst = instance.Instance.load(name)
@@ -217,7 +219,7 @@ def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
 @app.command()
 def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Attach to the guest's serial console (Ctrl-] detaches)."""
-    from vmctl.console import attach
+    from vmctl.vm.console import attach
 
     inst = _load_running(name)
     ui.info("Ctrl-] detaches")
@@ -230,7 +232,7 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """QMP run state, pid, uptime, network policy and forwards."""
-    from vmctl import instance
+    from vmctl.vm import instance
 
     instance.reap()
     data = instance.status(name)
@@ -248,7 +250,7 @@ def status(
 @app.command()
 def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
-    from vmctl import instance
+    from vmctl.vm import instance
 
     with ui.step(f"stopping {name}"):
         instance.down(name)

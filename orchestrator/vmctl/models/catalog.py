@@ -110,7 +110,7 @@ def _sampling(name: str, raw: Any) -> tuple[tuple[str, float | int], ...]:
 
 def parse_entry(name: str, raw: Any) -> CatalogEntry:
     """Validate one `[models.NAME]` table."""
-    from vmctl.spec import ALIAS_RE, check_quant, check_repo_file, check_repo_id
+    from vmctl.models.spec import ALIAS_RE, check_quant, check_repo_file, check_repo_id
 
     if not ALIAS_RE.match(name):
         raise _bad(name, "name", "must be lower-case letters, digits, '.', '_' or '-'")

@@ -85,7 +85,7 @@ def _looks_like_path(spec: str) -> bool:
 
 def parse_spec(spec: str) -> ModelSpec:
     """Turn a user's spec into a checked `ModelSpec`, or raise `ModelError`."""
-    from vmctl import catalog
+    from vmctl.models import catalog
 
     spec = spec.strip()
     if not spec or len(spec) > _MAX_SPEC or "\0" in spec or not spec.isprintable():

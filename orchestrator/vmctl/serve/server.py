@@ -4,7 +4,7 @@ The model is resolved (and pulled, outside any sandbox) by the caller; this
 module builds llama-server's argv, wraps it with the `llama-server` host
 profile, supervises it and the gateway, and owns the server's state folder
 (paths.ServerPaths). A detached server is the same supervisor re-executed
-as `python -m vmctl.server CONFIG` in its own session.
+as `python -m vmctl.serve.server CONFIG` in its own session.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl import paths
+from vmctl import paths, ui
 from vmctl.errors import ConfigError, NotFoundError, ServerError, VmctlError
 from vmctl.procs import ProcessRef
+from vmctl.sandbox import gpu
 from vmctl.state import StateError, read_json, write_json
 
 PROFILE = "llama-server"
@@ -49,6 +50,8 @@ class ServerConfig:
     sandbox: bool = True
     model_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
+    #: GPU kinds bound into the sandbox (host profile `[gpu.KIND]` tables).
+    gpu: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerConfig:
@@ -80,6 +83,19 @@ def find_llama_server(explicit: str | None = None) -> Path:
         "llama-server not found",
         "run scripts/install.sh (builds it), put it on PATH, or pass --llama-server PATH",
     )
+
+
+def gpu_kinds(binary: Path, want: bool | None) -> tuple[str, ...]:
+    """The GPU kinds to grant (`--gpu`/`--no-gpu`/the build's), said when any."""
+    kinds = gpu.choose(binary, want)
+    if want and not kinds:
+        raise ServerError(
+            "--gpu: neither llama-server nor this host shows a GPU",
+            "build llama-server for CUDA or Vulkan (scripts/build-llama-server.sh --backend cuda)",
+        )
+    if kinds:
+        ui.info(f"GPU in the sandbox: {', '.join(kinds)} (--no-gpu to run on the CPU)")
+    return kinds
 
 
 def llama_argv(config: ServerConfig, sock: Path) -> list[str]:
@@ -234,7 +250,7 @@ def launch_detached(config: ServerConfig, timeout: float = LOAD_TIMEOUT) -> Serv
     sp.meta.unlink(missing_ok=True)
     with open(sp.log, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmctl.server", str(cfg)],
+            [sys.executable, "-m", "vmctl.serve.server", str(cfg)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -273,14 +289,14 @@ def run_foreground(
     """Supervise in this process until Ctrl-C or SIGTERM."""
     sp = prepare(config)
     check_port_free(config.host, config.port)
-    from vmctl.supervisor import supervise
+    from vmctl.serve.supervisor import supervise
 
     asyncio.run(supervise(config, sp, on_ready))
 
 
 def main(argv: list[str]) -> int:
-    """Entry of a detached supervisor: `python -m vmctl.server CONFIG`."""
-    from vmctl.supervisor import supervise
+    """Entry of a detached supervisor: `python -m vmctl.serve.server CONFIG`."""
+    from vmctl.serve.supervisor import supervise
 
     cfg = Path(argv[0])
     try:

@@ -19,8 +19,8 @@ from typing import Any
 
 from vmctl import paths, state, ui
 from vmctl.errors import FetchError, ModelError
-from vmctl.gguf_check import file_stamp
-from vmctl.spec import check_repo_file
+from vmctl.models.gguf_check import file_stamp
+from vmctl.models.spec import check_repo_file
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")

@@ -23,9 +23,9 @@ import aiohttp
 
 from vmctl import paths, ui
 from vmctl.errors import ServerError
-from vmctl.gateway import Gateway, GatewayConfig
 from vmctl.procs import ProcessRef
-from vmctl.server import LOAD_TIMEOUT, PROFILE, ServerConfig, llama_argv, log_tail
+from vmctl.serve.gateway import Gateway, GatewayConfig
+from vmctl.serve.server import LOAD_TIMEOUT, PROFILE, ServerConfig, llama_argv, log_tail
 from vmctl.state import write_json
 
 
@@ -33,7 +33,7 @@ def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[st
     """llama-server's argv and environment, wrapped in its sandbox unless disabled."""
     argv = llama_argv(config, sp.socket)
     env = {"HOME": str(sp.cache), "LLAMA_CACHE": str(sp.cache), "TMPDIR": str(sp.cache)}
-    from vmctl import sandbox
+    from vmctl.sandbox import launch as sandbox
 
     if not config.sandbox:
         cmd = sandbox.unsandboxed_command(argv, env, PROFILE)
@@ -42,7 +42,11 @@ def launch_command(config: ServerConfig, sp: paths.ServerPaths) -> tuple[list[st
         Path(p) for p in [*config.model_parts, *([config.mmproj] if config.mmproj else [])]
     )
     ctx = sandbox.SandboxContext(
-        binary=Path(config.binary), cache=sp.cache, runtime=sp.runtime, model=model
+        binary=Path(config.binary),
+        cache=sp.cache,
+        runtime=sp.runtime,
+        model=model,
+        gpu=tuple(config.gpu),
     )
     cmd = sandbox.sandboxed_command(PROFILE, argv, ctx, env=env, profile_dir=sp.sandbox_dir)
     cmd.write_files()

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Protocol
 
 from vmctl import contract
-from vmctl.accel import Accel
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths, check_name
+from vmctl.vm.accel import Accel
 
 NET_POLICIES = ("full", "model", "none")
 MEM_RE = re.compile(r"^([1-9][0-9]*)([MG])$")

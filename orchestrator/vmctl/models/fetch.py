@@ -2,8 +2,8 @@
 
 A spec (catalog alias, hub file or quant, local path) becomes a `LocalModel`
 whose every part passed `check_gguf`. Listing the hub and its cache lives
-in `vmctl.hub`; downloading, resuming and verifying against the hub's
-sha256 in `vmctl.download`. `cached_models` is what `vmctl models` shows.
+in `vmctl.models.hub`; downloading, resuming and verifying against the hub's
+sha256 in `vmctl.models.download`. `cached_models` is what `vmctl models` shows.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl import catalog
-from vmctl.download import fetch_file
 from vmctl.errors import FetchError, ModelError
-from vmctl.gguf_check import check_gguf
-from vmctl.hub import (
+from vmctl.models import catalog
+from vmctl.models.download import fetch_file
+from vmctl.models.gguf_check import check_gguf
+from vmctl.models.hub import (
     Listing,
     RemoteFile,
     file_sha256,
@@ -27,7 +27,7 @@ from vmctl.hub import (
     list_repo,
     not_cached,
 )
-from vmctl.spec import (
+from vmctl.models.spec import (
     SPLIT_RE,
     CatalogSpec,
     HubSpec,

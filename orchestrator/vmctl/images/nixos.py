@@ -50,7 +50,7 @@ _NO_ATTR_RE = re.compile(r"does not provide attribute|attribute '[^']*' missing"
 
 
 def _checkout_flake() -> str | None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return str(root) if (root / "flake.nix").is_file() else None
 
 

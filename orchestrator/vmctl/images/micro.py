@@ -20,11 +20,12 @@ from typing import Any
 
 import jinja2
 
-from vmctl import contract, micro_agents, micro_kernel, paths, ui
-from vmctl.cpio import Archive
+from vmctl import contract, paths, ui
 from vmctl.errors import ConfigError, VMError
-from vmctl.images import write_manifest
-from vmctl.micro_kernel import Kernel, run
+from vmctl.images import micro_agents, micro_kernel
+from vmctl.images.cpio import Archive
+from vmctl.images.manifest import write_manifest
+from vmctl.images.micro_kernel import Kernel, run
 
 REVISION = 3  # bump when the image layout below changes
 OPENCODE_VERSION = micro_agents.AGENTS["opencode"].version

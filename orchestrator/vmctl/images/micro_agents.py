@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmctl import paths, ui
-from vmctl.cpio import Archive
 from vmctl.errors import VMError
-from vmctl.micro_kernel import run
+from vmctl.images.cpio import Archive
+from vmctl.images.micro_kernel import run
 
 MOUNT_ROOT = "/opt/vmctl/agents"
 SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,ro,nodev,nosuid,cache=loose"

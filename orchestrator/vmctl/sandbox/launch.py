@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmctl import bwrap, paths, policy, seatbelt
+from vmctl import paths
 from vmctl.errors import ConfigError, SandboxError
-from vmctl.policy import SECRET_RE
-from vmctl.resolve import Resolved, SandboxContext, check_path_text, resolve, within
+from vmctl.sandbox import bwrap, policy, seatbelt
+from vmctl.sandbox.policy import SECRET_RE
+from vmctl.sandbox.resolve import Resolved, SandboxContext, check_path_text, resolve, within
 
 __all__ = [
     "SandboxContext",

@@ -22,15 +22,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vmctl import accel as accel_mod
 from vmctl import contract, paths, ui
-from vmctl.console import ExecChannel, expect_ready, tail_lines
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
-from vmctl.qemu import InstanceSpec, ManifestLike, qemu_argv
-from vmctl.qmp import QMP
-from vmctl.relay import write_script
+from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError, read_json, write_json
+from vmctl.vm import accel as accel_mod
+from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
+from vmctl.vm.qemu import InstanceSpec, ManifestLike, qemu_argv
+from vmctl.vm.qmp import QMP
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0

@@ -5,7 +5,7 @@ gets (`none`, `bind` its own socket, or `connect` to the model endpoint) and
 which environment variables pass. It is data (host-profiles/*.toml, format
 in host-profiles/README.md), parsed strictly: an unknown key is an error
 naming the key and the file. Placeholders stay unfilled here;
-`vmctl.resolve` fills them from a `SandboxContext` and canonicalises every
+`vmctl.sandbox.resolve` fills them from a `SandboxContext` and canonicalises every
 path, so the renderers (`seatbelt`, `bwrap`) only ever see checked paths.
 """
 
@@ -29,6 +29,10 @@ SECRET_RE = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|_KEY$|_KEY_|^AWS_|^SSH_AU
 PLACEHOLDER_RE = re.compile(r"^\{([a-z_]+)\}")
 BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 NETWORK_MODES = ("none", "bind", "connect")
+GPU_KINDS = ("nvidia", "rocm", "vulkan")
+GPU_KEYS = ("devices", "read", "env")
+#: A device entry may end in one glob component (`/dev/nvidia[0-9]*`).
+DEVICE_RE = re.compile(r"^(?!.*/\.\.?(/|$))/dev(/[A-Za-z0-9._-]+)*(/[A-Za-z0-9._*\[\]-]+)$")
 PLATFORMS = ("linux", "darwin")
 
 LIST_KEYS = ("read", "write", "exec", "links", "env")
@@ -48,6 +52,7 @@ TOP_KEYS = (
     "private_tmp",
     "network",
     "setenv",
+    "gpu",
     *LIST_KEYS,
     *PLATFORMS,
 )
@@ -83,6 +88,15 @@ class Rules:
 
 
 @dataclass(frozen=True)
+class GpuRules:
+    """One `[gpu.KIND]` table (Linux): device nodes bound in, driver files read, variables."""
+
+    devices: tuple[str, ...] = ()
+    read: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Policy:
     """One host profile as written in its TOML file (placeholders unfilled)."""
 
@@ -97,6 +111,10 @@ class Policy:
     common: Rules
     linux: Rules
     darwin: Rules
+    gpu: tuple[tuple[str, GpuRules], ...] = ()
+
+    def gpu_rules(self, kind: str) -> GpuRules | None:
+        return dict(self.gpu).get(kind)
 
     def rules(self, platform: str) -> Rules:
         return self.common.merged(self.linux if platform == "linux" else self.darwin)
@@ -159,6 +177,27 @@ def _check_entry(source: Path, entry: str) -> None:
         raise _err(source, f"bad path {entry!r} (one placeholder, at the start)")
 
 
+def _gpu(source: Path, value: Any) -> tuple[tuple[str, GpuRules], ...]:
+    """`[gpu.KIND]` tables: devices under /dev (a last glob component), reads, env names."""
+    if not isinstance(value, dict):
+        raise _err(source, "[gpu] must hold [gpu.KIND] tables")
+    out = []
+    for kind, table in value.items():
+        if kind not in GPU_KINDS or not isinstance(table, dict):
+            raise _err(source, f"unknown GPU kind [gpu.{kind}] (one of {', '.join(GPU_KINDS)})")
+        for key in table:
+            if key not in GPU_KEYS:
+                raise _err(source, f"unknown key {key!r} in [gpu.{kind}]")
+        devices = _strings(source, f"[gpu.{kind}] ", "devices", table.get("devices", []))
+        for d in devices:
+            if not DEVICE_RE.match(d.removeprefix("?")):
+                raise _err(source, f"[gpu.{kind}] device {d!r} is not a path under /dev")
+        rules = _rules(source, {k: v for k, v in table.items() if k != "devices"}, f"gpu.{kind}",
+                       ("read", "env"))  # fmt: skip
+        out.append((kind, GpuRules(devices, rules.read, rules.env)))
+    return tuple(out)
+
+
 def load_file(path: Path) -> Policy:
     """Parse one policy file strictly."""
     if not PROFILE_RE.match(path.stem):
@@ -201,13 +240,13 @@ def load_file(path: Path) -> Policy:
     return Policy(
         name=path.stem, source=path, description=desc, network=mode, kill_on_outbound=kill,
         fork=fork, private_tmp=private_tmp, cwd=cwd, common=common,
-        linux=tables["linux"], darwin=tables["darwin"],
+        linux=tables["linux"], darwin=tables["darwin"], gpu=_gpu(path, data.get("gpu", {})),
     )  # fmt: skip
 
 
 def search_path() -> list[Path]:
     """Where profiles are looked up, first match wins."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the vmctl package
     dirs = [here / "host-profiles", here.parents[1] / "host-profiles"]
     env = os.environ.get("VMCTL_PROFILES_DIR")
     return ([Path(env)] if env else []) + dirs

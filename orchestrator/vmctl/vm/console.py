@@ -3,7 +3,7 @@
 Logs and commands travel on separate channels (style point 4). The serial
 console (ttyS0) is for humans and markers: QEMU copies it to console.log,
 which `wait_for_marker` follows, and `attach` joins it interactively. The
-exec channel (vmctl.execchan, re-exported here) is a virtio-serial port
+exec channel (vmctl.vm.execchan, re-exported here) is a virtio-serial port
 with one framed request at a time.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmctl.errors import VMError
-from vmctl.execchan import ExecChannel, locked
+from vmctl.vm.execchan import ExecChannel, locked
 
 __all__ = ["ExecChannel", "attach", "locked", "tail_lines", "wait_for_marker"]
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from vmctl import ui
 from vmctl.errors import FetchError
-from vmctl.hub import (
+from vmctl.models.hub import (
     COMMIT_RE,
     REVISION,
     Listing,

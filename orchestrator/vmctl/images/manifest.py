@@ -184,7 +184,7 @@ def resolve_image(
     built (`vmctl image build micro --with opencode` adds the agent).
     """
     if name_or_path == "micro":
-        from vmctl import micro
+        from vmctl.images import micro
 
         wanted = [with_agents] if with_agents is not None else [("opencode",), ()]
         for agents in wanted:
@@ -194,7 +194,7 @@ def resolve_image(
         return load_manifest(micro.build_micro(wanted[-1]))
     if name_or_path == "nixos":
         try:
-            nixos = importlib.import_module("vmctl.nixos")
+            nixos = importlib.import_module("vmctl.images.nixos")
         except ImportError:
             raise VMError(
                 "the nixos image is not available in this vmctl",

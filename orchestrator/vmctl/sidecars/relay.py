@@ -6,7 +6,7 @@ The relay connects to the model endpoint, copies both ways until both
 sides are done, then appends one JSON line to the instance's audit log:
 what went where, how much, for how long, and the HTTP request line when
 the guest spoke HTTP. It is started as
-`python -m vmctl.relay --target HOST:PORT --audit FILE --instance NAME`.
+`python -m vmctl.sidecars.relay --target HOST:PORT --audit FILE --instance NAME`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_script(script: Path, target: tuple[str, int], audit_path: Path, instan
     """
     import shlex
 
-    argv = [sys.executable, "-m", "vmctl.relay", "--target", f"{target[0]}:{target[1]}"]
+    argv = [sys.executable, "-m", "vmctl.sidecars.relay", "--target", f"{target[0]}:{target[1]}"]
     argv += ["--audit", str(audit_path), "--instance", instance]
     script.write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
     script.chmod(0o700)
@@ -128,7 +128,7 @@ def relay(target: tuple[str, int], audit_path: Path, instance: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vmctl.relay", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vmctl.sidecars.relay", description=__doc__)
     parser.add_argument("--target", required=True, help="HOST:PORT of the model endpoint")
     parser.add_argument("--audit", required=True, type=Path, help="audit.jsonl to append to")
     parser.add_argument("--instance", required=True)

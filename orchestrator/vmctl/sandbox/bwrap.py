@@ -29,7 +29,7 @@ import subprocess
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.resolve import Resolved, check_path_text, minimal, within
+from vmctl.sandbox.resolve import Resolved, check_path_text, minimal, within
 
 PROBE_TIMEOUT = 15.0
 
@@ -118,6 +118,8 @@ def render(res: Resolved, cmd: list[str], bwrap: Path) -> list[str]:
         )
     argv = [_arg(bwrap), "--unshare-all", "--die-with-parent", "--new-session"]
     argv += ["--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for device in res.devices:  # GPU nodes: read-write, over the minimal /dev
+        argv += ["--dev-bind", _arg(device), _arg(device)]
     placed = [path for _, path in mounts(res)]
     for option, path in mounts(res):
         argv += [option, _arg(path), _arg(path)]

@@ -3,19 +3,20 @@
 `resolve()` fills a policy's placeholders from a `SandboxContext` and
 canonicalises every path (Seatbelt matches real paths: /tmp is
 /private/tmp on macOS), collecting the symlinks met on the way so bwrap
-can recreate them. Kept apart from the strict loader in `vmctl.policy`:
+can recreate them. Kept apart from the strict loader in `vmctl.sandbox.policy`:
 that one reads files, this one reads the live filesystem.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.policy import BAD_CHARS, PLACEHOLDER_RE, Policy, Rules, current_platform
+from vmctl.sandbox.policy import BAD_CHARS, PLACEHOLDER_RE, Policy, Rules, current_platform
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class SandboxContext:
     endpoint_socket: Path | None = None
     extra_read: tuple[Path, ...] = ()
     extra_exec: tuple[Path, ...] = ()
+    gpu: tuple[str, ...] = ()  # GPU kinds granted ([gpu.KIND] tables; Linux only)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Resolved:
     endpoint_port: int | None
     endpoint_socket: Path | None
     darwin: Rules = field(default_factory=Rules)  # resolved darwin-only lists
+    devices: tuple[Path, ...] = ()  # device nodes bound in read-write (GPU)
 
 
 def check_path_text(text: str, what: str = "path") -> str:
@@ -207,14 +210,54 @@ class _Resolver:
         return values[0][0]
 
 
+def gpu_grants(
+    policy: Policy, kinds: tuple[str, ...], platform: str
+) -> tuple[list[Path], tuple[str, ...], tuple[str, ...]]:
+    """(device nodes, read entries, env names) for the GPU kinds granted.
+
+    Device entries may end in a glob (`/dev/nvidia[0-9]*`); a required entry
+    that matches nothing means the driver is not loaded: one clear error
+    rather than a sandbox that silently runs on the CPU. macOS needs none of
+    this (Metal is granted by the `[darwin]` table).
+    """
+    if not kinds or platform != "linux":
+        return [], (), ()
+    devices: list[Path] = []
+    read: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    for kind in kinds:
+        rules = policy.gpu_rules(kind)
+        if rules is None:
+            raise SandboxError(
+                f"profile {policy.name} grants no {kind} GPU",
+                f"add a [gpu.{kind}] table to {policy.source.name}, or serve with --no-gpu",
+            )
+        for entry in rules.devices:
+            pattern = entry.removeprefix("?")
+            found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*[") else (
+                [pattern] if os.path.exists(pattern) else []
+            )  # fmt: skip
+            if not found and not entry.startswith("?"):
+                raise SandboxError(
+                    f"no {kind} device matches {pattern}: is the GPU driver loaded?",
+                    "check the driver (nvidia-smi, vulkaninfo, rocminfo), or serve with --no-gpu",
+                )
+            devices += [Path(os.path.realpath(f)) for f in found]
+        read += rules.read
+        env += rules.env
+    return list(dict.fromkeys(devices)), read, env
+
+
 def resolve(policy: Policy, ctx: SandboxContext, platform: str, *, strict: bool = True) -> Resolved:
     """Fill placeholders and canonicalise; `strict` requires non-optional paths to exist."""
     if ctx.endpoint_port is not None and not 0 < ctx.endpoint_port < 65536:
         raise SandboxError(f"invalid endpoint port {ctx.endpoint_port}")
     rules = policy.rules(platform)
     r = _Resolver(policy, ctx, platform, strict)
+    devices, gpu_read, gpu_env = gpu_grants(policy, ctx.gpu, platform)
     write = minimal(r.paths(rules.write))
-    read = [p for p in minimal(r.paths(rules.read, ctx.extra_read)) if not within(p, write)]
+    read_entries = rules.read + gpu_read
+    read = [p for p in minimal(r.paths(read_entries, ctx.extra_read)) if not within(p, write)]
     exec_written = [w for e in rules.exec for w in r.written(e)]
     exec_written += [(str(p.absolute()), False) for p in ctx.extra_exec]
     execs = list(dict.fromkeys(r.canonical(raw, opt) for raw, opt in exec_written))
@@ -236,7 +279,7 @@ def resolve(policy: Policy, ctx: SandboxContext, platform: str, *, strict: bool 
         exec=tuple(execs), exec_dirs=tuple(dict.fromkeys(exec_dirs)),
         links=tuple(r.links.values()), optional=frozenset(r.optional),
         cwd=r.canonical(r.value(policy.cwd), True) if policy.cwd else None,
-        setenv=setenv, env=rules.env, endpoint_port=ctx.endpoint_port,
+        setenv=setenv, env=rules.env + gpu_env, endpoint_port=ctx.endpoint_port,
         endpoint_socket=r.canonical(str(socket.absolute()), True) if socket else None,
-        darwin=darwin,
+        darwin=darwin, devices=tuple(devices),
     )  # fmt: skip

@@ -7,7 +7,7 @@ rendered by `vmctl.agents` into the client's private state folder
 (`paths.client(NAME)/state`), never into the user's real config and never
 into the workspace. `run()` puts the pieces together: endpoint, workspace,
 config, sandbox, and on Linux the bridge that carries the endpoint into a
-sandbox without network (`vmctl.bridge`); `vmctl.endpoint` finds the model.
+sandbox without network (`vmctl.sidecars.bridge`); `vmctl.endpoint` finds the model.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmctl import agents, paths, sandbox, ui
+from vmctl import agents, paths, ui
 from vmctl.agents import AgentEndpoint
-from vmctl.bridge import HostRelay
 from vmctl.endpoint import Target, find_endpoint
 from vmctl.errors import ClientError, ConfigError
-from vmctl.resolve import SandboxContext
+from vmctl.sandbox import launch as sandbox
+from vmctl.sandbox.resolve import SandboxContext
+from vmctl.sidecars.bridge import HostRelay
 
 INSTALL_AGENTS = "scripts/install-agents.sh"
 #: opencode's plugin package; an empty install of it stops its npm run.
@@ -287,7 +288,7 @@ def _shebang(script: Path) -> str | None:
 
 # --- running a client ---------------------------------------------------------
 
-BRIDGE = Path(__file__).with_name("bridge.py")
+BRIDGE = Path(__file__).resolve().parents[1] / "sidecars" / "bridge.py"
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Guest images: the manifest contract, the micro builder and the NixOS flake."""

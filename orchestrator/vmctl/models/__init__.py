@@ -1,0 +1,1 @@
+"""Model specs, the catalog, the hub cache, downloads and GGUF checks."""

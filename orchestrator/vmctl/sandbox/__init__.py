@@ -1,0 +1,1 @@
+"""Host sandbox policies (data) rendered to bubblewrap or sandbox-exec."""

@@ -1,0 +1,1 @@
+"""llama-server in its sandbox, supervised, behind the audited gateway."""

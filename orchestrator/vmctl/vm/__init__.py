@@ -1,0 +1,1 @@
+"""One QEMU guest: its spec, accelerator, command line, QMP, console and exec channel."""
