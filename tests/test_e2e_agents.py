@@ -89,6 +89,7 @@ def test_agents_in_a_guest_edit_the_workspace(
             "up", "-d", str(ws), "--ephemeral", "--detach", "--name", name, "--image", "micro",
             *[x for a in GUEST_AGENTS for x in ("--with", a)], "--net", "model",
             "--model-endpoint", f"127.0.0.1:{model.port}", "--json",
+            "--accel", "tcg",  # KVM's probe can pass where a real boot then hangs
         ),
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -158,3 +159,21 @@ def test_agents_under_vmctl_run_edit_the_workspace(
 
 def _bridge_log(client: str) -> Path:
     return paths.client(client) / "relay.jsonl"
+
+
+def test_a_small_context_is_said_once_at_vmctl_run_with_the_fix(
+    bwrap_bin: Path, tmp_path: Path
+) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with ScriptedModel(context=8192) as small:
+        run = subprocess.run(
+            vmctl_cmd("run", "opencode", "-w", str(ws), "--endpoint", small.url,
+                      "--client-bin", "/bin/true"),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "without tools" in line]
+    assert len(lines) == 1 and "8192" in lines[0] and "vmctl serve" in lines[0], run.stderr
+    config = paths.client("opencode") / "state/config/opencode/opencode.json"
+    assert json.loads(config.read_text())["agent"]["build"]["tools"] == {"*": False}
