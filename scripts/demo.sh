@@ -12,6 +12,7 @@
 #
 #   scripts/demo.sh [WORKSPACE]      (default: a fresh temporary folder)
 #   VMCTL_DEMO_AGENT=opencode        (default claude: faster under TCG)
+#   VMCTL_DEMO_ACCEL=tcg             (default auto)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -19,6 +20,7 @@ vmctl=$root/.venv/bin/vmctl
 python=$root/.venv/bin/python
 agent="${VMCTL_DEMO_AGENT:-claude}"
 port="${VMCTL_DEMO_PORT:-8080}"
+accel="${VMCTL_DEMO_ACCEL:-auto}"
 workspace="${1:-$(mktemp -d /tmp/vmctl-demo.XXXXXX)}"
 runtime=$(mktemp -d /tmp/vmctl-demo-run.XXXXXX)
 stand_in_pid=
@@ -60,7 +62,7 @@ coproc STAND_IN { PYTHONPATH=$root/tests exec "$python" -m fakes.scripted_model 
 stand_in_pid=$STAND_IN_PID
 read -r _ stand_in_port <&"${STAND_IN[0]}"
 
-"$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro \
+"$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro --accel "$accel" \
   --with opencode --with claude --with llm --net model --model-endpoint "127.0.0.1:$stand_in_port"
 
 echo "--- inside the guest: $agent, as the agent user, in /workspace"
@@ -77,7 +79,7 @@ cat "$runtime/stand-in.jsonl" | cut -c1-160
 echo
 echo "=== SmolLM2 itself, served by vmctl serve, answers one question from a guest (no tools)"
 "$vmctl" serve --detach --name demo-model --port "$port"
-"$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro \
+"$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro --accel "$accel" \
   --with opencode --with claude --with llm --net model --model-endpoint "127.0.0.1:$port"
 "$vmctl" exec demo-vm -- llm "Say hello to the sandbox."
 echo "--- the gateway's audit log"
