@@ -26,7 +26,7 @@ import pytest
 
 from conftest import need, vmctl_cmd
 from fakes.scripted_model import FINAL_TEXT, TITLE_TEXT, Script, ScriptedModel
-from vmctl import paths
+from vmctl import agents, paths
 from vmctl.clients import registry as clients
 
 GUEST_AGENTS = ("opencode", "claude", "llm")
@@ -177,3 +177,18 @@ def test_a_small_context_is_said_once_at_vmctl_run_with_the_fix(
     assert len(lines) == 1 and "8192" in lines[0] and "vmctl serve" in lines[0], run.stderr
     config = paths.client("opencode") / "state/config/opencode/opencode.json"
     assert json.loads(config.read_text())["agent"]["build"]["tools"] == {"*": False}
+
+
+def test_status_shows_what_up_warned_about(tmp_path: Path) -> None:
+    from vmctl.vm import instance
+    from vmctl.vm.qemu import InstanceSpec
+
+    notice = agents.context_notice(agents.AgentEndpoint(agents.GUEST_BASE_URL, ("m",), None, 8192))
+    assert notice is not None
+    instance.new_instance(InstanceSpec(name="said", workspace=tmp_path), "micro", [notice])
+    text = subprocess.run(vmctl_cmd("status", "said"), capture_output=True, text=True, timeout=60)
+    assert f"notice          {notice}" in text.stdout.splitlines(), text.stdout + text.stderr
+    data = subprocess.run(
+        vmctl_cmd("status", "said", "--json"), capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(data.stdout)["notices"] == [notice]
