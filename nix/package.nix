@@ -1,6 +1,7 @@
 # vmctl, the Python application from pyproject.toml, with the programs it
 # drives on its PATH: QEMU, llama.cpp's llama-server (Metal on Apple
-# silicon) and, on Linux, bubblewrap.
+# silicon) and, on Linux, bubblewrap and util-linux (`unshare`: QEMU runs in
+# a user namespace, see docs/guest-contract.md "Whose files").
 {
   lib,
   stdenv,
@@ -9,6 +10,7 @@
   qemu,
   llama-cpp,
   bubblewrap,
+  util-linux,
 }:
 
 let
@@ -19,7 +21,10 @@ let
     qemu
     llama
   ]
-  ++ lib.optional stdenv.hostPlatform.isLinux bubblewrap;
+  ++ lib.optionals stdenv.hostPlatform.isLinux [
+    bubblewrap
+    util-linux
+  ];
   # pyproject.toml's [project] dependencies, by their nixpkgs names.
   pythonDependencies = with python3Packages; [
     typer

@@ -287,6 +287,49 @@ in
       '';
     };
 
+    # Where the host has no user namespace (macOS), the agent takes the host
+    # user's ids from the kernel command line, as in the micro image
+    # (docs/guest-contract.md, "Whose files"). Not built or booted here.
+    systemd.services.vmctl-agent-ids = {
+      description = "vmctl: give ${user.name} the ids in ${cmdline.uid} and ${cmdline.gid}";
+      wantedBy = [ "multi-user.target" ];
+      before = [
+        "vmctl-fw-cfg.service"
+        "vmctl-exec-agent.service"
+        "nscd.service"
+        "getty.target"
+      ];
+      unitConfig.DefaultDependencies = false;
+      after = [ "local-fs.target" ];
+      path = [
+        pkgs.coreutils
+        pkgs.gnused
+        config.systemd.package
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        uid= gid=
+        for arg in $(cat /proc/cmdline); do
+          case "$arg" in
+            ${cmdline.uid}=*) uid=''${arg#*=} ;;
+            ${cmdline.gid}=*) gid=''${arg#*=} ;;
+          esac
+        done
+        case "$uid" in ""|0|*[!0-9]*) uid=${toString user.uid} ;; esac
+        case "$gid" in ""|0|*[!0-9]*) gid=${toString user.gid} ;; esac
+        [ "$uid:$gid" = "${toString user.uid}:${toString user.gid}" ] && exit 0
+        sed -i "s/^${user.name}:x:${toString user.uid}:${toString user.gid}:/${user.name}:x:$uid:$gid:/" /etc/passwd
+        sed -i "s/^${user.name}:x:${toString user.gid}:/${user.name}:x:$gid:/" /etc/group
+        chown -R "$uid:$gid" ${user.home}
+        # The exec port's udev rule names the owner: resolve it again.
+        udevadm control --reload || true
+        udevadm trigger --subsystem-match=virtio-ports --action=add || true
+      '';
+    };
+
     systemd.services.vmctl-fw-cfg = {
       description = "vmctl: install the files injected through fw_cfg";
       wantedBy = [ "multi-user.target" ];

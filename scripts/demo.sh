@@ -49,11 +49,6 @@ echo
 
 mkdir -p "$workspace"
 printf '# notes\nstatus: draft\n' >"$workspace/notes.txt"
-# until ws lands: the guest's agent (uid 1000) can write only what it owns.
-if [[ $(id -u) != 1000 ]]; then
-  mkdir -p "$workspace/made/by-agent"
-  chown -R 1000:1000 "$workspace"
-fi
 echo "--- on the host, before: $workspace"
 (cd "$workspace" && find . -type f | sort && cat notes.txt)
 

@@ -78,9 +78,11 @@ def test_missing_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_forced_kvm_when_kvm_is_unusable(tmp_path: Path, qemu_bin: Path) -> None:
     """These machines have a /dev/kvm that fails; `--accel kvm` must say so in one line."""
+    from vmctl.images import manifest
     from vmctl.vm import accel
 
-    if accel.kvm_problem(str(qemu_bin), "x86_64") is None:
+    kernel = manifest.resolve_image("micro").kernel
+    if accel.kvm_problem(str(qemu_bin), "x86_64", kernel) is None:
         pytest.skip("KVM works on this machine")
     ws = tmp_path / "ws"
     ws.mkdir()

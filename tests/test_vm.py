@@ -244,7 +244,7 @@ def test_sigkill_of_vmctl_leaves_no_qemu_and_next_run_reaps(
     finally:
         ref.terminate(2)
     assert instance_dir(env, "killed").exists()
-    code = "from vmctl import instance; print([i.name for i in instance.list_instances()])"
+    code = "from vmctl.vm import instance; print([i.name for i in instance.list_instances()])"
     r = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
     )

@@ -360,28 +360,51 @@ def json_text(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def env_file(ep: AgentEndpoint) -> str:
+def proxy_env(proxy_url: str, no_proxy: str) -> dict[str, str]:
+    """The egress proxy for npm, pip, git, curl and wget (some read only lower case)."""
+    env: dict[str, str] = {}
+    for key, value in (
+        ("HTTP_PROXY", proxy_url),
+        ("HTTPS_PROXY", proxy_url),
+        ("NO_PROXY", no_proxy),
+    ):
+        env[key] = env[key.lower()] = value
+    return env
+
+
+def guest_proxy_env() -> dict[str, str]:
+    """The guest's proxy at the contract's address; the model is reached directly."""
+    net = contract.raw()["network"]
+    url = f"http://{net['model_host']}:{net['proxy_port']}"
+    return proxy_env(url, f"{net['model_host']},localhost,127.0.0.1")
+
+
+def env_file(ep: AgentEndpoint, extra: dict[str, str] | None = None) -> str:
     """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`.
 
     For the guest: Claude Code's folder is where the contract puts its files.
     """
     lines = []
     claude_dir = str(Path(contract.fw_cfg("claude-settings.json").dest).parent)
-    for key, value in sorted((agent_env(ep) | {"CLAUDE_CONFIG_DIR": claude_dir}).items()):
+    env = agent_env(ep) | {"CLAUDE_CONFIG_DIR": claude_dir} | (extra or {})
+    for key, value in sorted(env.items()):
         if not _ENV_VALUE_RE.match(value):
             raise ConfigError(f"unsafe value for {key}", "remove quotes, newlines and '$'")
         lines.append(f"{key}={value}\n")
     return "".join(lines)
 
 
-def guest_files(ep: AgentEndpoint) -> dict[str, bytes]:
-    """The fw_cfg payloads, keyed by the contract's names (`opt/vmctl/...`)."""
+def guest_files(ep: AgentEndpoint, *, proxy: bool = False) -> dict[str, bytes]:
+    """The fw_cfg payloads, keyed by the contract's names (`opt/vmctl/...`).
+
+    With `proxy`, the env file also points HTTP(S)_PROXY at the egress proxy.
+    """
     prefix = contract.raw()["fw_cfg"]["prefix"]
     rendered = {
         "opencode.json": opencode_json(ep),
         "llm-models.yaml": llm_models_yaml(ep),
         "llm-default-model.txt": llm_default_model(ep),
-        "env": env_file(ep),
+        "env": env_file(ep, guest_proxy_env() if proxy else None),
         "claude-settings.json": json_text(claude_settings(ep)),
         "claude.json": json_text(claude_state(ep)),
     }

@@ -77,6 +77,17 @@ def _sandbox() -> Check:
     return Check(tool, True, f"{where}: usable")
 
 
+def _workspace_ids() -> Check:
+    from vmctl.vm import idmap
+
+    try:
+        ids = idmap.choose()
+    except VmctlError as e:
+        return Check("workspace owner", False, e.message, e.hint)
+    detail = ids.describe() + (f" ({ids.note})" if ids.note else "")
+    return Check("workspace owner", True, detail)
+
+
 def _llama() -> Check:
     from vmctl.serve.server import find_llama_server
 
@@ -159,6 +170,7 @@ CHECKS: list[Callable[[], Check]] = [
     _qemu,
     _accel,
     _sandbox,
+    _workspace_ids,
     _llama,
     _nix,
     _models,

@@ -185,6 +185,20 @@ class InstancePaths:
         return self.root / "relay"
 
     @property
+    def proxy_socket(self) -> Path:
+        """The guest's egress proxy sidecar listens here for the guestfwd connector."""
+        return check_socket_path(self.root / "proxy.sock")
+
+    @property
+    def proxy_connect(self) -> Path:
+        """The guestfwd script for the proxy address (no commas, like `relay`)."""
+        return self.root / "proxy-connect"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.root / "proxy.log"
+
+    @property
     def lock(self) -> Path:
         return self.root / "lock"
 

@@ -54,7 +54,7 @@ def ls(
             "vm",
             str(d.get("name")),
             str(d.get("state", "running")),
-            f"net={d.get('net', '?')}",
+            f"net={d.get('net', '?')}" + (f" policy={d['policy']}" if d.get("policy") else ""),
             str(d.get("workspace", "")),
             str(d.get("pid", "")),
         )

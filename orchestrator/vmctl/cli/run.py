@@ -26,6 +26,12 @@ def run(
     no_sandbox: bool = typer.Option(
         False, "--no-sandbox", help="Run the client unconfined (loudly warned)."
     ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset through vmctl's proxy: locked | balanced | open."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
 ) -> None:
     """Run llm, opencode, claude or a shell against the local model, sandboxed.
 
@@ -38,6 +44,8 @@ def run(
         endpoint=endpoint,
         client_bin=client_bin,
         sandbox=not no_sandbox,
+        policy=policy,
+        resolve=tuple(resolve),
     )
     code = clients.run(req)
     sys.stdout.flush()

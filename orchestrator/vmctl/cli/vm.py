@@ -52,9 +52,15 @@ def _running_server() -> tuple[str, str | None, str | None] | None:
 
 
 def _plan_model(
-    endpoint: str | None, model: str | None, net: str | None
+    endpoint: str | None, model: str | None, net: str | None, proxy_env: bool = False
 ) -> tuple[str | None, str, dict[str, bytes], list[str]]:
-    """Endpoint, network policy, fw_cfg agent files and notices, saying what was chosen."""
+    """Endpoint, network policy, fw_cfg agent files and notices, saying what was chosen.
+
+    `proxy_env`: the env file points HTTP(S)_PROXY at the egress proxy
+    (balanced, open); under locked nothing but the model is meant to be
+    reached, so tools are not sent to the proxy (busybox wget, for one,
+    ignores NO_PROXY and would ask the proxy for the model).
+    """
     from vmctl import agents
     from vmctl.vm.qemu import parse_endpoint
 
@@ -81,7 +87,26 @@ def _plan_model(
     notice = agents.context_notice(ep)
     if notice:
         ui.warn(notice)
-    return endpoint, net, agents.guest_files(ep), [notice] if notice else []
+    files = agents.guest_files(ep, proxy=proxy_env and net == "model")
+    return endpoint, net, files, [notice] if notice else []
+
+
+def _net_policy(net: str | None, policy: str | None) -> tuple[str | None, str | None]:
+    """`--net` and `--policy` together; `--net full` is `--policy open`, said loudly."""
+    if net == "full":
+        if policy not in (None, "open"):
+            raise ConfigError(f"--net full and --policy {policy} disagree", "drop --net full")
+        ui.warn(
+            "--net full is --policy open now: the guest reaches any public address by name "
+            "through vmctl's egress proxy (logged); the host's loopback, private and "
+            "metadata addresses stay closed unless `vmctl policy allow CIDR:PORT` names them"
+        )
+        return "model", "open"
+    if policy is not None and net == "none":
+        raise ConfigError(f"--policy {policy} needs a network", "drop --net none")
+    if policy is not None:
+        return "model", policy
+    return net, None
 
 
 def _image(
@@ -109,7 +134,15 @@ def up(
     ),
     flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),
-    net: str | None = typer.Option(None, "--net", help="full | model | none."),
+    net: str | None = typer.Option(
+        None, "--net", help="model (= --policy locked) | none | full (= --policy open)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Egress preset: locked | balanced | open (see `vmctl policy`)."
+    ),
+    resolve: list[str] = typer.Option(
+        [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
+    ),
     model_endpoint: str | None = typer.Option(None, "--model-endpoint", help="HOST:PORT."),
     model: str | None = typer.Option(None, "--model", help="Model id if the endpoint is silent."),
     publish: list[str] = typer.Option([], "-p", help="HOST:GUEST loopback port forward."),
@@ -131,12 +164,21 @@ def up(
     ws = _workspace(directory)
     accel_mod.qemu_binary()  # a missing QEMU is reported before any image work
     name = name or _new_name()
-    endpoint, policy, files, notices = _plan_model(model_endpoint, model, net)
+    net, preset = _net_policy(net, policy)
+    endpoint, net, files, notices = _plan_model(
+        model_endpoint, model, net, proxy_env=preset not in (None, "locked")
+    )
+    if net == "model":
+        preset = preset or "locked"
+    elif resolve:
+        raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     spec = InstanceSpec(
         name=name,
         workspace=ws,
-        net=policy,
-        model_endpoint=parse_endpoint(endpoint) if endpoint and policy != "none" else None,
+        net=net,
+        policy=preset,
+        resolve=tuple(resolve),
+        model_endpoint=parse_endpoint(endpoint) if endpoint and net != "none" else None,
         forwards=tuple(parse_forward(p) for p in publish),
         mem=mem,
         cpus=cpus,
@@ -239,7 +281,8 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for key in ("name", "state", "pid", "uptime_s", "net", "model_endpoint", "forwards"):
+    keys = ("name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards")
+    for key in keys:
         value = data.get(key)
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")

@@ -12,6 +12,7 @@ sandbox without network (`vmctl.sidecars.bridge`); `vmctl.endpoint` finds the mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmctl import agents, paths, ui
+from vmctl import agents, egress, paths, ui
 from vmctl.agents import AgentEndpoint
 from vmctl.endpoint import Target, find_endpoint
 from vmctl.errors import ClientError, ConfigError
 from vmctl.sandbox import launch as sandbox
 from vmctl.sandbox.resolve import SandboxContext
 from vmctl.sidecars.bridge import HostRelay
+from vmctl.sidecars.proxy_serve import client_proxy
 
 INSTALL_AGENTS = "scripts/install-agents.sh"
 #: opencode's plugin package; an empty install of it stops its npm run.
@@ -301,11 +303,19 @@ class RunRequest:
     endpoint: str | None = None
     client_bin: Path | None = None
     sandbox: bool = True
+    #: Egress preset (vmctl.egress): the proxy is bridged in; None: the model only.
+    policy: str | None = None
+    resolve: tuple[str, ...] = ()
 
 
 def run(req: RunRequest) -> int:
     """Configure the client, start it confined, return its exit status."""
     client = get(req.client)
+    if req.policy is not None:
+        egress.preset(req.policy)
+        egress.resolve_map(req.resolve)
+    elif req.resolve:
+        raise ConfigError("--resolve needs the egress proxy", "pass --policy")
     ws = sandbox.check_workspace(req.workspace)
     binary = client.find(req.client_bin)
     target = find_endpoint(req.endpoint)
@@ -314,6 +324,8 @@ def run(req: RunRequest) -> int:
         ui.warn(notice)
     root = paths.client(client.name)
     state = paths.private_dir(root / "state")
+    if req.policy is not None and (not req.sandbox or sys.platform != "linux"):
+        raise ConfigError("--policy needs the Linux sandbox", "drop --policy or --no-sandbox")
     if not req.sandbox:
         ui.warn(f"--no-sandbox: {client.name} runs UNCONFINED, with your files and network")
         env = client.configure(target.endpoint(), state)
@@ -333,7 +345,7 @@ def run(req: RunRequest) -> int:
         cmd = sandbox.sandboxed_command(client.profile, argv, ctx, env=env)
         cmd.write_files()
         return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
-    return _run_bridged(client, binary, target, ws, state, req.args, (read, exe))
+    return _run_bridged(client, binary, target, ws, state, req, (read, exe))
 
 
 def _run_bridged(
@@ -342,10 +354,14 @@ def _run_bridged(
     target: Target,
     ws: Path,
     state: Path,
-    args: list[str],
+    req: RunRequest,
     needs: tuple[tuple[Path, ...], tuple[Path, ...]],
 ) -> int:
-    """Linux: a relay on a UNIX socket outside, the bridge listening inside."""
+    """Linux: relays on UNIX sockets outside, the bridge listening inside.
+
+    Under `--policy` the egress proxy is a second socket, bridged to
+    127.0.0.1:PROXY_PORT inside, where HTTP(S)_PROXY point.
+    """
     root = paths.client(client.name)
     runtime = paths.private_dir(root / "run" / str(os.getpid()))
     sock = paths.check_socket_path(runtime / "ep.sock")
@@ -357,17 +373,25 @@ def _run_bridged(
         state=state,
         endpoint_port=target.port,
         endpoint_socket=sock,
-        extra_read=(*needs[0], *py_read, BRIDGE),
+        # The runtime folder holds only the sockets; a read-only bind still connects.
+        extra_read=(*needs[0], *py_read, BRIDGE, runtime),
         extra_exec=(*needs[1], *py_exec),
     )
     listen = ["--listen", f"127.0.0.1:{target.port}", "--socket", str(sock)]
-    inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--", *client.argv(binary, args)]
-    try:
-        with HostRelay(sock, target.host, target.port, root / "relay.jsonl"):
-            cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
-            return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, runtime, ignore_errors=True)
+        if req.policy is not None:
+            px = client_proxy(
+                client.name, req.policy, req.resolve, runtime, (target.host, target.port)
+            )
+            listen += stack.enter_context(px).bridge_args
+            env |= px.env
+        inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--"]
+        inner += client.argv(binary, req.args)
+        stack.enter_context(HostRelay(sock, target.host, target.port, root / "relay.jsonl"))
+        cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
+        return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
+    raise AssertionError("unreachable")
 
 
 def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> int:

@@ -221,19 +221,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     i = args.index("--")
     p = argparse.ArgumentParser(prog="bridge.py")
-    p.add_argument("--listen", required=True)
-    p.add_argument("--socket", required=True)
+    # Repeatable in pairs: the model endpoint, and the egress proxy under --policy.
+    p.add_argument("--listen", required=True, action="append")
+    p.add_argument("--socket", required=True, action="append")
     a = p.parse_args(args[:i])
     cmd = args[i + 1 :]
-    if not cmd:
-        print("vmctl bridge: no command after --", file=sys.stderr)
+    if not cmd or len(a.listen) != len(a.socket):
+        print("vmctl bridge: one --socket per --listen, then -- CMD", file=sys.stderr)
         return 2
-    try:
-        listener = _listen_tcp(a.listen)
-    except (OSError, ValueError) as e:
-        print(f"vmctl bridge: cannot listen on {a.listen}: {e}", file=sys.stderr)
-        return 1
-    _Acceptor(listener, _to_socket(a.socket)).start()
+    for address, path in zip(a.listen, a.socket, strict=True):
+        try:
+            listener = _listen_tcp(address)
+        except (OSError, ValueError) as e:
+            print(f"vmctl bridge: cannot listen on {address}: {e}", file=sys.stderr)
+            return 1
+        _Acceptor(listener, _to_socket(path)).start()
     return run_child(cmd)
 
 

@@ -28,6 +28,7 @@ from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
+from vmctl.vm import idmap
 from vmctl.vm.console import ExecChannel, expect_ready, tail_lines
 from vmctl.vm.qemu import InstanceSpec, ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
@@ -56,6 +57,7 @@ class InstanceInfo:
     ephemeral: bool
     detached: bool
     net: str
+    policy: str | None  # the egress preset of its proxy (vmctl.egress); None: no proxy
     model_endpoint: str | None
     forwards: list[str]
     workspace: str
@@ -95,6 +97,7 @@ def _info(ipaths: paths.InstancePaths, meta: dict[str, Any]) -> InstanceInfo:
         ephemeral=bool(spec.get("ephemeral")),
         detached=meta.get("owner") is None,
         net=str(spec.get("net")),
+        policy=spec.get("policy"),
         model_endpoint=spec.get("model_endpoint"),
         forwards=[f"{h}:{g}" for h, g in spec.get("forwards", [])],
         workspace=str(spec.get("workspace")),
@@ -252,6 +255,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -319,9 +323,10 @@ def up(
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
-    acc = accel_mod.choose(spec.accel, qemu_bin)
+    acc = accel_mod.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
     if acc.reason:
         ui.warn(acc.reason)
+    ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
     inst = new_instance(spec, image, notices)
     try:
         paths.private_dir(inst.paths.fwcfg)
@@ -330,9 +335,11 @@ def up(
         if spec.net == "model":
             assert spec.model_endpoint is not None
             write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
+        if spec.policy is not None:
+            _start_proxy(inst, spec)
         for fifo in (inst.paths.exec_in, inst.paths.exec_out):
             os.mkfifo(fifo, 0o600)
-        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin)
+        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
@@ -342,6 +349,30 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
+    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU."""
+    from vmctl.sidecars import proxy_serve
+
+    write_connect = proxy_serve.write_connect_script
+    write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
+    try:
+        ref = proxy_serve.start_sidecar(
+            inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
+            inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
+        )  # fmt: skip
+    except OSError as e:
+        raise VMError(str(e)) from None
+    inst.meta["proxy"] = ref.to_json()
+    inst.meta["spec"] |= {"policy": spec.policy, "resolve": list(spec.resolve)}
+    inst.save()
+
+
+def _stop_proxy(meta: dict[str, Any]) -> None:
+    ref = _ref(meta, "proxy")
+    if ref is not None:
+        ref.terminate(timeout=5.0)
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
@@ -358,6 +389,7 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    _stop_proxy(meta)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True

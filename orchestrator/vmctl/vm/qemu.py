@@ -14,7 +14,7 @@ file or folder owned by the user running vmctl, with fixed modes
 and even symlinks live only in `user.virtfs.*` xattrs (a guest-made
 symlink is a regular file on the host). The cost: executable bits set in
 the guest do not reach the host, and the host filesystem must support
-user xattrs.
+user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from vmctl import contract
 from vmctl.errors import ConfigError
 from vmctl.paths import InstancePaths, check_name
 from vmctl.vm.accel import Accel
+from vmctl.vm.idmap import IdMap
 
 NET_POLICIES = ("full", "model", "none")
 MEM_RE = re.compile(r"^([1-9][0-9]*)([MG])$")
@@ -90,6 +91,10 @@ class InstanceSpec:
     extra_args: tuple[str, ...] = field(default=())
     #: fw_cfg names (`opt/vmctl/...`) whose files sit in the instance's fwcfg/.
     fw_cfg: tuple[str, ...] = ()
+    #: Egress preset (vmctl.egress) of the guest's proxy; None: no proxy.
+    policy: str | None = None
+    #: `--resolve HOST:ADDR` names for the proxy.
+    resolve: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -104,6 +109,13 @@ class InstanceSpec:
             raise ConfigError(f"--mem {self.mem!r} is not a size of at least 128M", "e.g. 2G")
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
+        if self.policy is not None:
+            from vmctl import egress
+
+            egress.preset(self.policy)
+            egress.resolve_map(self.resolve)
+            if self.net != "model":
+                raise ConfigError(f"--policy needs the guarded network, not --net {self.net}")
         hosts = [h for h, _ in self.forwards]
         if len(set(hosts)) != len(hosts):
             raise ConfigError("-p names the same host port twice")
@@ -133,10 +145,10 @@ def relay_path(path: Path) -> str:
     return str(path)
 
 
-def kernel_cmdline(spec: InstanceSpec, base: str) -> str:
+def kernel_cmdline(spec: InstanceSpec, base: str, ids: str = "") -> str:
     keys = contract.raw()["kernel_cmdline"]
     extra = f"{keys['instance']}={spec.name} {keys['net']}={spec.net} {keys['workspace']}=1"
-    return f"{base.strip()} {extra}".strip()
+    return " ".join(p for p in (base.strip(), extra, ids) if p)
 
 
 def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
@@ -153,6 +165,9 @@ def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
             f"user,id=n0,net=10.0.2.0/24,host={net['slirp_host_when_restricted']},restrict=on"
             f",guestfwd=tcp:{net['model_host']}:{net['model_port']}-cmd:{relay}{fwds}"
         )
+        if spec.policy is not None:  # the egress proxy, on the same guarded path
+            connect = relay_path(paths.proxy_connect)
+            netdev += f",guestfwd=tcp:{net['model_host']}:{net['proxy_port']}-cmd:{connect}"
     return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
 
@@ -208,16 +223,22 @@ def qemu_argv(
     paths: InstancePaths,
     accel: Accel,
     qemu: str = "qemu-system-x86_64",
+    ids: IdMap | None = None,
 ) -> list[str]:
-    """The full QEMU command line; the user's extra arguments go last, verbatim."""
-    argv = [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
+    """The full QEMU command line; the user's extra arguments go last, verbatim.
+
+    `ids` (vmctl.vm.idmap) puts its user-namespace prefix first and its
+    kernel command-line keys after vmctl's.
+    """
+    argv = list(ids.prefix) if ids else []
+    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", accel.machine]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
     # -S: the CPU waits until vmctl is attached to the serial console and
     # continues it over QMP, so no line of the boot is ever missed.
     argv += ["-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     argv += ["-kernel", no_comma(manifest.kernel, "kernel")]
     argv += ["-initrd", no_comma(manifest.initrd, "initrd")]
-    argv += ["-append", kernel_cmdline(spec, manifest.cmdline)]
+    argv += ["-append", kernel_cmdline(spec, manifest.cmdline, ids.cmdline() if ids else "")]
     disk = getattr(manifest, "disk", None)
     if disk is not None:
         argv += ["-drive", f"if=virtio,format=qcow2,file={opt(paths.overlay)}"]

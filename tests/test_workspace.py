@@ -1,0 +1,252 @@
+"""The workspace is the user's folder, read-write, for any host user.
+
+One real micro guest per host user (root, and uid 501 created here as on a
+Mac's first account), booted and driven through the `vmctl` CLI run as that
+user. The agent (what `vmctl exec` runs as) must be able to change the
+user's files; what it makes must be the user's on the host; nothing the
+guest does may become a setuid bit, special file or symlink on the host.
+docs/guest-contract.md ("Whose files") explains the mechanism.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+from vmctl import contract
+from vmctl.images import manifest as images
+
+pytestmark = pytest.mark.qemu
+VMCTL = [sys.executable, "-m", "vmctl"]
+TEST_UID = 501
+TEST_USER = "vmctl501"
+AGENT = contract.raw()["user"]
+
+
+@dataclass
+class HostUser:
+    """vmctl run as one host user, with its own state folder and workspace."""
+
+    uid: int
+    gid: int
+    env: dict[str, str]
+    ws: Path
+    #: The ids the guest shows for this user's files (the agent's).
+    seen_as: tuple[int, int]
+
+    def argv(self, *args: str) -> list[str]:
+        if self.uid == os.geteuid():
+            return list(args)
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *args]
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args), env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def vmctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.run(*VMCTL, *args, timeout=timeout)
+
+    def guest(self, script: str) -> str:
+        r = self.vmctl("exec", "box", "--", "sh", "-c", f"cd /workspace && {script}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+
+def make_test_user() -> tuple[int, int]:
+    """uid 501 (group 501 when free), created once; root only."""
+    try:
+        return TEST_UID, pwd.getpwuid(TEST_UID).pw_gid
+    except KeyError:
+        pass
+    gid = ["-g", str(TEST_UID)] if not _group_exists(TEST_UID) else []
+    subprocess.run(["groupadd", *gid, TEST_USER], check=True, capture_output=True)
+    shell = ["-s", "/usr/sbin/nologin", "-d", "/nonexistent", "-M"]
+    subprocess.run(
+        ["useradd", "-u", str(TEST_UID), "-g", TEST_USER, *shell, TEST_USER],
+        check=True,
+        capture_output=True,
+    )
+    return TEST_UID, pwd.getpwuid(TEST_UID).pw_gid
+
+
+def _group_exists(gid: int) -> bool:
+    import grp
+
+    try:
+        grp.getgrgid(gid)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Path]:
+    """A world-readable copy of the micro image (the cache is private to root)."""
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu")
+    need(sys.platform.startswith("linux"), "user namespaces are Linux-only")
+    need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
+    manifest = images.resolve_image("micro").path
+    top = Path(tempfile.mkdtemp(prefix="vmctl-ws-img-", dir="/tmp"))
+    try:
+        shutil.copytree(manifest.parent, top / "micro")
+        for p in [top, *top.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        yield top / "micro" / manifest.name
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["root", "uid501", "uid501-lima"])
+def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
+    """One guest per host user; its workspace holds files that user made before boot.
+
+    `uid501-lima` forces the fallback for hosts without user namespaces
+    (macOS): the guest's agent takes the host user's uid/gid.
+    """
+    need(os.geteuid() == 0, "running vmctl as root and creating a test user need root")
+    uid, gid = (0, 0) if request.param == "root" else make_test_user()
+    top = Path(tempfile.mkdtemp(prefix="vmctl-ws-", dir="/tmp"))
+    top.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMCTL_")}
+    env.update(VMCTL_HOME=str(top / "home"), VMCTL_CACHE=str(top / "cache"), VMCTL_QUIET="1")
+    seen_as = (int(AGENT["uid"]), int(AGENT["gid"]))
+    if request.param == "uid501-lima":
+        env["VMCTL_IDMAP"] = "guest"
+        seen_as = (uid, gid)
+    env["HOME"] = str(top)
+    ws = top / "ws"
+    (ws / "hostdir").mkdir(parents=True)
+    for name, text in [("pre.txt", "by the host\n"), ("overwrite.txt", "old\n")]:
+        (ws / name).write_text(text)
+    (ws / "renameme.txt").write_text("rename me\n")
+    (ws / "deleteme.txt").write_text("delete me\n")
+    (ws / "private.txt").write_text("mine only\n")
+    (ws / "private.txt").chmod(0o600)
+    (ws / "run.sh").write_text("#!/bin/sh\necho ran from the host\n")
+    (ws / "run.sh").chmod(0o755)
+    (top / "secret").write_text("outside the workspace\n")
+    (ws / "abs-link").symlink_to(top / "secret")
+    (ws / "rel-link").symlink_to("../secret")
+    for p in [top, *top.rglob("*")]:
+        os.chown(p, uid, gid, follow_symlinks=False)
+    host = HostUser(uid, gid, env, ws, seen_as)
+    up = ["up", "-d", str(ws), "--name", "box", "--image", str(image), "--accel", "tcg"]
+    r = host.vmctl(*up, "--detach", "--timeout", "120", timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield host
+    finally:
+        host.vmctl("down", "box", timeout=60)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def owned_by(host: HostUser, path: Path) -> bool:
+    st = path.lstat()
+    return (st.st_uid, st.st_gid) == (host.uid, host.gid)
+
+
+def test_host_files_are_the_agents_in_the_guest(user: HostUser) -> None:
+    out = user.guest("id -u; id -g; stat -c '%u:%g %a' pre.txt private.txt hostdir .")
+    ids = "{}:{}".format(*user.seen_as)
+    assert out.split("\n") == [
+        str(user.seen_as[0]),
+        str(user.seen_as[1]),
+        f"{ids} 644",
+        f"{ids} 600",
+        f"{ids} 755",
+        f"{ids} 755",
+        "",
+    ]
+
+
+def test_agent_edits_the_users_files(user: HostUser) -> None:
+    ws = user.ws
+    script = (
+        "cat pre.txt private.txt; echo appended >> pre.txt; echo new > overwrite.txt;"
+        " echo a > new.txt; echo b >> new.txt; echo c >> private.txt;"
+        " mv renameme.txt renamed.txt; rm deleteme.txt;"
+        " mkdir -p a/b/c; echo deep > a/b/c/deep.txt; echo in > hostdir/inner.txt;"
+        " echo done"
+    )
+    assert user.guest(script) == "by the host\nmine only\ndone\n"
+    assert (ws / "pre.txt").read_text() == "by the host\nappended\n"
+    assert (ws / "overwrite.txt").read_text() == "new\n"
+    assert (ws / "new.txt").read_text() == "a\nb\n"
+    assert (ws / "private.txt").read_text() == "mine only\nc\n"
+    assert (ws / "renamed.txt").read_text() == "rename me\n"
+    assert not (ws / "renameme.txt").exists() and not (ws / "deleteme.txt").exists()
+    assert (ws / "a/b/c/deep.txt").read_text() == "deep\n"
+    assert (ws / "hostdir/inner.txt").read_text() == "in\n"
+    for made in ["new.txt", "a/b/c/deep.txt", "hostdir/inner.txt"]:
+        assert owned_by(user, ws / made), made
+        assert (ws / made).lstat().st_mode == 0o100644, made
+    for made in ["a", "a/b", "a/b/c"]:
+        assert owned_by(user, ws / made), made
+        assert (ws / made).lstat().st_mode == 0o040755, made
+    for kept in ["pre.txt", "overwrite.txt", "private.txt", "renamed.txt"]:
+        assert owned_by(user, ws / kept), kept
+    assert (ws / "private.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_file_the_host_makes_while_the_guest_runs(user: HostUser) -> None:
+    live = user.ws / "live.txt"
+    r = user.run("sh", "-c", f"echo live > {live}")
+    assert r.returncode == 0, r.stderr
+    out = user.guest("stat -c '%u' live.txt; echo more >> live.txt; mv live.txt live2.txt; echo ok")
+    assert out == f"{user.seen_as[0]}\nok\n"
+    assert (user.ws / "live2.txt").read_text() == "live\nmore\n"
+    assert owned_by(user, user.ws / "live2.txt")
+
+
+def test_nothing_special_reaches_the_host(user: HostUser) -> None:
+    ws = user.ws
+    script = (
+        "echo x > suid; chmod 4755 suid; echo x > sgid; chmod 2755 sgid;"
+        " mkdir sgid-dir; chmod 2775 sgid-dir; ln -s /etc/passwd guest-link; mkfifo fifo;"
+        " stat -c '%a %F' suid sgid sgid-dir guest-link fifo;"
+        " cat abs-link rel-link 2>/dev/null; echo end"
+    )
+    out = user.guest(script).splitlines()
+    # Inside the guest the agent sees what it asked for...
+    assert out[:5] == [
+        "4755 regular file",
+        "2755 regular file",
+        "2775 directory",
+        "777 symbolic link",
+        "644 fifo",
+    ]
+    # ...and a host symlink leading out of the workspace leads nowhere there.
+    assert out[5:] == ["end"]
+    # On the host: plain files and folders of the user, ordinary modes.
+    for name, mode in [("suid", 0o100644), ("sgid", 0o100644), ("guest-link", 0o100644)]:
+        assert (ws / name).lstat().st_mode == mode, name
+        assert owned_by(user, ws / name)
+    assert (ws / "fifo").lstat().st_mode == 0o100644
+    assert (ws / "sgid-dir").lstat().st_mode == 0o040755
+    assert (ws / "guest-link").read_text() == "/etc/passwd"
+
+
+def test_executable_bits(user: HostUser) -> None:
+    """What crosses: see docs/guest-contract.md, "The executable bit"."""
+    ws = user.ws
+    # The host's x bit on a file the host made reaches the guest, and runs there.
+    out = user.guest("stat -c %a run.sh; ./run.sh")
+    assert out == "755\nran from the host\n"
+    # The guest's chmod on its own file holds in the guest only (a mode xattr).
+    out = user.guest("printf '#!/bin/sh\\necho ran\\n' > g.sh; chmod 755 g.sh; ./g.sh")
+    assert out == "ran\n"
+    assert (ws / "g.sh").stat().st_mode & 0o777 == 0o644
+    # A host chmod of a file the guest made is hidden by that xattr.
+    assert user.run("chmod", "700", str(ws / "g.sh")).returncode == 0
+    assert user.guest("stat -c %a g.sh") == "755\n"
