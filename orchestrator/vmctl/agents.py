@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from vmctl import contract
+from vmctl import budget, contract
 from vmctl.errors import ConfigError
 
 GUEST_BASE_URL = "http://10.0.2.2:8080/v1"
@@ -42,18 +42,6 @@ CLAUDE_OFFLINE_ENV = {
     "DISABLE_TELEMETRY": "1",
 }
 PROVIDER = "llama"
-#: The served context each client's tools need: its default request (system
-#: prompt plus tool schemas; field notes: opencode ~7.7k tokens, Claude Code
-#: ~19k) with room left to answer. Below it the client runs without tools,
-#: and vmctl says so (`context_notice`): a request that does not fit is a 400.
-TOOLS_CONTEXT = {"opencode": 16384, "claude": 32768}
-#: Tokens a client's request takes with its tools, and with them off.
-PROMPT_TOKENS = {"opencode": 8192, "claude": 20480}
-TRIMMED_PROMPT_TOKENS = 2048
-#: The clients' own default output cap; vmctl never sets a higher one.
-MAX_OUTPUT_TOKENS = 32000
-CLIENT_LABELS = {"opencode": "opencode", "claude": "Claude Code"}
-LARGER_MODEL = "qwen3.5-35b-a3b"
 TINY_PROMPT = "You are a concise assistant. Answer the user directly."
 #: opencode's switches for network use vmctl never wants (field notes).
 OPENCODE_ENV = {
@@ -115,23 +103,11 @@ class AgentEndpoint:
 
     def tools_on(self, client: str) -> bool:
         """Whether `client`'s request with its tools fits the served context."""
-        return self.context is None or self.context >= TOOLS_CONTEXT[client]
+        return budget.tools_on(self.context, client)
 
     def output_tokens(self, client: str) -> int | None:
-        """`client`'s output cap: what the context leaves after its request.
-
-        None when the context is unknown (the client's default stands).
-        opencode keeps half of that room for the conversation to grow (it
-        compacts once input exceeds context minus output); Claude Code gets
-        it all, so no reply fails on a cap vmctl chose.
-        """
-        if self.context is None:
-            return None
-        used = PROMPT_TOKENS[client] if self.tools_on(client) else TRIMMED_PROMPT_TOKENS
-        room = self.context - used
-        if client == "opencode":
-            room //= 2
-        return max(256, min(MAX_OUTPUT_TOKENS, room))
+        """`client`'s output cap, from the served context (vmctl.budget)."""
+        return budget.output_tokens(self.context, client)
 
 
 def check_base_url(url: str) -> str:
@@ -270,16 +246,7 @@ def context_notice(
     ep: AgentEndpoint, clients: tuple[str, ...] = ("opencode", "claude")
 ) -> str | None:
     """One line when the served context turns `clients`' tools off, naming the fix."""
-    off = [c for c in clients if c in TOOLS_CONTEXT and not ep.tools_on(c)]
-    if not off:
-        return None
-    need = max(TOOLS_CONTEXT[c] for c in off)
-    names = " and ".join(CLIENT_LABELS[c] for c in off)
-    return (
-        f"the model's context ({ep.context} tokens) is below the {need} {names} need for "
-        f"tools: they run without tools (text answers only); fix: serve a model with "
-        f"a larger context, e.g. `vmctl serve {LARGER_MODEL} --ctx-size {need}`"
-    )
+    return budget.notice(ep.context, clients)
 
 
 def opencode_json(ep: AgentEndpoint) -> str:
