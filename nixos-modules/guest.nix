@@ -29,8 +29,19 @@ let
   ws = contract.workspace;
   net = contract.network;
   cmdline = contract.kernel_cmdline;
-  execPort = "/dev/virtio-ports/${contract.console.exec_port}";
-  execDevice = "${utils.escapeSystemdPath execPort}.device";
+  # One port per concurrent session: <exec_port>.0 .. .N-1.
+  execPorts = map (n: "/dev/virtio-ports/${contract.console.exec_port}.${toString n}") (
+    lib.range 0 (contract.console.exec_sessions - 1)
+  );
+  execDevices = map (p: "${utils.escapeSystemdPath p}.device") execPorts;
+  # The session mux the agent script hands the ports to (C, shared with the micro image).
+  execMux = pkgs.runCommandCC "vmctl-exec-mux" { } ''
+    mkdir -p $out/bin
+    $CC -O2 -Wall -o $out/bin/vmctl-exec-mux ${../orchestrator/vmctl/data/guest/vmctl-exec-mux.c}
+  '';
+  mirror = contract.mirror;
+  mirrorPort = "/dev/virtio-ports/${mirror.port}";
+  mirrorDevice = "${utils.escapeSystemdPath mirrorPort}.device";
   workspaceMount = "${utils.escapeSystemdPath ws.mountpoint}.mount";
   guestIp = lib.splitString "/" net.guest_address;
   fwCfgDest =
@@ -127,6 +138,17 @@ in
         defaultText = lib.literalExpression ''"${user.name}"'';
         description = "The user commands sent by `vmctl exec` run as.";
       };
+    };
+
+    mirror.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Report the guest's listening TCP ports on the `${mirror.port}` virtio-serial port, so
+        vmctl mirrors them on the host's 127.0.0.1 (the host offers the port only when the guest
+        has a network and `--no-mirror` is not given). Trusts eth0 in the firewall: under SLiRP
+        the only inbound connections are the host's loopback forwards.
+      '';
     };
 
     agent = {
@@ -235,6 +257,14 @@ in
       createHome = true;
     };
     services.getty.autologinUser = user.name;
+    # `exit` at the log console: tell the host (a foreground `vmctl up` then
+    # stops the guest; getty logs in anew otherwise). Only on that console,
+    # not in `vmctl shell` sessions.
+    programs.bash.logout = ''
+      if [ "$(tty)" = /dev/${consoleDev} ]; then
+        printf '\036%s\n' ${lib.escapeShellArg contract.console.console_exit_marker}
+      fi
+    '';
 
     # Static address; a route and DNS only with vmctl.net=full.
     networking.usePredictableInterfaceNames = false;
@@ -246,6 +276,7 @@ in
       }
     ];
     networking.firewall.enable = true;
+    networking.firewall.trustedInterfaces = lib.mkIf cfg.mirror.enable [ "eth0" ];
     services.openssh.enable = cfg.ssh.enable;
 
     systemd.services.vmctl-booted = {
@@ -367,17 +398,17 @@ in
     };
 
     services.udev.extraRules = ''
-      SUBSYSTEM=="virtio-ports", ATTR{name}=="${contract.console.exec_port}", OWNER="${cfg.exec.user}", MODE="0600", TAG+="systemd"
+      SUBSYSTEM=="virtio-ports", ATTR{name}=="${contract.console.exec_port}.[0-9]*", OWNER="${cfg.exec.user}", MODE="0600", TAG+="systemd"
+      SUBSYSTEM=="virtio-ports", ATTR{name}=="${mirror.port}", MODE="0600", TAG+="systemd"
     '';
 
     # The agent script is shared with the micro image; it reads the env
-    # file itself and touches its ready file once the port is open.
+    # file itself and the mux touches its ready file once the ports are open.
     systemd.services.vmctl-exec-agent = lib.mkIf cfg.exec.enable {
-      description = "vmctl: exec agent on ${execPort}";
+      description = "vmctl: exec agent on ${contract.console.exec_port}.*";
       wantedBy = [ "multi-user.target" ];
-      bindsTo = [ execDevice ];
-      after = [
-        execDevice
+      bindsTo = execDevices;
+      after = execDevices ++ [
         "vmctl-fw-cfg.service"
         workspaceMount
       ];
@@ -388,13 +419,34 @@ in
         pkgs.bash
       ]
       ++ cfg.agent.packages;
-      environment = cfg.agent.environment;
+      environment = cfg.agent.environment // {
+        VMCTL_EXEC_MUX = "${execMux}/bin/vmctl-exec-mux";
+      };
       serviceConfig = {
         User = cfg.exec.user;
         RuntimeDirectory = "vmctl-exec";
-        ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execPort} ${execReady}";
+        ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-exec-agent.sh} ${execReady} ${lib.concatStringsSep " " execPorts}";
         Restart = "always";
         RestartSec = 1;
+      };
+    };
+
+    # Port mirroring: the same watcher script as the micro image, started
+    # only when the host offers the port (the device appears).
+    systemd.services.vmctl-ports = lib.mkIf cfg.mirror.enable {
+      description = "vmctl: report listening TCP ports on ${mirrorPort}";
+      wantedBy = [ mirrorDevice ];
+      bindsTo = [ mirrorDevice ];
+      after = [ mirrorDevice ];
+      path = [ pkgs.coreutils ];
+      serviceConfig = {
+        ExecStart = "${pkgs.runtimeShell} ${../orchestrator/vmctl/data/guest/vmctl-ports-watch.sh} ${mirrorPort} ${mirror.poll_s} ${toString mirror.heartbeat_polls} ${toString mirror.max_ports}";
+        Restart = "always";
+        RestartSec = 1;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
       };
     };
 

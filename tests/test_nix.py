@@ -95,6 +95,7 @@ def contract_literals() -> list[str]:
         f'"{raw["store"]["tag"]}"',
         f'"{raw["user"]["name"]}"',
         raw["network"]["guest_address"],
+        raw["mirror"]["port"],
     ]
     return [str(v) for v in values]
 
@@ -279,7 +280,7 @@ def image_manifest(tmp_path: Path) -> Path:
                 "initrd": str(out / "initrd"),
                 "cmdline": "init=/nix/store/x-nixos-system/init console=ttyS0",
                 "shares": [{"tag": "nix-store", "path": str(out), "readonly": True}],
-                "contract": 1,
+                "contract": contract.raw()["version"],
                 "features": ["opencode", "llm"],
             }
         )

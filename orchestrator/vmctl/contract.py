@@ -43,6 +43,12 @@ def fw_cfg(key: str) -> FwCfgFile:
     raise KeyError(key)
 
 
+def exec_ports() -> list[str]:
+    """The exec ports' names: `<exec_port>.N`, one session each."""
+    console = raw()["console"]
+    return [f"{console['exec_port']}.{n}" for n in range(int(console["exec_sessions"]))]
+
+
 def ready_marker() -> str:
     return str(raw()["console"]["ready_marker"])
 

@@ -4,9 +4,12 @@ The layout (below `home()`, default platformdirs' user state folder,
 overridable with VMCTL_HOME)::
 
     servers/NAME/      server.json, audit.jsonl, server.log, run/ (socket, cache)
-    instances/NAME/    instance.json, qmp.sock, console.sock, exec.{in,out}, console.log,
-                       audit.jsonl, overlay.qcow2, fwcfg/
+    instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
+                       console.log, audit.jsonl, overlay.qcow2, fwcfg/, ports.sock,
+                       mirror-qmp.sock, forwards.json, mirror.log
     clients/NAME/      a host client's private config and data
+    reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
+                       workspace under `vmctl up --review`; outlives the instance)
     events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
                        client-NAME.jsonl); outlives its subject until `vmctl rm`
 
@@ -21,14 +24,15 @@ Folders are created 0700. UNIX socket paths are checked against the
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 from vmctl.errors import ConfigError
 
+# `vmctl exec` imports this module on its fast path (vmctl.entry): no
+# dataclasses, re or platformdirs at import time.
 SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
 def home() -> Path:
@@ -36,8 +40,11 @@ def home() -> Path:
     env = os.environ.get("VMCTL_HOME")
     if env:
         root = Path(env)
+    elif sys.platform.startswith("linux"):  # platformdirs' answer, without its import cost
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        root = Path(xdg if xdg.strip() else "~/.local/state") / "vmctl"
     else:
-        import platformdirs  # lazily: `vmctl exec` start-up counts
+        import platformdirs
 
         root = Path(platformdirs.user_state_dir("vmctl", appauthor=False))
     return private_dir(root.expanduser().absolute())
@@ -69,7 +76,8 @@ def private_dir(path: Path) -> Path:
 
 def check_name(name: str, what: str = "name") -> str:
     """Refuse names that could escape the state folder or break QEMU options."""
-    if not NAME_RE.match(name):
+    ok = 0 < len(name) <= 40 and name[0] not in "._-" and set(name) <= NAME_CHARS
+    if not ok:
         raise ConfigError(
             f"invalid {what} {name!r}",
             "use 1-40 characters: lower-case letters, digits, '.', '_' or '-'",
@@ -87,11 +95,30 @@ def check_socket_path(path: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class ServerPaths:
-    """Files of one `vmctl serve` instance."""
+class _Folder:
+    """A state folder, compared by its root (a frozen value, like a dataclass)."""
 
+    __slots__ = ("root",)
     root: Path
+
+    def __init__(self, root: Path) -> None:
+        object.__setattr__(self, "root", root)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.root == self.root  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.root))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self.root!r})"
+
+
+class ServerPaths(_Folder):
+    """Files of one `vmctl serve` instance."""
 
     @property
     def meta(self) -> Path:
@@ -125,11 +152,8 @@ class ServerPaths:
         return self.runtime / "sandbox"
 
 
-@dataclass(frozen=True)
-class InstancePaths:
+class InstancePaths(_Folder):
     """Files of one guest instance."""
-
-    root: Path
 
     @property
     def meta(self) -> Path:
@@ -143,20 +167,22 @@ class InstancePaths:
     def console(self) -> Path:
         return check_socket_path(self.root / "console.sock")
 
-    @property
-    def exec(self) -> Path:
-        """Base name of the exec port's FIFO pair (QEMU's `pipe` chardev)."""
-        return self.root / "exec"
+    def exec(self, slot: int) -> Path:
+        """Base name of exec port `slot`'s FIFO pair (QEMU's `pipe` chardev)."""
+        return self.root / f"exec{slot}"
 
-    @property
-    def exec_in(self) -> Path:
-        """Requests to the guest: QEMU reads this FIFO."""
-        return self.root / "exec.in"
+    def exec_fifos(self, slot: int) -> tuple[Path, Path, Path]:
+        """Slot `slot`: frames to the guest (QEMU reads this FIFO), from it, and its lock.
 
-    @property
-    def exec_out(self) -> Path:
-        """Replies from the guest: QEMU writes this FIFO."""
-        return self.root / "exec.out"
+        vmctl.vm.execchan.ExecChannel.for_instance spells the same names
+        without importing this module (`vmctl exec` start-up counts).
+        """
+        base = self.exec(slot)
+        return (
+            base.with_name(base.name + ".in"),
+            base.with_name(base.name + ".out"),
+            base.with_name(base.name + ".lock"),
+        )
 
     @property
     def console_log(self) -> Path:
@@ -199,8 +225,40 @@ class InstancePaths:
         return self.root / "proxy.log"
 
     @property
-    def lock(self) -> Path:
-        return self.root / "lock"
+    def ports(self) -> Path:
+        """The guest's listening-port reports (virtio-serial, see the contract's `mirror`)."""
+        return check_socket_path(self.root / "ports.sock")
+
+    @property
+    def mirror_qmp(self) -> Path:
+        """A QMP monitor of the port mirror's own, so it never holds `qmp.sock`."""
+        return check_socket_path(self.root / "mirror-qmp.sock")
+
+    @property
+    def forwards(self) -> Path:
+        """The mirror's live and skipped forwards, for `vmctl status`."""
+        return self.root / "forwards.json"
+
+    @property
+    def mirror_log(self) -> Path:
+        return self.root / "mirror.log"
+
+
+class ReviewPaths(_Folder):
+    """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "review.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The snapshot: every entry of `work` as it was at boot (type, hash, mode)."""
+        return self.root / "manifest.json"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
 
 
 def servers_dir() -> Path:
@@ -218,6 +276,14 @@ def clients_dir() -> Path:
 def events_dir() -> Path:
     """Event logs (see vmctl.events): kept apart so they outlive their subject."""
     return private_dir(home() / "events")
+
+
+def reviews_dir() -> Path:
+    return private_dir(home() / "reviews")
+
+
+def review(name: str) -> ReviewPaths:
+    return ReviewPaths(reviews_dir() / check_name(name, "instance name"))
 
 
 def images_dir() -> Path:

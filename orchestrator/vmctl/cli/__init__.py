@@ -63,6 +63,7 @@ def _split(argv: list[str]) -> list[str]:
 def _register() -> None:
     # Imported for their side effect of adding verbs to `app`.
     from vmctl.cli import common, doctor, image, models, policy, run, sandbox, serve, vm  # noqa: F401
+    from vmctl.cli import review as _review  # noqa: F401
 
 
 def report(e: VmctlError) -> None:

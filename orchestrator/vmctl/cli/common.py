@@ -162,4 +162,8 @@ def _stopped_or_running(name: str) -> list[tuple[Path, bool]]:
     if iroot.is_dir():
         running = any(i.name == name and i.running for i in _instances())
         found.append((iroot, running))
+    rroot = paths.review(name).root
+    if rroot.is_dir():  # a --review guest's copy, kept after `down` until apply or rm
+        running = any(i.name == name and i.running for i in _instances())
+        found.append((rroot, running))
     return found

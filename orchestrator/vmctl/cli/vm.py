@@ -1,4 +1,4 @@
-"""`vmctl up`, `exec`, `console`, `status`, `down`: guests, thinly.
+"""`vmctl up`, `exec`, `shell`, `console`, `status`, `down`: guests, thinly.
 
 Parsing and rendering only; the lifecycle lives in vmctl.instance. Heavy
 modules are imported inside the verbs so `vmctl exec` starts fast.
@@ -152,6 +152,12 @@ def up(
     detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
     as_json: bool = typer.Option(False, "--json"),
+    review: bool = typer.Option(
+        False, "--review", help="The guest works on a copy; land its changes with `vmctl apply`."
+    ),
+    no_mirror: bool = typer.Option(
+        False, "--no-mirror", help="Do not mirror the guest's listening ports on 127.0.0.1."
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     from vmctl import paths
@@ -172,9 +178,10 @@ def up(
         preset = preset or "locked"
     elif resolve:
         raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
+    shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,
-        workspace=ws,
+        workspace=shared,
         net=net,
         policy=preset,
         resolve=tuple(resolve),
@@ -186,17 +193,25 @@ def up(
         ephemeral=ephemeral,
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
+        mirror=not no_mirror,
     )
-    manifest, image_name = _image(image, with_agents, flake, config)
-    inst = instance.up(
-        spec,
-        manifest,
-        image=image_name,
-        fwcfg=files,
-        timeout=timeout,
-        detach=detach,
-        notices=notices,
-    )
+    try:
+        manifest, image_name = _image(image, with_agents, flake, config)
+        inst = instance.up(
+            spec,
+            manifest,
+            image=image_name,
+            fwcfg=files,
+            timeout=timeout,
+            detach=detach,
+            notices=notices,
+        )
+    except BaseException:
+        if review:
+            from vmctl.review import snapshot
+
+            snapshot.drop(name)  # nothing ran on it yet
+        raise
     if detach:
         if as_json:
             print(json.dumps(inst.info().to_json(), indent=2))
@@ -206,6 +221,46 @@ def up(
         return
     with inst:
         _foreground(inst)
+    if review:
+        _review_left(name, discard=False)
+
+
+def _review_copy(name: str, ws: Path) -> Path:
+    """Snapshot `ws` for a --review guest; the guest shares only the copy."""
+    from vmctl.errors import NotFoundError
+    from vmctl.review import snapshot
+    from vmctl.vm import instance
+
+    try:
+        if instance.Instance.load(name).alive():  # its copy is in use: never replace it
+            raise VMError(f"instance {name!r} is running", f"vmctl down {name}")
+    except NotFoundError:
+        pass
+
+    with ui.step(f"review copy of {ws}"):
+        review, cost = snapshot.create(name, ws)
+    ui.info(f"review copy: {cost.describe()}")
+    return review.paths.work
+
+
+def _review_left(name: str, discard: bool) -> None:
+    """After `down`: keep (and say so) or drop a review guest's unapplied changes."""
+    from vmctl.review import changes, snapshot
+
+    if not snapshot.exists(name):
+        return
+    pending = changes.changes(snapshot.load(name))
+    if discard:
+        snapshot.discard(name, len(pending))
+        print(f"{name}: review copy discarded ({len(pending)} unapplied change(s) dropped)")
+        return
+    if not pending:
+        snapshot.drop(name)
+        return
+    print(
+        f"{name}: {len(pending)} unapplied change(s) kept in its review copy until "
+        f"`vmctl apply {name}` or `vmctl rm {name}` (see `vmctl diff {name}`)"
+    )
 
 
 def _foreground(inst: Any) -> None:
@@ -213,8 +268,13 @@ def _foreground(inst: Any) -> None:
     from vmctl.vm.console import attach
 
     if sys.stdin.isatty():
-        ui.info(f"attached to {inst.name}'s console; Ctrl-] detaches and stops it")
-        attach(inst.paths.console)
+        ui.info(f"attached to {inst.name}'s console; `exit` or Ctrl-] stops it")
+        why = attach(inst.paths.console, stop_on_exit=True, name=inst.name)
+        if why == "closed":
+            ui.info(f"{inst.name}'s console closed: the guest is gone")
+        else:
+            what = "the console shell exited" if why == "exited" else "detached"
+            ui.info(f"{what}: stopping {inst.name} (`vmctl up --detach` keeps a guest running)")
     elif inst.proc is not None:
         ui.info(f"{inst.name} is running; Ctrl-C stops it")
         inst.proc.wait()
@@ -240,22 +300,31 @@ def _load_running(name: str) -> Any:
 
 
 @app.command("exec")
-def exec_(name: str = typer.Argument(..., help="Instance name.")) -> None:
-    """Run `-- CMD...` in the guest; output streamed, its exit status returned."""
+def exec_(
+    name: str = typer.Argument(..., help="Instance name."),
+    tty: bool = typer.Option(False, "-t", "--tty", help="Run on a pty (interactive programs)."),
+) -> None:
+    """Run `-- CMD...` in the guest: stdin forwarded, stdout and stderr apart, its exit status."""
     import shlex
+
+    from vmctl.vm import terminal
 
     cmd = passthrough()
     if not cmd:
         raise ConfigError("nothing to run", f"vmctl exec {name} -- CMD...")
-    out = sys.stdout.buffer
-
-    def write(data: bytes) -> None:
-        out.write(data)
-        out.flush()
-
-    status = _load_running(name).exec_channel().run(shlex.join(cmd), write)
+    chan = _load_running(name).exec_channel()
+    run = terminal.run_tty if tty else terminal.run
     # SystemExit, not typer.Exit: click in non-standalone mode swallows Exit's code.
-    raise SystemExit(status)
+    raise SystemExit(run(chan, shlex.join(cmd)))
+
+
+@app.command()
+def shell(name: str = typer.Argument(..., help="Instance name.")) -> None:
+    """An interactive login shell in /workspace as the agent user (like `limactl shell`)."""
+    from vmctl.vm import terminal
+
+    chan = _load_running(name).exec_channel()
+    raise SystemExit(terminal.run_tty(chan, terminal.LOGIN_SHELL))
 
 
 @app.command()
@@ -265,7 +334,8 @@ def console(name: str = typer.Argument(..., help="Instance name.")) -> None:
 
     inst = _load_running(name)
     ui.info("Ctrl-] detaches")
-    attach(inst.paths.console)
+    if attach(inst.paths.console, name=name) == "closed":
+        ui.info(f"{name}'s console closed: the guest is gone")
 
 
 @app.command()
@@ -278,22 +348,45 @@ def status(
 
     instance.reap()
     data = instance.status(name)
+    from vmctl.review import snapshot
+
+    if snapshot.exists(name):
+        data["review"] = f"{snapshot.load(name).source} (vmctl diff {name}; vmctl apply {name})"
     if as_json:
         print(json.dumps(data, indent=2))
         return
     keys = ("name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards")
-    for key in keys:
+    for key in (*keys, "review"):
         value = data.get(key)
+        if key == "review" and value is None:
+            continue
         print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+    print(f"{'mirror':15} {_mirror_line(data['mirror'])}")
     print(f"{'workspace':15} {data['workspace']}\n{'console log':15} {data['console_log']}")
     for notice in data.get("notices", []):
         print(f"{'notice':15} {notice}")
 
 
+def _mirror_line(m: dict[str, Any]) -> str:
+    from vmctl.events import safe
+
+    if m["state"] == "off":
+        return f"off ({m['why']})"
+    live = ", ".join(f"127.0.0.1:{p}" for p in m["live"]) or "no ports yet"
+    skipped = "; ".join(f"{p} skipped: {safe(why)}" for p, why in m["skipped"].items())
+    return f"on: {live}" + (f" ({skipped})" if skipped else "")
+
+
 @app.command()
-def down(name: str = typer.Argument(..., help="Instance name.")) -> None:
+def down(
+    name: str = typer.Argument(..., help="Instance name."),
+    discard: bool = typer.Option(
+        False, "--discard", help="Drop a --review guest's unapplied changes."
+    ),
+) -> None:
     """Stop a guest: ACPI powerdown, then QMP quit, then kill."""
     from vmctl.vm import instance
 
     with ui.step(f"stopping {name}"):
         instance.down(name)
+    _review_left(name, discard)

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmctl import contract as guest_contract
 from vmctl.errors import VMError
 
 FORMAT = "vmctl-image/1"
-CONTRACT = 1
+CONTRACT = int(guest_contract.raw()["version"])  # an image must speak this host's contract
 _KEYS = {
     "format",
     "name",

@@ -39,7 +39,8 @@ INITTAB = """\
 ::once:/init ready
 ::respawn:/init agent
 ::respawn:/init power-button
-::askfirst:-/bin/su -l -s /bin/sh agent
+ttyS0::respawn:/init console
+::respawn:/init ports
 """
 #: The console login (as `agent`, like the NixOS guest's autologin) sees the
 #: same environment as exec'd commands: /etc/vmctl/env read literally.
@@ -52,6 +53,13 @@ if [ -r /etc/vmctl/env ]; then
 fi
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 grep -qs ' /workspace ' /proc/mounts && cd /workspace
+"""
+#: The log console's shell tells the host when it exits, from inside the
+#: shell while it still holds the terminal (printed by init afterwards, the
+#: line was sometimes lost to the session's hang-up); `vmctl shell` (a pty) does not.
+CONSOLE_EXIT = """if [ "$(tty 2>/dev/null)" = /dev/ttyS0 ]; then
+    trap 'printf "\\036%s\\n" {marker}' EXIT
+fi
 """
 
 
@@ -95,14 +103,32 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
         boot_marker=c["console"]["boot_marker"],
         ready_marker=c["console"]["ready_marker"],
         poweroff_marker=c["console"]["poweroff_marker"],
+        console_exit_marker=c["console"]["console_exit_marker"],
         user=c["user"],
         workspace=c["workspace"],
         cmdline=c["kernel_cmdline"],
         network=c["network"],
+        mirror=c["mirror"],
         fw_cfg=_fw_cfg_entries(c["user"]),
         modules=modules,
         shares=shares,
     )
+
+
+def build_exec_mux() -> bytes:
+    """The exec agent's session mux (C, data/guest/), linked statically by the host's cc.
+
+    Static so it needs nothing from the image (the micro image carries no
+    libc unless an agent needs one); about 0.8 MB.
+    """
+    with tempfile.TemporaryDirectory(prefix="vmctl-mux-") as tmp:
+        src, out = Path(tmp) / "mux.c", Path(tmp) / "mux"
+        src.write_text(guest_file("vmctl-exec-mux.c"))
+        hint = "apt-get install gcc libc6-dev (a C compiler and a static libc)"
+        run(
+            ["cc", "-static", "-Os", "-s", "-o", str(out), str(src)], "compiling the exec mux", hint
+        )
+        return out.read_bytes()
 
 
 def _sha(data: bytes) -> str:
@@ -166,9 +192,16 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     )
     a.file("etc/group", f"root:x:0:\nagent:x:{gid}:\n".encode())
     a.file("etc/hosts", b"127.0.0.1 localhost\n")
-    a.file("etc/profile", PROFILE.encode())
+    marker = shlex.quote(c["console"]["console_exit_marker"])
+    a.file("etc/profile", (PROFILE + CONSOLE_EXIT.format(marker=marker)).encode())
     a.file(
         "usr/libexec/vmctl/vmctl-exec-agent.sh", guest_file("vmctl-exec-agent.sh").encode(), 0o755
+    )
+    a.file("usr/libexec/vmctl/vmctl-exec-mux", build_exec_mux(), 0o755)
+    a.file(
+        "usr/libexec/vmctl/vmctl-ports-watch.sh",
+        guest_file("vmctl-ports-watch.sh").encode(),
+        0o755,
     )
     a.dir(home, 0o755, uid, gid)
     for rel in kernel.load_order():
@@ -216,6 +249,8 @@ def own_key(agents: tuple[str, ...]) -> str:
         "revision": REVISION,
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": _versions(agents),
@@ -260,6 +295,8 @@ def micro_inputs(
         "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
+        "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
+        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": _versions(agents),

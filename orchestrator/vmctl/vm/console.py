@@ -19,12 +19,17 @@ import tty
 from collections.abc import Callable
 from pathlib import Path
 
+from vmctl import contract
 from vmctl.errors import VMError
-from vmctl.vm.execchan import ExecChannel, locked
+from vmctl.vm.execchan import ExecChannel
 
-__all__ = ["ExecChannel", "attach", "locked", "tail_lines", "wait_for_marker"]
+__all__ = ["ExecChannel", "attach", "tail_lines", "wait_for_marker"]
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
+RESPAWN_NOTE = (
+    "vmctl: the console shell exited; the guest starts a new one."
+    " Ctrl-] detaches, `vmctl down {name}` stops the guest."
+)
 
 
 def tail_lines(path: Path, n: int = 15) -> str:
@@ -137,8 +142,22 @@ def _connect(sock_path: Path, abort: Callable[[], str | None]) -> socket.socket:
         raise VMError(f"cannot attach to the console: {e.last}") from None
 
 
-def attach(sock_path: Path, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-    """Join the serial console interactively until Ctrl-] or the guest goes away."""
+def attach(
+    sock_path: Path,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    *,
+    stop_on_exit: bool = False,
+    name: str = "NAME",
+) -> str:
+    """Join the serial console interactively; why it ended.
+
+    Returns "detached" (Ctrl-]), "closed" (the guest went away) or, with
+    `stop_on_exit`, "exited": the console's login shell exited (the guest
+    prints the contract's console_exit_marker). Without it the guest starts
+    a new shell and a line here says how to detach or stop. An Enter is sent
+    on attach so the guest's shell shows a fresh prompt at once.
+    """
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.connect(str(sock_path))
@@ -149,22 +168,34 @@ def attach(sock_path: Path, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
     try:
         if saved is not None:
             tty.setraw(stdin_fd)
-        _copy_loop(sock, stdin_fd, stdout_fd)
+        sock.sendall(b"\r")
+        note = RESPAWN_NOTE.format(name=name).encode()
+        return _copy_loop(sock, stdin_fd, stdout_fd, None if stop_on_exit else note)
     finally:
         if saved is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         sock.close()
 
 
-def _copy_loop(sock: socket.socket, stdin_fd: int, stdout_fd: int) -> None:
+def _copy_loop(sock: socket.socket, stdin_fd: int, stdout_fd: int, note: bytes | None) -> str:
+    """Copy both ways; on the console-exit marker return, or print `note` and go on."""
     watch: list[int | socket.socket] = [sock, stdin_fd]
+    # \036 first: the guest prints it, a person echoing the word does not.
+    marker = b"\x1e" + contract.raw()["console"]["console_exit_marker"].encode()
+    tail = b""
     while True:
         ready, _, _ = select.select(watch, [], [])
         if sock in ready:
             data = sock.recv(65536)
             if not data:
-                return
+                return "closed"
             os.write(stdout_fd, data)
+            seen, tail = tail + data, (tail + data)[-len(marker) :]
+            if marker in seen:
+                if note is None:
+                    return "exited"
+                tail = b""
+                os.write(stdout_fd, b"\r\n" + note + b"\r\n")
         if stdin_fd in ready:
             data = os.read(stdin_fd, 1024)
             if not data:
@@ -172,5 +203,5 @@ def _copy_loop(sock: socket.socket, stdin_fd: int, stdout_fd: int) -> None:
                 continue
             if DETACH_KEY in data:
                 sock.sendall(data.split(DETACH_KEY, 1)[0])
-                return
+                return "detached"
             sock.sendall(data)

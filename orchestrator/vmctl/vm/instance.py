@@ -25,6 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
+from vmctl.sidecars import mirror
 from vmctl.sidecars.relay import write_script
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
@@ -213,7 +214,7 @@ class Instance:
 
     # ---- use ----
     def exec_channel(self) -> ExecChannel:
-        return ExecChannel(self.paths.exec_in, self.paths.exec_out, self.paths.lock, self.name)
+        return ExecChannel.for_instance(self.paths.root, self.name)
 
     def qmp(self, timeout: float = 5.0) -> QMP:
         return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
@@ -255,16 +256,17 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            mirror.stop(_ref(self.meta, "mirror"))
             _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
-                for sock in (
-                    self.paths.qmp,
-                    self.paths.console,
-                    self.paths.exec_in,
-                    self.paths.exec_out,
-                ):
+                fifos = [
+                    f
+                    for n in range(len(contract.exec_ports()))
+                    for f in self.paths.exec_fifos(n)[:2]
+                ]
+                for sock in (self.paths.qmp, self.paths.console, *fifos):
                     sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Instance:
@@ -304,6 +306,7 @@ def new_instance(spec: InstanceSpec, image: str, notices: list[str] | None = Non
             "mem": spec.mem,
             "cpus": spec.cpus,
             "ephemeral": spec.ephemeral,
+            "mirror": spec.mirror,
         },
     }
     inst = Instance(spec.name, meta)
@@ -337,12 +340,17 @@ def up(
             write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
         if spec.policy is not None:
             _start_proxy(inst, spec)
-        for fifo in (inst.paths.exec_in, inst.paths.exec_out):
-            os.mkfifo(fifo, 0o600)
+        for n in range(len(contract.exec_ports())):
+            for fifo in inst.paths.exec_fifos(n)[:2]:
+                os.mkfifo(fifo, 0o600)
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+        if spec.mirrors:
+            ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
+            inst.meta["mirror"] = ref.to_json()
+            inst.save()
         if detach:
             inst.release()
     except BaseException:
@@ -428,6 +436,7 @@ def status(name: str) -> dict[str, Any]:
                 data["state"] = mon.query_status().get("status", "unknown")
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
+    data["mirror"] = mirror.describe(inst.meta.get("spec", {}), inst.paths, inst.alive())
     return data
 
 

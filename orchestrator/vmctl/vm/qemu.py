@@ -95,6 +95,12 @@ class InstanceSpec:
     policy: str | None = None
     #: `--resolve HOST:ADDR` names for the proxy.
     resolve: tuple[str, ...] = ()
+    #: Mirror the guest's listening TCP ports on the host's loopback (needs a network).
+    mirror: bool = False
+
+    @property
+    def mirrors(self) -> bool:
+        return self.mirror and self.net != "none"
 
     def __post_init__(self) -> None:
         check_name(self.name, "--name")
@@ -185,14 +191,17 @@ def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
 
 
 def channel_argv(paths: InstancePaths) -> list[str]:
-    """QMP and the log console on sockets; the exec port on a FIFO pair.
+    """QMP and the log console on sockets; each exec port on a FIFO pair.
 
-    The exec port uses a `pipe` chardev: QEMU holds both FIFOs open, so the
-    guest's side of the port stays connected between `vmctl exec` calls
+    The exec ports use `pipe` chardevs: QEMU holds both FIFOs open, so the
+    guest's side of a port stays connected between `vmctl exec` calls
     and its agent blocks in read() instead of seeing EOF and restarting,
     which made every call wait for a respawn (about a second).
     """
-    port = contract.raw()["console"]["exec_port"]
+    execs: list[str] = []
+    for n, port in enumerate(contract.exec_ports()):
+        execs += ["-chardev", f"pipe,id=exec{n},path={opt(paths.exec(n))}"]
+        execs += ["-device", f"virtserialport,chardev=exec{n},name={opt(port)}"]
     return [
         "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -201,8 +210,20 @@ def channel_argv(paths: InstancePaths) -> list[str]:
         f",logfile={opt(paths.console_log)},logappend=on",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"pipe,id=exec,path={opt(paths.exec)}",
-        "-device", f"virtserialport,chardev=exec,name={opt(port)}",
+        *execs,
+    ]  # fmt: skip
+
+
+def mirror_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
+    """Port mirroring: the guest's report port and a QMP monitor for the mirror sidecar."""
+    if not spec.mirrors:
+        return []
+    port = contract.raw()["mirror"]["port"]
+    return [
+        "-chardev", f"socket,id=ports,path={opt(paths.ports)},server=on,wait=off",
+        "-device", f"virtserialport,chardev=ports,name={opt(port)}",
+        "-chardev", f"socket,id=mqmp,path={opt(paths.mirror_qmp)},server=on,wait=off",
+        "-mon", "chardev=mqmp,mode=control",
     ]  # fmt: skip
 
 
@@ -247,6 +268,7 @@ def qemu_argv(
     argv += share_argv(spec, manifest)
     argv += fw_cfg_argv(spec, paths)
     argv += net_argv(spec, paths)
+    argv += mirror_argv(spec, paths)
     return argv + list(spec.extra_args)
 
 

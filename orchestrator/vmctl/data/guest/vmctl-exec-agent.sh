@@ -1,22 +1,24 @@
 #!/bin/sh
-# vmctl exec agent: runs the host's commands, one at a time, framed on a
-# virtio-serial port. Shared by the micro image (busybox sh) and the NixOS
-# guest (bash + coreutils); see docs/guest-contract.md, "Exec channel".
+# vmctl exec agent: sets up the environment every session sees, then hands
+# the exec ports to vmctl-exec-mux, which runs the host's commands (stdin,
+# stdout, stderr, exit status, optional pty; one session per port). Shared
+# by the micro image (busybox sh) and the NixOS guest (bash + coreutils);
+# see docs/guest-contract.md, "Exec channel".
 #
-# Usage: vmctl-exec-agent.sh PORT [READY_FILE]
-#   PORT        the org.vmctl.exec port (/dev/vportNpM or /dev/virtio-ports/org.vmctl.exec)
-#   READY_FILE  touched once the port is open (the guest prints VMCTL-READY after it)
+# Usage: vmctl-exec-agent.sh READY_FILE PORT...
+#   READY_FILE  touched once every port is open (the guest prints VMCTL-READY
+#               after it); a positional argument, as busybox su parses options
+#   PORT        an org.vmctl.exec.N port (/dev/vportNpM or /dev/virtio-ports/org.vmctl.exec.N)
+# The mux is $VMCTL_EXEC_MUX, else vmctl-exec-mux next to this script.
 #
 # Start it as the `agent` user: it never switches user itself, so a request
-# costs one base64 decode and one `sh -c`, nothing more.
-#
-# Request (host -> guest), one per line:  <id> <base64 of a shell command>
-# Reply (guest -> host):  \036VMCTL-BEGIN <id>\n  <stdout+stderr, raw>  \n\036VMCTL-END <id> <status>\n
+# costs one fork and one `sh -c`, nothing more.
 set -u
+ready=${1:?usage: vmctl-exec-agent.sh READY_FILE PORT...}
+shift
 
-port=${1:?usage: vmctl-exec-agent.sh PORT [READY_FILE]}
-ready=${2:-}
-RS=$(printf '\036')
+mux=${VMCTL_EXEC_MUX:-$(dirname "$0")/vmctl-exec-mux}
+unset VMCTL_EXEC_MUX
 
 # Environment every command sees: /etc/vmctl/env (KEY=VALUE lines taken
 # literally, no shell expansion), then the fixed identity of `agent`.
@@ -40,46 +42,4 @@ if grep -qs ' /workspace ' /proc/mounts; then
 fi
 cd "$workdir" || cd / || exit 1
 
-exec 3<>"$port" || exit 1
-if [ -n "$ready" ]; then
-    : >"$ready"
-fi
-
-# read() on the port returns EOF while no host client is connected (a
-# socket chardev between clients): wait and read on, never exit. vmctl's
-# own pipe chardev stays connected, so this costs nothing there.
-next_request() {
-    while :; do
-        if IFS= read -r req <&3 || [ -n "$req" ]; then
-            return 0
-        fi
-        usleep 50000 2>/dev/null || sleep 1
-    done
-}
-
-while next_request; do
-    req=${req%"$(printf '\r')"}
-    id=${req%% *}
-    b64=${req#* }
-    # Ids are 8-32 letters or digits; anything else cannot be answered.
-    case $id in
-        "" | *[!A-Za-z0-9]*) continue ;;
-    esac
-    [ ${#id} -ge 8 ] && [ ${#id} -le 32 ] || continue
-    printf '%sVMCTL-BEGIN %s\n' "$RS" "$id" >&3
-    case $b64 in
-        "$req" | "") b64= ;;
-        *[!A-Za-z0-9+/=]*) b64=! ;;
-    esac
-    if [ -z "$b64" ]; then
-        printf 'vmctl-exec-agent: request has no command\n' >&3
-        status=126
-    elif [ "$b64" != ! ] && cmd=$(printf '%s' "$b64" | base64 -d 2>/dev/null); then
-        sh -c "$cmd" </dev/null >&3 2>&1 3>&-
-        status=$?
-    else
-        printf 'vmctl-exec-agent: command is not valid base64\n' >&3
-        status=126
-    fi
-    printf '\n%sVMCTL-END %s %s\n' "$RS" "$id" "$status" >&3
-done
+exec "$mux" -r "$ready" "$@"
