@@ -10,10 +10,20 @@ One run starts two real servers of the embedded model (sandboxed and
 - ttft_ratio: time to first token through the gateway / direct (target <= 1.05)
 - serve_to_healthy_s: seconds from `vmctl serve --detach` to healthy
 
+The gateway's own ceiling, against a stand-in llama-server that streams as
+fast as it can (no model; tests/standin_llama.py), side by side in one run:
+
+- ceiling_chunks_ratio: SSE events/s through the gateway / straight on the
+  stand-in's socket (target >= 0.95)
+- ttfb_added_median_ms, ttfb_added_p99_ms: time to the first response byte,
+  through the gateway minus direct (target median <= 0.5 ms)
+- guest_conn_kb: host memory (sidecar + gateway RSS) per held guest
+  connection, connections handed over as QEMU's guestfwd does (target <= 2048)
+
 Rates are measured at the client, from the arrival of the first to the last
 streamed token, with prompt caching off and a fixed token count, and
 alternated (ABAB...) so drift on a busy machine hits both sides alike.
-Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N] [--gpu]
+Usage: .venv/bin/python bench/serve.py [--rounds N] [--tokens N] [--gpu] [--ceiling-only]
 """
 
 from __future__ import annotations
@@ -117,10 +127,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--ceiling-only", action="store_true", help="No model: the gateway only.")
     parser.add_argument(
         "--gpu", action="store_true", help="serve with --gpu (a GPU build of llama-server)"
     )
     args = parser.parse_args()
+    from ceiling import ceiling
+
+    with tempfile.TemporaryDirectory(prefix="vc") as tmp:
+        for key, value in ceiling(Path(tmp), args.rounds).items():
+            print(f"{key}={value:.3f}", flush=True)
+    if args.ceiling_only:
+        return
     gpu = ("--gpu",) if args.gpu else ()
     with tempfile.TemporaryDirectory(prefix="vb") as tmp:
         home = Path(tmp)

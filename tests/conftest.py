@@ -116,14 +116,16 @@ class ServedModel:
         self.base_url = str(info["base_url"])
         self.alias = str(info["model"])
         self.port = int(self.url.rsplit(":", 1)[1])
-        self.audit = home / "servers" / name / "audit.jsonl"
+        self.audit = home / "events"
 
     def audit_lines(self) -> list[dict[str, object]]:
+        """This server's request events (every caller), in time order, as dicts."""
         import json
 
-        if not self.audit.exists():
-            return []
-        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+        from vmctl import events
+
+        found = events.read_all(sorted(self.audit.glob("*.jsonl")))
+        return [json.loads(e.to_json()) for e in found if e.server == self.name]
 
     def env(self) -> dict[str, str]:
         """An environment whose vmctl sees this server (`vmctl ls`, `vmctl run`)."""

@@ -3,8 +3,8 @@ served on the host by `vmctl serve`, through the model-only network.
 
 Slow by nature (opencode under TCG takes about a minute per turn), so it is
 one test that asserts on everything that crosses a boundary: the guest's
-request reaches the gateway (audited, from the relay), the reply reaches
-opencode, the guest's connection is in the instance's audit, and nothing
+request reaches the gateway (audited as the guest's, through its sidecar), the reply reaches
+opencode, the guest's connections are in its event log, and nothing
 of the guest is left afterwards.
 """
 
@@ -58,11 +58,13 @@ def test_opencode_in_guest_against_vmctl_serve(
         ]
         assert requests and all(r["status"] == 200 for r in requests)
         assert all(r["model"] == vmctl_server.alias for r in requests)
-        guest_audit = Path(env["VMCTL_HOME"]) / "instances" / name / "audit.jsonl"
-        lines = [json.loads(x) for x in guest_audit.read_text().splitlines()]
-        assert any("/v1/chat/completions" in str(x.get("request")) for x in lines)
-        assert all(x["target"] == f"127.0.0.1:{vmctl_server.port}" for x in lines)
+        assert all((r["who_kind"], r["who"]) == ("guest", name) for r in requests)
     finally:
         subprocess.run(vmctl_cmd("down", name), env=env, timeout=120, check=False)
     assert not (Path(env["VMCTL_HOME"]) / "instances" / name).exists()
+    # The guest's lines outlive it (until `vmctl rm`): its connections, through its sidecar.
+    guest = Path(env["VMCTL_HOME"]) / "events" / f"guest-{name}.jsonl"
+    lines = [json.loads(x) for x in guest.read_text().splitlines()]
+    conns = [x for x in lines if x["kind"] == "connection"]
+    assert conns and all(x["port"] == vmctl_server.port for x in conns)
     assert (ws / "hello.txt").read_text() == "hello from the host\n"

@@ -53,7 +53,11 @@ def assert_job_done(folder: Path, script: Script, what: str) -> None:
 
 def answered(model: ScriptedModel, since: int) -> list[str]:
     """`METHOD PATH` of each model request the stand-in answered since `since`."""
-    return [f"{r.method} {r.path}" for r in model.requests[since:] if r.method == "POST"]
+    return [f"{r.method} {_path(r.path)}" for r in model.requests[since:] if r.method == "POST"]
+
+
+def _path(path: str) -> str:
+    return path.split("?", 1)[0]
 
 
 def seed_for_guest(folder: Path, script: Script) -> None:
@@ -88,7 +92,8 @@ def test_agents_in_a_guest_edit_the_workspace(
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
     assert "without tools" not in up.stderr  # 64k of context: tools on, no notice
-    audit = vmctl_home / "instances" / name / "audit.jsonl"
+    # The guest's sidecar writes one `request` event per request to a plain endpoint.
+    audit = vmctl_home / "events" / f"guest-{name}.jsonl"
     try:
         for agent in ("opencode", "claude"):
             script = Script(root=f"/workspace/{agent}")
@@ -106,11 +111,11 @@ def test_agents_in_a_guest_edit_the_workspace(
                 n if agent == "opencode" else n.capitalize()
                 for n in ("read", "edit", "write", "bash")
             ]
-            # Every request the model answered went through the guest's relay, audited.
+            # Every request the model answered went through the guest's sidecar, audited.
             lines = [json.loads(x) for x in audit.read_text().splitlines()[audited:]]
-            relayed = [str(x["request"]).rsplit(" ", 1)[0] for x in lines if x.get("request")]
+            relayed = [f"{x['method']} {_path(x['path'])}" for x in lines if x["kind"] == "request"]
             assert not Counter(asked) - Counter(relayed), (asked, relayed)
-            assert all(x["target"] == f"127.0.0.1:{model.port}" for x in lines)
+            assert all(x["who"] == name for x in lines)
         since = len(model.requests)
         run = _guest_run(name, "cd /workspace && llm 'Say hello'", timeout=900)
         assert (run.returncode, run.stdout.strip()) == (0, TITLE_TEXT), run.stderr
@@ -142,7 +147,7 @@ def test_agents_under_vmctl_run_edit_the_workspace(
     assert_job_done(ws, script, agent)
     # Every model request went through the bridge and is in its log.
     relayed = [
-        f"{x['method']} {x['path']}"
+        f"{x['method']} {_path(x['path'])}"
         for x in (json.loads(line) for line in _bridge_log(agent).read_text().splitlines())
         if x.get("method")
     ]

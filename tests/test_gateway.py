@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from vmctl import events
 from vmctl.serve.gateway import Gateway, GatewayConfig, authorized, token_usage
 
 
@@ -70,7 +71,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     sock = tmp_path / "up.sock"
     runner = await upstream_app(sock)
     port = free_port()
-    audit = tmp_path / "audit.jsonl"
+    audit = tmp_path / "events"
     gw = Gateway(GatewayConfig("127.0.0.1", port, sock, audit, api_key="sekrit", alias="m1"))
     await gw.start()
     yield f"http://127.0.0.1:{port}", audit
@@ -78,8 +79,9 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     await runner.cleanup()
 
 
-def audit_lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def audit_lines(folder: Path) -> list[dict[str, object]]:
+    """Every event under `folder`, in time order, as plain dicts."""
+    return [json.loads(e.to_json()) for e in events.read_all(folder.glob("*.jsonl"))]
 
 
 async def test_api_key_enforced_for_bearer_and_x_api_key(gateway: tuple[str, Path]) -> None:
@@ -122,13 +124,14 @@ async def test_streaming_is_not_buffered_and_audited(gateway: tuple[str, Path]) 
     assert arrivals[-1] - arrivals[0] >= 0.5
     (line,) = audit_lines(audit)
     assert line["model"] == "m1" and line["status"] == 200
-    assert line["prompt_tokens"] == 7 and line["completion_tokens"] == 3
-    assert int(str(line["bytes_out"])) > 0 and int(str(line["bytes_in"])) > 0
+    assert line["tokens_in"] == 7 and line["tokens_out"] == 3
+    assert int(str(line["bytes_down"])) > 0 and int(str(line["bytes_up"])) > 0
+    assert line["who_kind"] == "host" and line["server"] == "gateway"
 
 
 async def test_model_server_down_is_502(tmp_path: Path) -> None:
     port = free_port()
-    gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "none.sock", tmp_path / "a.jsonl"))
+    gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "none.sock", tmp_path / "ev"))
     await gw.start()
     try:
         async with (
@@ -138,6 +141,8 @@ async def test_model_server_down_is_502(tmp_path: Path) -> None:
             assert r.status == 502
     finally:
         await gw.close()
+    (line,) = audit_lines(tmp_path / "ev")
+    assert line["status"] == 502 and line["reason"] == "upstream_error"
 
 
 async def test_port_in_use_raises(tmp_path: Path) -> None:
@@ -145,7 +150,7 @@ async def test_port_in_use_raises(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "x.sock", tmp_path / "a.jsonl"))
+        gw = Gateway(GatewayConfig("127.0.0.1", port, tmp_path / "x.sock", tmp_path / "ev"))
         with pytest.raises(OSError):
             await gw.start()
 
@@ -181,9 +186,9 @@ async def test_client_hanging_up_mid_stream_is_not_a_502(gateway: tuple[str, Pat
             await r.content.readany()
             r.connection.transport.abort()  # type: ignore[union-attr]
     for _ in range(50):
-        if audit.exists() and audit.read_text():
+        if audit_lines(audit):
             break
         await asyncio.sleep(0.1)
     (line,) = audit_lines(audit)
     assert line["status"] == 200
-    assert line["client_gone"] is True
+    assert line["reason"] == "client_gone"

@@ -145,7 +145,8 @@ def test_init_renders_the_contract() -> None:
         assert c["console"][marker] in text
     for f in contract.fw_cfg_files():
         assert f'"$fw/"{f.name}/raw' in text and f.dest in text
-    assert "chmod 0644 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert "chmod 0600 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert "chmod 0755 /  #" in text  # the root is not world-writable
     assert c["workspace"]["options"] in text and "mount_tag" not in text
     subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
     for shell in (["busybox", "sh"], ["bash", "--posix"]):
@@ -298,7 +299,7 @@ def test_micro_guest_keeps_the_contract(boot: Callable[[], Guest], workspace: Pa
         "/workspace",
         "k $x",
         "644 agent",
-        "644 root",
+        "600 agent",  # the env file (which may hold a key): the agent's alone
         '{"model": "llama/test"}',
     ]
     assert "nosuid" in lines[6] and "nodev" in lines[6]

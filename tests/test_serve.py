@@ -52,8 +52,8 @@ def test_openai_sdk_plain_and_streamed(vmctl_server: ServedModel) -> None:
         ("POST", "/v1/chat/completions", 200),
     ]
     assert all(r["model"] == "smollm2-135m" for r in lines)
-    assert all(int(str(r["completion_tokens"])) > 0 for r in lines)
-    assert all(r["peer"] == "127.0.0.1" for r in lines)
+    assert all(int(str(r["tokens_out"])) > 0 for r in lines)
+    assert all((r["who_kind"], r["who"]) == ("host", "local") for r in lines)
 
 
 def test_anthropic_sdk_messages(vmctl_server: ServedModel) -> None:
@@ -75,7 +75,7 @@ def test_anthropic_sdk_messages(vmctl_server: ServedModel) -> None:
     assert len(pieces) > 1 and "".join(pieces).strip()
     last = vmctl_server.audit_lines()[-1]
     assert last["path"] == "/v1/messages" and last["status"] == 200
-    assert int(str(last["completion_tokens"])) > 0
+    assert int(str(last["tokens_out"])) > 0
 
 
 def test_32_concurrent_requests_none_lost(vmctl_server: ServedModel) -> None:
@@ -284,7 +284,7 @@ def test_sigkilled_supervisor_leaves_nothing_running(
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
     # Its audit log is kept until the user removes it.
-    assert (home / "servers" / "crash" / "audit.jsonl").exists()
+    assert (home / "events" / "server-crash.jsonl").exists()
     out = subprocess.run(vmctl_cmd("rm", "crash"), env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert not (home / "servers" / "crash").exists()

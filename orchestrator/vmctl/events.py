@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ WHO_KINDS = ("guest", "client", "server", "host")
 #: A subject's file is rotated once (to `.1`) past this size.
 MAX_LOG_BYTES = 32 << 20
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_SUBJECT_RE = re.compile(r"^(guest|client|server)-[a-z0-9][a-z0-9._-]{0,39}$")
+_SUBJECT_RE = re.compile(r"^(guest|client|server|host)-[a-z0-9][a-z0-9._-]{0,39}$")
 
 
 def now() -> str:
@@ -70,6 +70,8 @@ class Event:
     tokens_out: int | None = None
     model: str | None = None
     detail: str | None = None
+    #: The server whose gateway answered a request (`vmctl logs SERVER` shows them).
+    server: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,7 +85,8 @@ class Event:
 
     def to_json(self) -> str:
         """One line, None fields left out, keys sorted (stable for tests and diffs)."""
-        data = {k: v for k, v in asdict(self).items() if v is not None}
+        # Not asdict(): it deep-copies every field, a real cost on every request.
+        data = {k: v for k in _FIELD_NAMES if (v := getattr(self, k)) is not None}
         return json.dumps(data, sort_keys=True, ensure_ascii=True)
 
     @classmethod
@@ -117,6 +120,9 @@ class Event:
     def subject(self) -> str:
         """`guest-box`: the name of the file this event belongs in by its caller."""
         return f"{self.who_kind}-{self.who}"
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Event))
 
 
 def safe(text: object) -> str:
@@ -222,3 +228,81 @@ def follow(files_fn: Any, interval: float = 0.25) -> Iterator[Event]:
         batch.sort(key=lambda e: e.time)
         yield from batch
         time.sleep(interval)
+
+
+# ---- reading for people: which files, which events, one safe line each ----
+
+
+def all_files(events_dir: Path) -> list[Path]:
+    """Every subject's file (their rotated `.1` files are read along with them)."""
+    return sorted(events_dir.glob("*.jsonl"))
+
+
+def name_files(events_dir: Path, name: str) -> list[Path]:
+    """The files of every subject called `name` (a guest, a server, a client)."""
+    return [f for f in all_files(events_dir) if f.stem.split("-", 1)[-1] == name]
+
+
+def about(event: Event, name: str) -> bool:
+    """True when `name` made the event, or is the server that answered it."""
+    return event.who == name or event.server == name
+
+
+def parse_since(text: str) -> str:
+    """`--since`: an ISO time (`2026-01-01T10:00`) or an age (`90s`, `10m`, `2h`, `7d`)."""
+    m = re.fullmatch(r"(\d{1,9})([smhd])", text.strip())
+    if m:
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        then = datetime.now(UTC).timestamp() - seconds
+        return datetime.fromtimestamp(then, UTC).isoformat(timespec="milliseconds")[:23] + "Z"
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r} is neither an ISO time nor an age like 10m") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render(e: Event) -> str:
+    """One line for a terminal; everything that came from outside is escaped."""
+    who = f"{e.who_kind}:{e.who}"
+    parts = [e.time, who, e.action]
+    if e.status is not None:
+        parts.append(str(e.status))
+    if e.decision == "deny" or e.reason:
+        parts.append(f"{e.decision or ''}({e.reason or ''})".replace("()", ""))
+    if e.bytes_up is not None or e.bytes_down is not None:
+        parts.append(f"up={e.bytes_up or 0} down={e.bytes_down or 0}")
+    if e.duration_ms is not None:
+        parts.append(f"{e.duration_ms}ms")
+    if e.tokens_in is not None or e.tokens_out is not None:
+        parts.append(f"tokens={e.tokens_in or 0}+{e.tokens_out or 0}")
+    if e.server and e.kind == "request":
+        parts.append(f"via {e.server}")
+    if e.detail:
+        parts.append(f"- {e.detail}")
+    return safe(" ".join(parts))
+
+
+def remove_subject(events_dir: Path, name: str) -> list[Path]:
+    """`vmctl rm`: a subject's lines go with it."""
+    gone = []
+    for f in name_files(events_dir, name):
+        for p in (f, f.with_name(f.name + ".1")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                gone.append(p)
+    return gone
+
+
+def prune(events_dir: Path, keep_days: float) -> list[Path]:
+    """Remove the files of subjects silent for more than `keep_days` (the retention)."""
+    cutoff = time.time() - keep_days * 86400
+    gone = []
+    for f in list(events_dir.glob("*.jsonl")) + list(events_dir.glob("*.jsonl.1")):
+        with contextlib.suppress(OSError):
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
+                gone.append(f)
+    return gone

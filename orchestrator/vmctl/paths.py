@@ -142,6 +142,11 @@ class ServerPaths(_Folder):
         return check_socket_path(self.runtime / "llama.sock")
 
     @property
+    def routes(self) -> Path:
+        """The gateway's socket for vmctl's sidecars (vmctl.routes)."""
+        return check_socket_path(self.runtime / "routes.sock")
+
+    @property
     def cache(self) -> Path:
         """The only folder llama-server may write."""
         return self.runtime / "cache"
@@ -207,8 +212,21 @@ class InstancePaths(_Folder):
 
     @property
     def relay(self) -> Path:
-        """The guestfwd relay script (no commas: it sits inside -netdev)."""
+        """The guestfwd forwarder script (no commas: it sits inside -netdev)."""
         return self.root / "relay"
+
+    @property
+    def sidecar(self) -> Path:
+        """The guest sidecar's socket, where forwarders hand over guest connections."""
+        return check_socket_path(self.root / "sidecar.sock")
+
+    @property
+    def sidecar_config(self) -> Path:
+        return self.root / "sidecar.json"
+
+    @property
+    def sidecar_log(self) -> Path:
+        return self.root / "sidecar.log"
 
     @property
     def proxy_socket(self) -> Path:

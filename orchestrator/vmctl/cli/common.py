@@ -1,10 +1,11 @@
-"""`vmctl ls` and `vmctl logs`: verbs that span servers and guest instances."""
+"""`vmctl ls`, `logs`, `events`, `rm`: verbs that span servers and guest instances."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
-from datetime import UTC, datetime
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,45 +65,42 @@ def ls(
     Console().print(table)
 
 
-def _log_files(name: str, console: bool) -> list[Path]:
-    """The audit log of a server or instance called `name` (or its console log)."""
-    found: list[Path] = []
-    sp = paths.server(name)
-    ip = paths.instance(name)
-    candidates = [ip.console_log] if console else [sp.audit, ip.audit]
-    found = [path for path in candidates if path.exists()]
-    if not found:
-        raise NotFoundError(f"no logs for {name!r}", "see `vmctl ls --all`")
-    return found
+KEEP_DAYS_ENV = "VMCTL_EVENTS_KEEP_DAYS"
 
 
-def _render(line: str, raw: bool) -> str:
-    if raw:
-        return line.rstrip("\n")
+def _events_dir() -> Path:
+    """The events folder, pruned to the user's retention (VMCTL_EVENTS_KEEP_DAYS, 30)."""
+    from vmctl import events
+    from vmctl.errors import ConfigError
+
+    folder = paths.events_dir()
+    text = os.environ.get(KEEP_DAYS_ENV, "30")
     try:
-        r = json.loads(line)
+        days = float(text)
     except ValueError:
-        return line.rstrip("\n")
-    if isinstance(r, dict) and "target" in r and "method" not in r:
-        request = r.get("request") or ""
-        when = r.get("time", "")
-        if isinstance(when, int | float):
-            when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
-        return (
-            f"{when} {r.get('instance', '')} -> {r['target']} {request} "
-            f"{r.get('error', '')}"
-            f"in={r.get('bytes_in', 0)} out={r.get('bytes_out', 0)} {r.get('duration_s', '')}s"
-        )
-    if not isinstance(r, dict) or "method" not in r:
-        return json.dumps(r)
-    tokens = ""
-    if "prompt_tokens" in r or "completion_tokens" in r:
-        tokens = f" tokens={r.get('prompt_tokens', '?')}+{r.get('completion_tokens', '?')}"
-    return (
-        f"{r.get('time', '')} {r.get('peer', '')} {r['method']} {r.get('path', '')} "
-        f"{r.get('status', '')} in={r.get('bytes_in', 0)} out={r.get('bytes_out', 0)} "
-        f"{r.get('duration_ms', 0)}ms{tokens}"
-    )
+        raise ConfigError(f"{KEEP_DAYS_ENV}={text!r} is not a number of days", "e.g. 30") from None
+    if days > 0:
+        events.prune(folder, days)
+    return folder
+
+
+def _show(
+    select: Callable[[Any], bool], files: Callable[[], list[Path]], follow: bool, as_json: bool
+) -> None:
+    """Print the selected events in time order (then new ones, with -f), escaped."""
+    from vmctl import events
+
+    def out(e: Any) -> None:
+        print(e.to_json() if as_json else events.render(e), flush=True)
+
+    for e in events.read_all(files()):
+        if select(e):
+            out(e)
+    if follow:
+        with contextlib.suppress(KeyboardInterrupt):
+            for e in events.follow(files):
+                if select(e):
+                    out(e)
 
 
 @app.command()
@@ -112,23 +110,52 @@ def logs(
     as_json: bool = typer.Option(False, "--json", help="Raw JSON lines."),
     console: bool = typer.Option(False, "--console", help="A guest's serial console log."),
 ) -> None:
-    """Show the audit log of a server (one line per request) or a guest (one per connection)."""
-    files = _log_files(name, console)
-    handles = [f.open(encoding="utf-8", errors="replace") for f in files]
-    try:
-        for h in handles:
-            for line in h:
-                print(_render(line, as_json), flush=True)
-        while follow:
-            time.sleep(0.3)
-            for h in handles:
-                for line in h:
-                    print(_render(line, as_json), flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for h in handles:
-            h.close()
+    """What one server or guest did: its requests, connections, lifecycle (kept until rm)."""
+    from vmctl import events
+
+    paths.check_name(name)
+    if console:
+        log = paths.instance(name).console_log
+        if not log.exists():
+            raise NotFoundError(f"no console log for {name!r}", "see `vmctl ls`")
+        for line in log.read_text(errors="replace").splitlines():
+            print(events.safe(line))
+        return
+    folder = _events_dir()
+
+    def files() -> list[Path]:  # a server's request lines are in its callers' files
+        return events.all_files(folder)
+
+    seen = any(events.about(e, name) for e in events.read_all(files()))
+    if not seen and not events.name_files(folder, name):
+        raise NotFoundError(f"no logs for {name!r}", "see `vmctl ls --all` or `vmctl events`")
+    _show(lambda e: events.about(e, name), files, follow, as_json)
+
+
+@app.command("events")
+def events_(
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line."),
+    who: str | None = typer.Option(None, "--who", help="Only events of this guest/server/client."),
+    since: str | None = typer.Option(None, "--since", help="ISO time or age (10m, 2h, 7d)."),
+) -> None:
+    """Everything audited (requests, connections, refusals, lifecycle) in time order."""
+    from vmctl import events
+    from vmctl.errors import ConfigError
+
+    cutoff = ""
+    if since is not None:
+        try:
+            cutoff = events.parse_since(since)
+        except ValueError as e:
+            raise ConfigError(str(e), "e.g. --since 10m or --since 2026-01-01T10:00") from None
+    folder = _events_dir()
+    _show(
+        lambda e: e.time >= cutoff and (who is None or events.about(e, who)),
+        lambda: events.all_files(folder),
+        follow,
+        as_json,
+    )
 
 
 @app.command()
@@ -146,6 +173,9 @@ def rm(name: str = typer.Argument(..., help="A stopped server or instance.")) ->
             )
         shutil.rmtree(root)
         removed.append(root)
+    from vmctl import events
+
+    removed += events.remove_subject(paths.events_dir(), paths.check_name(name))
     if not removed:
         raise NotFoundError(f"nothing named {name!r}", "see `vmctl ls --all`")
     print(f"removed {name}")

@@ -58,6 +58,9 @@ def serve(
     llama_server: str | None = typer.Option(
         None, "--llama-server", help="llama-server binary to use."
     ),
+    restart: str = typer.Option(
+        "on-failure", "--restart", help="on-failure (with backoff) | no: when llama-server dies."
+    ),
     gpu: bool | None = typer.Option(
         None,
         "--gpu/--no-gpu",
@@ -73,10 +76,12 @@ def serve(
         ui.quiet()
     binary = server.find_llama_server(llama_server)
     local = _resolve(model, not no_mmproj)
-    if port < 1 or port > 65535:
-        from vmctl.errors import ConfigError
+    from vmctl.errors import ConfigError
 
+    if port < 1 or port > 65535:
         raise ConfigError(f"--port {port} is out of range", "use 1-65535")
+    if restart not in ("on-failure", "no"):
+        raise ConfigError(f"--restart {restart!r} is not on-failure or no", "--restart on-failure")
     config = server.ServerConfig(
         name=name or server.default_name(port),
         binary=str(binary),
@@ -89,6 +94,7 @@ def serve(
         mmproj=str(local.mmproj) if local.mmproj else None,
         api_key=api_key,
         sandbox=not no_sandbox,
+        restart=restart,
         model_args=list(local.server_args),
         extra_args=passthrough(),
         gpu=list(server.gpu_kinds(binary, gpu)),

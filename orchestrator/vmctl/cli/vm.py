@@ -6,6 +6,7 @@ modules are imported inside the verbs so `vmctl exec` starts fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import signal
@@ -84,6 +85,9 @@ def _plan_model(
     guest_port = 8080 if net == "model" else port
     base = f"http://{guest_host}:{guest_port}/v1"
     ep = agents.endpoint(base, probe_url=probe, models=(model,) if model else (), api_key=api_key)
+    if server and net == "model":
+        # The guest's sidecar route is authenticated by who the guest is: no key inside.
+        ep = dataclasses.replace(ep, api_key=None)
     notice = agents.context_notice(ep)
     if notice:
         ui.warn(notice)
@@ -150,6 +154,9 @@ def up(
     cpus: int = typer.Option(2, "--cpus"),
     accel: str = typer.Option("auto", "--accel", help="auto | kvm | hvf | tcg."),
     detach: bool = typer.Option(False, "--detach", help="Return once the guest is ready."),
+    max_conns: int = typer.Option(
+        32, "--max-conns", min=1, max=4096, help="Model connections the guest may hold at once."
+    ),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
     as_json: bool = typer.Option(False, "--json"),
     review: bool = typer.Option(
@@ -205,6 +212,7 @@ def up(
             timeout=timeout,
             detach=detach,
             notices=notices,
+            max_conns=max_conns,
         )
     except BaseException:
         if review:

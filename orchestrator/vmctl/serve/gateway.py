@@ -1,79 +1,85 @@
 """The audited HTTP gateway in front of a sandboxed llama-server.
 
 llama-server listens on a UNIX socket inside its sandbox and has no
-network at all; this gateway is the only way in. It listens on host:port,
-enforces the API key (both `Authorization: Bearer` and `x-api-key`, with
-`/health` public), forwards every route verbatim (OpenAI and Anthropic
-Messages alike), streams responses chunk by chunk so SSE is never
-buffered, and writes one JSON audit line per request.
+network at all; this gateway is the only way in. It listens on host:port
+for host callers and on a private UNIX socket for vmctl's own sidecars
+(vmctl.routes: the caller's name comes from the sidecar, never from a
+header), enforces the API key (`Authorization: Bearer` or `x-api-key`,
+`/health` public), streams request bodies to llama-server and responses
+back chunk by chunk, and bounds what a caller can make it hold: a body
+size limit (413) and a limit on requests in flight (503).
+
+Every request it answers has exactly one `vmctl.events.Event` in its
+caller's file, refusals and parser errors included: the handler writes
+the ones it answers, the access logger (which aiohttp calls for every
+response) writes the rest. aiohttp's own error logging goes through a
+one-line logger, so no input leaves a traceback in server.log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import re
+import sys
 import time
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
-# Headers that describe one hop, not the message (RFC 9110 section 7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
+from vmctl import events
+from vmctl.events import Event, EventLog
+from vmctl.serve.wire import (
+    HOP_BY_HOP,
+    error_response,
+    quiet_logger,
+    request_model,
+    stream_error,
+    token_usage,
 )
+
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_IN_FLIGHT = 64
+BODY_TIMEOUT_S = 30.0
 TAIL_BYTES = 64 * 1024
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
-_TIMINGS_RE = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
+HOST_CALLER = ("host", "local")
+# Marks a request whose event is written (aiohttp >= 3.12 wants typed keys).
+_AUDITED: Any = web.RequestKey("vmctl_audited", bool) if hasattr(web, "RequestKey") else "audited"
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Where the gateway listens, what it forwards to, and who may call it."""
+    """Where the gateway listens, what it forwards to, who may call it, its bounds."""
 
     host: str
     port: int
     socket: Path
-    audit: Path
+    events: Path  # the events folder (paths.events_dir())
     api_key: str | None = None
     alias: str | None = None
+    name: str = "gateway"  # the server's name, recorded in every event
+    routes: Path | None = None  # the sidecars' UNIX socket (vmctl.routes)
+    max_body: int = MAX_BODY_BYTES
+    max_in_flight: int = MAX_IN_FLIGHT
+    body_timeout: float = BODY_TIMEOUT_S  # longest wait for the next body bytes
 
 
-class AuditLog:
-    """Append-only JSON lines; one line per request, flushed at once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = path.open("a", encoding="utf-8")
-        path.chmod(0o600)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+class BodyTooLarge(Exception):
+    """A chunked request body grew past the limit while being streamed."""
 
 
-def authorized(request: web.Request, api_key: str | None) -> bool:
+class BodyStalled(Exception):
+    """The caller stopped sending its body (a slow-body attack or a dead client)."""
+
+
+def authorized(request: web.BaseRequest, api_key: str | None) -> bool:
     """True when no key is set, the path is public, or a header carries the key."""
     if api_key is None or request.path in PUBLIC_PATHS:
         return True
@@ -81,86 +87,71 @@ def authorized(request: web.Request, api_key: str | None) -> bool:
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         offered = offered or auth[7:].strip()
-    return hmac.compare_digest(offered.encode(), api_key.encode())
-
-
-def token_usage(body_tail: bytes) -> dict[str, int]:
-    """Token counts from the last usage/timings object in a response.
-
-    Works for plain JSON and for SSE streams (the final event carries the
-    usage), OpenAI (`prompt_tokens`) and Anthropic (`input_tokens`) alike.
-    """
-    found: dict[str, int] = {}
-    for regex in (_TIMINGS_RE, _USAGE_RE):
-        matches = regex.findall(body_tail)
-        if not matches:
-            continue
-        try:
-            obj = json.loads(matches[-1])
-        except ValueError:
-            continue
-        for src, dst in (
-            ("prompt_tokens", "prompt_tokens"),
-            ("input_tokens", "prompt_tokens"),
-            ("prompt_n", "prompt_tokens"),
-            ("completion_tokens", "completion_tokens"),
-            ("output_tokens", "completion_tokens"),
-            ("predicted_n", "completion_tokens"),
-        ):
-            value = obj.get(src)
-            if isinstance(value, int) and value > 0:
-                found[dst] = value
-    return found
-
-
-def request_model(body: bytes) -> str | None:
-    if not body.startswith(b"{"):
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
-
-
-def _error(status: int, message: str, kind: str) -> web.Response:
-    """Errors in OpenAI's shape, which Anthropic clients also display."""
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return web.json_response(body, status=status)
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as bytes.
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), api_key.encode())
 
 
 class Gateway:
-    """An aiohttp app that forwards to llama-server's UNIX socket."""
+    """An aiohttp app that forwards to llama-server's UNIX socket, auditing each request."""
 
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.audit = AuditLog(config.audit)
+        self._logs: dict[tuple[str, str], EventLog] = {}
+        self._callers: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._routes: Any = None
+        self.in_flight = 0
 
     async def start(self) -> None:
-        """Bind host:port; raises OSError when the port is taken."""
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        """Bind host:port (and the routes socket); raises OSError when taken."""
+        app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        gateway = self
+
+        class Access(AbstractAccessLogger):
+            def log(self, request: web.BaseRequest, response: web.StreamResponse, _: float) -> None:
+                gateway.unanswered(request, response)
+
+            @property
+            def enabled(self) -> bool:
+                return True
+
+        self._runner = web.AppRunner(
+            app, access_log_class=Access, handle_signals=False, logger=quiet_logger()
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         try:
             await site.start()
+            if self.config.routes is not None:
+                from vmctl.routes import listen
+
+                self._routes = await listen(self.config.routes, self.attach)
         except OSError:
-            await self._runner.cleanup()
-            self._runner = None
+            await self.close()
             raise
 
+    def attach(self, transport: asyncio.BaseTransport, who: tuple[str, str]) -> asyncio.Protocol:
+        """Hand a sidecar's connection, its caller known, to aiohttp's HTTP handler."""
+        assert self._runner is not None and self._runner.server is not None
+        self._callers[transport] = who
+        handler: asyncio.Protocol = self._runner.server()
+        return handler
+
     async def close(self) -> None:
+        if self._routes is not None:
+            self._routes.close()
+            self._routes = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self.audit.close()
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -171,90 +162,215 @@ class Gateway:
             )
         return self._session
 
+    # ---- auditing ----
+    def caller(self, request: web.BaseRequest) -> tuple[str, str]:
+        """Who made the request: the sidecar's route, else an unnamed host caller."""
+        transport = request.transport
+        return self._callers.get(transport, HOST_CALLER) if transport else HOST_CALLER
+
+    def record(self, request: web.BaseRequest, **fields: Any) -> None:
+        """Write the one event of `request` (the first call wins)."""
+        if request.get(_AUDITED):
+            return
+        request[_AUDITED] = True
+        who_kind, who = self.caller(request)
+        log = self._logs.get((who_kind, who))
+        if log is None:
+            log = EventLog(events.subject_file(self.config.events, who_kind, who))
+            self._logs[(who_kind, who)] = log
+        method = events.safe(request.method)[:32]
+        path = events.safe(request.raw_path)[:2048]
+        event = Event(
+            "request", who_kind, who, "gateway", f"{method} {path}", method=method, path=path,
+            server=self.config.name, **fields,
+        )  # fmt: skip
+        try:
+            log.write(event)
+        except OSError as e:
+            print(f"gateway: cannot write the audit: {e}", file=sys.stderr, flush=True)
+
+    def unanswered(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """The access logger's hook: audit what the handler never saw (parser errors)."""
+        text = response.text if isinstance(response, web.Response) else None
+        self.record(
+            request,
+            status=response.status,
+            decision="deny",
+            reason="bad_request" if response.status < 500 else "internal_error",
+            detail=events.safe(text or "")[:300] or None,
+            bytes_up=0,
+            bytes_down=response.body_length,
+        )
+
+    # ---- the handler ----
     async def handle(self, request: web.Request) -> web.StreamResponse:
         start = time.monotonic()
-        record: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "peer": request.remote,
-            "method": request.method,
-            "path": request.path_qs,
-        }
-        body = b""
-        response: web.StreamResponse
-        tail = b""
+        fields: dict[str, Any] = {}
+        counted = {"up": 0}
+        response: web.StreamResponse | None = None
         try:
-            if not authorized(request, self.config.api_key):
-                response = _error(401, "invalid or missing API key", "authentication_error")
-            else:
-                body = await request.read()
-                record["model"] = request_model(body) or self.config.alias
-                response, tail, client_gone = await self._forward(request, body)
-                if client_gone:
-                    record["client_gone"] = True
-        except (aiohttp.ClientError, OSError) as e:
-            response = _error(502, f"model server unavailable: {e}", "server_error")
+            response = await self._answer(request, fields, counted)
         except asyncio.CancelledError:
-            record["status"] = 499  # the client went away mid-response
-            self._finish(record, body, 0, start, b"")
+            fields.setdefault("reason", "client_gone")
+            self._done(request, response, fields, counted, start, status=499)
             raise
-        bytes_out = response.body_length if response.prepared else len(_body_of(response))
-        record["status"] = response.status
-        self._finish(record, body, bytes_out, start, tail or _body_of(response)[-TAIL_BYTES:])
+        except Exception as e:  # a bug must still answer and be audited, not traceback
+            fields.update(decision="deny", reason="internal_error", detail=f"{type(e).__name__}")
+            response = error_response(500, "internal gateway error", "server_error")
+        self._done(request, response, fields, counted, start)
         return response
 
-    def _finish(
-        self, record: dict[str, Any], body: bytes, out: int, start: float, tail: bytes
+    def _done(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        fields: dict[str, Any],
+        counted: dict[str, int],
+        start: float,
+        status: int | None = None,
     ) -> None:
-        record["bytes_in"] = len(body)
-        record["bytes_out"] = out
-        record["duration_ms"] = round((time.monotonic() - start) * 1000, 1)
-        record.update(token_usage(tail))
-        self.audit.write(record)
+        down = 0
+        if response is not None:
+            down = response.body_length if response.prepared else len(_body_of(response))
+            status = status or response.status
+        tokens = token_usage(bytes(fields.pop("tail", b""))[-TAIL_BYTES:])
+        self.record(
+            request,
+            status=status,
+            bytes_up=counted["up"],
+            bytes_down=down,
+            duration_ms=round((time.monotonic() - start) * 1000, 1),
+            tokens_in=tokens.get("prompt_tokens"),
+            tokens_out=tokens.get("completion_tokens"),
+            **{"decision": "allow", **fields},
+        )
+
+    async def _answer(
+        self, request: web.Request, fields: dict[str, Any], counted: dict[str, int]
+    ) -> web.StreamResponse:
+        cfg = self.config
+        # A route is authenticated by who opened it (vmctl's own sidecar): no key is
+        # needed, so guests are given none.
+        routed = self.caller(request) != HOST_CALLER
+        if not routed and not authorized(request, cfg.api_key):
+            fields.update(decision="deny", reason="unauthorized")
+            return error_response(401, "invalid or missing API key", "authentication_error")
+        length = request.content_length
+        if length is not None and length > cfg.max_body:
+            fields.update(decision="deny", reason="body_too_large")
+            response = error_response(
+                413, f"request body over {cfg.max_body} bytes", "invalid_request_error"
+            )
+            response.force_close()
+            return response
+        if self.in_flight >= cfg.max_in_flight:
+            fields.update(decision="deny", reason="busy")
+            response = error_response(
+                503, f"{cfg.max_in_flight} requests in flight; retry later", "server_error"
+            )
+            response.headers["Retry-After"] = "1"
+            return response
+        self.in_flight += 1
+        try:
+            return await self._forward(request, fields, counted)
+        except (BodyTooLarge, BodyStalled, HttpProcessingError, aiohttp.ClientError, OSError) as e:
+            refused = _body_refusal(e, counted["up"] > cfg.max_body, cfg)
+            if refused is not None:
+                fields.update(decision="deny", reason=refused[1], detail=refused[2])
+                response = error_response(refused[0], refused[2], "invalid_request_error")
+                response.force_close()
+                return response
+            fields.update(reason="upstream_error", detail=events.safe(str(e) or repr(e))[:300])
+            return error_response(502, "model server unavailable", "server_error")
+        finally:
+            self.in_flight -= 1
+
+    async def _body(
+        self, request: web.Request, fields: dict[str, Any], counted: dict[str, int]
+    ) -> AsyncIterator[bytes]:
+        """The request body as it arrives, counted and capped; notes its model."""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), self.config.body_timeout)
+            except TimeoutError:
+                raise BodyStalled from None
+            if not chunk:
+                return
+            if counted["up"] < 65536:
+                fields["model"] = fields.get("model") or request_model(chunk)
+            counted["up"] += len(chunk)
+            if counted["up"] > self.config.max_body:
+                raise BodyTooLarge
+            yield chunk
 
     async def _forward(
-        self, request: web.Request, body: bytes
-    ) -> tuple[web.StreamResponse, bytes, bool]:
-        """Relay one request; the flag is True when the client hung up mid-reply.
-
-        A failed write to the client is the client's doing (it stopped
-        reading after `[DONE]`, or was killed), not the model server's: it
-        is audited with the upstream status and `client_gone`, never as 502.
-        """
+        self, request: web.Request, fields: dict[str, Any], counted: dict[str, int]
+    ) -> web.StreamResponse:
+        """Relay one request; a client hanging up mid-reply is `client_gone`, never 502."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         # The key is the gateway's business; llama-server itself has none.
         headers.pop("Authorization", None)
         headers.pop("x-api-key", None)
-        url = f"http://llama{request.path_qs}"
+        data = self._body(request, fields, counted) if request.body_exists else None
+        if data is not None and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        url = f"http://llama{request.raw_path}"
         async with self.session().request(
-            request.method, url, data=body or None, headers=headers
+            request.method, url, data=data, headers=headers
         ) as upstream:
+            if counted["up"] > self.config.max_body:
+                raise BodyTooLarge
+            fields["model"] = fields.get("model") or self.config.alias
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, value)
             await response.prepare(request)
-            tail = b""
-            async for chunk in upstream.content.iter_any():
-                tail = (tail + chunk)[-TAIL_BYTES:]
-                if not await _send(response, chunk):
-                    return response, tail, True
-            return response, tail, not await _send(response, None)
+            tail = fields["tail"] = bytearray()  # the last bytes: where the usage is
+            try:
+                async for chunk in upstream.content.iter_any():
+                    tail += chunk
+                    if len(tail) > 2 * TAIL_BYTES:  # trimmed now and then, not per chunk
+                        del tail[:-TAIL_BYTES]
+                    if not await _send(response, chunk):
+                        fields["reason"] = "client_gone"
+                        return response
+            except (aiohttp.ClientError, OSError) as e:
+                # Headers are sent: the client learns of the cut in its own protocol.
+                fields.update(reason="upstream_error", detail=events.safe(str(e) or repr(e))[:300])
+                response.force_close()
+                last = stream_error(request.path, response.content_type)
+                if last is not None:
+                    await _send(response, last)
+            if not await _send(response, None):
+                fields["reason"] = "client_gone"
+            return response
 
 
 async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
-    """Write a chunk (None: the end) to the client; False if the client is gone.
-
-    Only client-side write errors are caught here, so an upstream reset
-    still surfaces as a 502.
-    """
+    """Write a chunk (None: the end) to the client; False if the client is gone."""
     try:
         if chunk is None:
             await response.write_eof()
         else:
             await response.write(chunk)
-    except ConnectionResetError:
+    except ConnectionError:
         return False
     return True
+
+
+def _body_refusal(
+    exc: BaseException, too_large: bool, cfg: GatewayConfig
+) -> tuple[int, str, str] | None:
+    """(status, reason, message) when the caller's body, not the model server, failed."""
+    cause = exc if isinstance(exc, BodyStalled | HttpProcessingError) else exc.__cause__
+    if too_large:
+        return 413, "body_too_large", f"request body over {cfg.max_body} bytes"
+    if isinstance(cause, BodyStalled) or isinstance(exc, BodyStalled):
+        return 408, "body_timeout", f"no request body bytes for {cfg.body_timeout:.0f} s"
+    if isinstance(cause, HttpProcessingError):
+        return 400, "bad_request", events.safe(cause.message)[:300]
+    return None
 
 
 def _body_of(response: web.StreamResponse) -> bytes:

@@ -48,6 +48,7 @@ class ServerConfig:
     mmproj: str | None = None
     api_key: str | None = None
     sandbox: bool = True
+    restart: str = "on-failure"  # or "no": what the supervisor does when llama-server dies
     model_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     #: GPU kinds bound into the sandbox (host profile `[gpu.KIND]` tables).

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from vmctl import paths, ui
+from vmctl import events, paths, ui
 from vmctl.errors import ServerError
 from vmctl.procs import ProcessRef
 from vmctl.serve.gateway import Gateway, GatewayConfig
@@ -72,6 +72,38 @@ def _meta(
     }
 
 
+def lifecycle(config: ServerConfig, action: str, **fields: object) -> None:
+    """One lifecycle event (serve, ready, restart, crash, stop) in the server's file."""
+    path = events.subject_file(paths.events_dir(), "server", config.name)
+    with contextlib.suppress(OSError), events.EventLog(path) as log:
+        log.write(
+            events.Event(
+                "lifecycle", "server", config.name, "supervisor", action,
+                server=config.name, **fields,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+
+
+BACKOFF_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_RESET_S = 60.0  # a server that ran this long starts its backoff afresh
+
+
+def _spawn(config: ServerConfig, sp: paths.ServerPaths) -> subprocess.Popen[bytes]:
+    argv, env = launch_command(config, sp)
+    with open(sp.log, "ab") as log:
+        return subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            cwd=sp.runtime, start_new_session=True,
+        )  # fmt: skip
+
+
+async def _exit_or_stop(proc: subprocess.Popen[bytes], stop: asyncio.Event) -> None:
+    while not stop.is_set() and proc.poll() is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.25)
+
+
 async def _healthy(session: aiohttp.ClientSession) -> bool:
     try:
         async with session.get("http://llama/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -106,8 +138,11 @@ async def supervise(
     paths.private_dir(sp.cache)
     sp.socket.unlink(missing_ok=True)
     gateway = Gateway(
-        GatewayConfig(config.host, config.port, sp.socket, sp.audit, config.api_key, config.alias)
-    )
+        GatewayConfig(
+            config.host, config.port, sp.socket, paths.events_dir(), config.api_key,
+            config.alias, name=config.name, routes=sp.routes,
+        )
+    )  # fmt: skip
     try:
         await gateway.start()
     except OSError as e:
@@ -123,30 +158,52 @@ async def supervise(
     proc: subprocess.Popen[bytes] | None = None
     started = time.time()
     try:
-        argv, env = launch_command(config, sp)
         if not config.sandbox:
             ui.warn(
                 "running llama-server WITHOUT a sandbox (--no-sandbox): it can reach the network"
             )
-        with open(sp.log, "ab") as log:
-            proc = subprocess.Popen(
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=sp.runtime, start_new_session=True,
-            )  # fmt: skip
+        proc = _spawn(config, sp)
         llama = ProcessRef.of(proc.pid)
         write_json(sp.meta, _meta(config, llama, "loading", started))
         with ui.step(f"loading {config.alias}"):
             await _wait_healthy(gateway, proc, sp.log)
         write_json(sp.meta, _meta(config, llama, "ready", started))
+        lifecycle(config, "ready", model=config.alias, detail=f"{config.host}:{config.port}")
         if on_ready:
             on_ready(config)
-        while not stop.is_set() and proc.poll() is None:
+        failures = 0
+        while True:
+            up_since = time.monotonic()
+            await _exit_or_stop(proc, stop)
+            if stop.is_set():
+                break
+            assert proc is not None
+            status = proc.returncode
+            lifecycle(config, "crash", reason="exited", detail=f"llama-server status {status}")
+            if config.restart == "no":
+                raise ServerError(
+                    f"llama-server died (status {status})",
+                    "--restart on-failure (the default) restarts it",
+                    details=log_tail(sp.log),
+                )
+            failures = 1 if time.monotonic() - up_since > HEALTHY_RESET_S else failures + 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (failures - 1))
+            lifecycle(config, "restart", reason="on-failure", detail=f"try {failures} in {delay} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-        if proc.poll() is not None and not stop.is_set():
-            raise ServerError(
-                f"llama-server died (status {proc.returncode})", details=log_tail(sp.log)
-            )
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            if stop.is_set():
+                break
+            sp.socket.unlink(missing_ok=True)
+            proc = _spawn(config, sp)
+            llama = ProcessRef.of(proc.pid)
+            write_json(sp.meta, _meta(config, llama, "loading", started))
+            try:
+                await _wait_healthy(gateway, proc, sp.log)
+            except ServerError as e:
+                lifecycle(config, "crash", reason="load_failed", detail=e.message)
+                continue
+            write_json(sp.meta, _meta(config, llama, "ready", started))
+            lifecycle(config, "ready", model=config.alias, detail=f"restarted (try {failures})")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -102,10 +102,13 @@ class HostRelay:
     the bytes each way and whether the endpoint was reached.
     """
 
-    def __init__(self, socket_path: Path, host: str, port: int, log: Path | None = None):
+    def __init__(
+        self, socket_path: Path, host: str, port: int, log: Path | None = None, who: str = ""
+    ):
         self.socket_path = socket_path
         self.target = (host, port)
         self.log = log
+        self.who = who if _valid_caller(who) else ""  # the gateway's route audits it by name
         self._lock = threading.Lock()
         self._acceptor: _Acceptor | None = None
 
@@ -145,8 +148,7 @@ class HostRelay:
                 first.extend(data[:4096])
 
         try:
-            upstream = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
-            upstream.settimeout(None)
+            upstream = self._connect()
         except OSError as e:
             conn.close()
             self._write({"time": started, "error": str(e)})
@@ -164,11 +166,36 @@ class HostRelay:
             }
         )
 
+    def _connect(self) -> socket.socket:
+        """The gateway's route for this client when a vmctl server serves it, else TCP."""
+        from vmctl import routes
+
+        route = routes.find_route(*self.target) if self.who else None
+        if route is None:
+            upstream = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
+        else:
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.settimeout(CONNECT_TIMEOUT)
+            upstream.connect(str(route))
+            upstream.sendall(routes.preamble("client", self.who))
+        upstream.settimeout(None)
+        return upstream
+
     def _write(self, record: dict[str, object]) -> None:
         if self.log is None:
             return
         with self._lock, self.log.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _valid_caller(name: str) -> bool:
+    from vmctl import routes
+
+    try:
+        routes.preamble("client", name)
+    except ValueError:
+        return False
+    return True
 
 
 def read_log(path: Path) -> list[dict[str, object]]:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmctl import egress, events
+from vmctl import egress, events, routes
 from vmctl.errors import ConfigError
 
 HEAD_MAX = 16384
@@ -149,8 +149,7 @@ class EgressProxy:
         att.host, att.port = host, port
         if self.config.model is not None and (host, port) == self.config.model_as:
             att.decision, att.rule = "allow", "model: the caller's model endpoint"
-            host_port = self.config.model
-            up_reader, up_writer = await self._connect([host_port[0]], host_port[1], att)
+            up_reader, up_writer = await self._connect_model(att)
         else:
             addresses = await self._decide(host, port, att)
             up_reader, up_writer = await self._connect(addresses, port, att)
@@ -215,6 +214,25 @@ class EgressProxy:
             if addr not in out:
                 out.append(addr)
         return out
+
+    async def _connect_model(
+        self, att: Attempt
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The model through the gateway's route naming this caller (vmctl.routes), as the
+        guest sidecar does, so the gateway audits it as the caller's; else plain TCP."""
+        assert self.config.model is not None
+        host, port = self.config.model
+        route = routes.find_route(host, port)
+        if route is None:
+            return await self._connect([host], port, att)
+        try:
+            r, w = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(route), limit=CHUNK), CONNECT_TIMEOUT_S
+            )
+        except (TimeoutError, OSError):
+            raise Refused(502, f"cannot connect to {att.host}:{att.port}") from None
+        w.write(routes.preamble(self.config.who_kind, self.config.who))
+        return r, w
 
     async def _connect(
         self, addresses: list[str], port: int, att: Attempt

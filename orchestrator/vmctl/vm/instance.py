@@ -25,8 +25,7 @@ from typing import Any
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.procs import ProcessRef, wait_gone
-from vmctl.sidecars import mirror
-from vmctl.sidecars.relay import write_script
+from vmctl.sidecars import guestpath, mirror
 from vmctl.state import StateError, read_json, write_json
 from vmctl.vm import accel as accel_mod
 from vmctl.vm import idmap
@@ -256,6 +255,7 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            _stop_sidecar(self.meta)
             mirror.stop(_ref(self.meta, "mirror"))
             _stop_proxy(self.meta)
             if self.ephemeral or not self.paths.meta.exists():
@@ -323,6 +323,7 @@ def up(
     timeout: float = 120.0,
     detach: bool = False,
     notices: list[str] | None = None,
+    max_conns: int = guestpath.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel_mod.qemu_binary()
@@ -335,9 +336,7 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        if spec.net == "model":
-            assert spec.model_endpoint is not None
-            write_script(inst.paths.relay, spec.model_endpoint, inst.paths.audit, spec.name)
+        start_sidecar(inst, spec, max_conns)
         if spec.policy is not None:
             _start_proxy(inst, spec)
         for n in range(len(contract.exec_ports())):
@@ -357,6 +356,30 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     return inst
+
+
+def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
+    """The guest's sidecar: its guarded model path (net model) and its watchdog.
+
+    Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
+    and stops a QEMU whose `vmctl up` died before the guest was ready.
+    """
+    host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
+    config = guestpath.SidecarConfig(
+        spec.name, str(inst.paths.sidecar), str(inst.paths.meta), host, port, max_conns
+    )
+    try:
+        pid = guestpath.launch(inst.paths, config)
+    except OSError as e:
+        raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
+    inst.meta["sidecar"] = ProcessRef.of(pid).to_json()
+    inst.save()
+
+
+def _stop_sidecar(meta: dict[str, Any]) -> None:
+    ref = _ref(meta, "sidecar")
+    if ref is not None and ref.alive():
+        ref.terminate(timeout=3.0)
 
 
 def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
@@ -397,6 +420,8 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    if qemu is None or not qemu.alive():
+        _stop_sidecar(meta)
     _stop_proxy(meta)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
