@@ -55,6 +55,7 @@
       nixosModules = {
         guest = ./nixos-modules/guest.nix;
         opencode = ./nixos-modules/opencode.nix;
+        claude = ./nixos-modules/claude.nix;
         llm = ./nixos-modules/llm.nix;
         default = ./nixos-modules/default.nix;
       };

@@ -42,6 +42,9 @@ let
 in
 {
   name = "vmctl-smoke";
+  # The guest sets nixpkgs.config (claude.nix allows the unfree claude-code
+  # by name), so each node evaluates its own pkgs.
+  node.pkgsReadOnly = false;
 
   nodes.agent =
     { pkgs, ... }:

@@ -1,8 +1,9 @@
-# The whole agent guest: the contract plus both agents.
+# The whole agent guest: the contract plus every agent.
 {
   imports = [
     ./guest.nix
     ./opencode.nix
+    ./claude.nix
     ./llm.nix
   ];
 }

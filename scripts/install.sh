@@ -74,6 +74,7 @@ if [[ -x scripts/install-agents.sh ]]; then
   log "agent clients (opencode, Claude Code) from npm"
   scripts/install-agents.sh >/dev/null
 fi
-log "guest image (micro, with opencode)"
-.venv/bin/vmctl image build micro --with opencode >/dev/null
+# The agents the end-to-end tests run in one guest (nothing downloads at test time).
+log "guest image (micro, with opencode, Claude Code and llm)"
+.venv/bin/vmctl image build micro --with opencode --with claude --with llm >/dev/null
 log "ready: .venv/bin/vmctl doctor"

@@ -43,7 +43,7 @@ EXPECTED_OPENCODE = """\
         "smollm2-135m": {
           "limit": {
             "context": 8192,
-            "output": 512
+            "output": 3072
           },
           "name": "smollm2-135m",
           "tool_call": true
@@ -75,6 +75,10 @@ ANTHROPIC_BASE_URL=http://10.0.2.2:8080
 ANTHROPIC_MODEL=smollm2-135m
 ANTHROPIC_SMALL_FAST_MODEL=smollm2-135m
 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
+CLAUDE_CODE_DISABLE_THINKING=1
+CLAUDE_CODE_MAX_OUTPUT_TOKENS=6144
+CLAUDE_CONFIG_DIR=/home/agent/.claude
+DISABLE_AUTOUPDATER=1
 DISABLE_TELEMETRY=1
 OPENAI_API_KEY=vmctl-local
 OPENAI_BASE_URL=http://10.0.2.2:8080/v1
@@ -100,11 +104,41 @@ def test_opencode_large_model_keeps_tools_and_titles_but_stays_local() -> None:
     models = cfg["provider"]["llama"]["models"]
     assert sorted(models) == ["coder", "qwen"]
     assert models["coder"] == {
-        "limit": {"context": 131072, "output": 8192},
+        "limit": {"context": 131072, "output": 32000},
         "name": "coder",
         "tool_call": True,
     }
     assert (cfg["autoupdate"], cfg["share"]) == (False, "disabled")
+
+
+def test_tools_stay_on_when_the_context_allows_and_the_caps_follow_it() -> None:
+    ep = AgentEndpoint("http://127.0.0.1:8080/v1", ("qwen",), None, 32768)
+    assert ep.tools_on("opencode") and ep.tools_on("claude")
+    assert agents.context_notice(ep) is None
+    assert "agent" not in agents.opencode_config(ep)
+    # What the context leaves after each client's request with its tools.
+    assert ep.output_tokens("opencode") == (32768 - 8192) // 2
+    assert agents.agent_env(ep)["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == str(32768 - 20480)
+    settings = agents.claude_settings(ep)
+    assert settings["permissions"] == {"defaultMode": "bypassPermissions"}
+    assert settings["env"]["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8080"
+    assert settings["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert "CLAUDE_CODE_DISABLE_THINKING" not in settings["env"]
+
+
+def test_a_small_context_turns_tools_off_loudly_and_names_the_fix() -> None:
+    notice = agents.context_notice(GUEST)
+    assert notice is not None and "\n" not in notice
+    assert "8192" in notice and "32768" in notice and "without tools" in notice
+    assert "opencode and Claude Code" in notice and "vmctl serve" in notice
+    assert agents.context_notice(GUEST, ("claude",)) == notice.replace("opencode and ", "")
+    assert agents.context_notice(GUEST, ("llm", "shell")) is None
+    mid = AgentEndpoint("http://127.0.0.1:8080/v1", ("m",), None, 16384)
+    assert "Claude Code need" in str(agents.context_notice(mid))
+    assert agents.context_notice(mid, ("opencode",)) is None
+    assert agents.claude_settings(GUEST)["permissions"]["deny"] == ["*"]
+    # Never a cap below what fits: the whole remaining context for Claude Code.
+    assert agents.agent_env(GUEST)["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "6144"
 
 
 def test_unknown_context_sets_no_limit() -> None:

@@ -32,12 +32,19 @@ def test_opencode_in_guest_against_vmctl_serve(
     up = subprocess.run(
         vmctl_cmd(
             "up", "-d", str(ws), "--ephemeral", "--detach", "--name", name, "--image", "micro",
-            "--with", "opencode", "--net", "model",
+            "--with", "opencode", "--with", "claude", "--with", "llm", "--net", "model",
             "--model-endpoint", f"127.0.0.1:{vmctl_server.port}", "--json",
         ),
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
+    # SmolLM2's 8k context is too small for the agents' tools: said once, with the fix.
+    notice = [line for line in up.stderr.splitlines() if "without tools" in line]
+    assert len(notice) == 1 and "vmctl serve" in notice[0], up.stderr
+    status = subprocess.run(
+        vmctl_cmd("status", name, "--json"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(status.stdout)["notices"] == [notice[0].removeprefix("warning: ")]
     before = len(vmctl_server.audit_lines())
     try:
         run = subprocess.run(

@@ -23,7 +23,7 @@ import pytest
 from conftest import need
 from vmctl import contract
 from vmctl.errors import ConfigError, VMError
-from vmctl.images import choose, micro, micro_kernel
+from vmctl.images import choose, micro, micro_agents, micro_kernel
 from vmctl.images import manifest as images
 from vmctl.images.cpio import Archive
 from vmctl.vm.execchan import ExecChannel
@@ -92,7 +92,7 @@ def test_unknown_image_name_and_agent_are_refused() -> None:
     with pytest.raises(VMError, match="unknown image"):
         choose.resolve_image("ubuntu")
     with pytest.raises(ConfigError, match="unknown agent"):
-        micro.build_micro(("claude",))
+        micro.build_micro(("aider",))
 
 
 def test_vmlinux_is_cut_out_of_the_xz_stream() -> None:
@@ -151,6 +151,19 @@ def test_init_renders_the_contract() -> None:
     subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
     for shell in (["busybox", "sh"], ["bash", "--posix"]):
         subprocess.run([*shell, "-n", str(AGENT)], check=True)
+
+
+def test_each_agent_gets_its_own_read_only_share() -> None:
+    text = micro.render_init([], ("claude", "llm"))
+    for name in ("claude", "llm"):
+        assert (
+            f"mount -t 9p -o {micro_agents.SHARE_OPTIONS} agent-{name} /opt/vmctl/agents/{name}"
+            in text
+        )
+    assert "agent-opencode" not in text and "agent-" not in micro.render_init([], ())
+    wrapper = micro_agents.LLM_WRAPPER.format(root="/opt/vmctl/agents/llm")
+    subprocess.run(["busybox", "sh", "-n", "-c", wrapper], check=True)
+    assert [t.name for t in micro_agents.host_tools(("claude",))] == ["rg", "bash"]
 
 
 class Port:

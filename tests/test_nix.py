@@ -96,7 +96,7 @@ def contract_literals() -> list[str]:
     return [str(v) for v in values]
 
 
-@pytest.mark.parametrize("name", ["guest.nix", "opencode.nix", "llm.nix"])
+@pytest.mark.parametrize("name", ["guest.nix", "opencode.nix", "claude.nix", "llm.nix"])
 def test_guest_modules_read_the_one_contract_and_copy_none_of_it(name: str) -> None:
     path = MODULES / name
     text = code_of(path)
@@ -107,6 +107,14 @@ def test_guest_modules_read_the_one_contract_and_copy_none_of_it(name: str) -> N
         assert "config.vmctl.guest.contract" in text
     copies = [v for v in contract_literals() if v in text]
     assert copies == [], f"{name} hard-codes contract values {copies}"
+
+
+def test_claude_module_allows_only_claude_code_as_unfree() -> None:
+    text = code_of(MODULES / "claude.nix")
+    predicates = re.findall(r"allowUnfreePredicate[^;]*?\[([^\]]*)\]", text, re.S)
+    assert [p.split() for p in predicates] == [['"claude-code"']]
+    assert "allowUnfree =" not in text and 'mkPackageOption pkgs "claude-code"' in text
+    assert "./claude.nix" in code_of(MODULES / "default.nix")
 
 
 def test_smoke_test_takes_markers_and_names_from_the_contract() -> None:
@@ -237,6 +245,7 @@ def test_flake_declares_the_agreed_outputs() -> None:
         "guest = ./nixos-modules/guest.nix;",
         "opencode = ./nixos-modules/opencode.nix;",
         "llm = ./nixos-modules/llm.nix;",
+        "claude = ./nixos-modules/claude.nix;",
         "default = ./nixos-modules/default.nix;",
         '"agent-${system}"',
         "inherit mkAgent",

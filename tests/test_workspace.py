@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from vmctl import contract
 from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
-VMCTL = [sys.executable, "-m", "vmctl"]
 TEST_UID = 501
 TEST_USER = "vmctl501"
 AGENT = contract.raw()["user"]
@@ -55,12 +55,35 @@ class HostUser:
         )
 
     def vmctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.run(*VMCTL, *args, timeout=timeout)
+        return self.run(*python_for(self.uid), "-m", "vmctl", *args, timeout=timeout)
 
     def guest(self, script: str) -> str:
         r = self.vmctl("exec", "box", "--", "sh", "-c", f"cd /workspace && {script}")
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
+
+
+def python_for(uid: int) -> list[str]:
+    """An interpreter `uid` may execute, with vmctl importable (PYTHONPATH in `env_for`).
+
+    The test venv's interpreter may live under root's home (pyenv), which
+    another user cannot enter: a real user runs their own install. Here the
+    other user gets Debian's python3 (same minor version) on the same
+    site-packages, so every process vmctl starts with sys.executable works.
+    """
+    if uid == os.geteuid():
+        return [sys.executable]
+    for candidate in ("/usr/bin/python3", shutil.which("python3")):
+        if candidate and os.path.exists(candidate):
+            return [candidate]
+    return [sys.executable]
+
+
+def env_for(uid: int) -> dict[str, str]:
+    if uid == os.geteuid():
+        return {}
+    where = [str(Path(contract.__file__).resolve().parents[1]), sysconfig.get_paths()["purelib"]]
+    return {"PYTHONPATH": os.pathsep.join(where)}
 
 
 def make_test_user() -> tuple[int, int]:
@@ -125,6 +148,7 @@ def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
         env["VMCTL_IDMAP"] = "guest"
         seen_as = (uid, gid)
     env["HOME"] = str(top)
+    env.update(env_for(uid))
     ws = top / "ws"
     (ws / "hostdir").mkdir(parents=True)
     for name, text in [("pre.txt", "by the host\n"), ("overwrite.txt", "old\n")]:

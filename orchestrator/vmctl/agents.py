@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from vmctl import contract
+from vmctl import budget, contract
 from vmctl.errors import ConfigError
 
 #: The model as a guest sees it under `--net model` (the guest contract's address).
@@ -36,11 +36,13 @@ DUMMY_API_KEY = "vmctl-local"
 #: The name `llm keys set` stores the key under, when there is one.
 LLM_KEY_NAME = "vmctl"
 OPENCODE_SCHEMA = "https://opencode.ai/config.json"
+#: Claude Code's switches for network use vmctl never wants (field notes).
+CLAUDE_OFFLINE_ENV = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_TELEMETRY": "1",
+}
 PROVIDER = "llama"
-#: Below this context, opencode's default request (~7.7k tokens: system
-#: prompt plus ten tool schemas) does not fit: title requests are switched
-#: off and the build agent gets a short prompt and no tools.
-TINY_CONTEXT = 16384
 TINY_PROMPT = "You are a concise assistant. Answer the user directly."
 #: opencode's switches for network use vmctl never wants (field notes).
 OPENCODE_ENV = {
@@ -100,9 +102,13 @@ class AgentEndpoint:
         """`scheme://host:port` without `/v1` (Anthropic clients add it)."""
         return self.base_url[: -len("/v1")]
 
-    @property
-    def tiny(self) -> bool:
-        return self.context is not None and self.context < TINY_CONTEXT
+    def tools_on(self, client: str) -> bool:
+        """Whether `client`'s request with its tools fits the served context."""
+        return budget.tools_on(self.context, client)
+
+    def output_tokens(self, client: str) -> int | None:
+        """`client`'s output cap, from the served context (vmctl.budget)."""
+        return budget.output_tokens(self.context, client)
 
 
 def check_base_url(url: str) -> str:
@@ -143,7 +149,18 @@ def discover(
         data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
     except (OSError, ValueError, urllib.error.URLError):
         return (), None
-    return parse_models(data)
+    ids, context = parse_models(data)
+    return ids, served_context(base_url, context, api_key=api_key, timeout=timeout)
+
+
+def served_context(
+    base_url: str, context: int | None, *, api_key: str | None = None, timeout: float = 2.0
+) -> int | None:
+    """`context` lowered to llama-server's per-slot context (`/props`) when it says one."""
+    served = _served_context(base_url, api_key, timeout)
+    if served is None:
+        return context
+    return served if context is None else min(context, served)
 
 
 def parse_models(data: Any) -> tuple[tuple[str, ...], int | None]:
@@ -165,6 +182,18 @@ def parse_models(data: Any) -> tuple[tuple[str, ...], int | None]:
             if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
                 contexts.append(n_ctx)
     return tuple(ids), (min(contexts) if contexts else None)
+
+
+def _served_context(base_url: str, api_key: str | None, timeout: float) -> int | None:
+    """llama-server's per-slot context (`/props`), which can be below the trained one."""
+    try:
+        props = _get_json(base_url.removesuffix("/v1") + "/props", api_key, timeout)
+        n_ctx = props["default_generation_settings"]["n_ctx"]
+    except (OSError, ValueError, LookupError, TypeError, urllib.error.URLError):
+        return None
+    return (
+        n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256 else None
+    )
 
 
 def discover_models(
@@ -198,8 +227,9 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for m in ep.models:
         entry: dict[str, Any] = {"name": m, "tool_call": True}
-        if ep.context is not None:
-            entry["limit"] = {"context": ep.context, "output": _output_limit(ep.context)}
+        output = ep.output_tokens("opencode")
+        if ep.context is not None and output is not None:
+            entry["limit"] = {"context": ep.context, "output": output}
         models[m] = entry
     config: dict[str, Any] = {
         "$schema": OPENCODE_SCHEMA,
@@ -217,7 +247,8 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
         "share": "disabled",
         "small_model": f"{PROVIDER}/{ep.model}",
     }
-    if ep.tiny:
+    if not ep.tools_on("opencode"):
+        # Loud, not silent: context_notice() says so at up/run/status.
         config["agent"] = {
             "build": {"prompt": TINY_PROMPT, "tools": {"*": False}},
             "title": {"disable": True},
@@ -225,9 +256,11 @@ def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:
     return config
 
 
-def _output_limit(context: int) -> int:
-    """Room for the answer: 1/16 of the context, 256..8192 tokens."""
-    return max(256, min(8192, context // 16))
+def context_notice(
+    ep: AgentEndpoint, clients: tuple[str, ...] = ("opencode", "claude")
+) -> str | None:
+    """One line when the served context turns `clients`' tools off, naming the fix."""
+    return budget.notice(ep.context, clients)
 
 
 def opencode_json(ep: AgentEndpoint) -> str:
@@ -318,11 +351,47 @@ def agent_env(ep: AgentEndpoint) -> dict[str, str]:
         "ANTHROPIC_API_KEY": ep.key,
         "ANTHROPIC_MODEL": ep.model,
         "ANTHROPIC_SMALL_FAST_MODEL": ep.model,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_TELEMETRY": "1",
+        **CLAUDE_OFFLINE_ENV,
         **OPENCODE_ENV,
     }
+    output = ep.output_tokens("claude")
+    if output is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(output)
+    if not ep.tools_on("claude"):
+        env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
     return env
+
+
+def claude_settings(ep: AgentEndpoint) -> dict[str, Any]:
+    """Claude Code's settings.json: the endpoint (its own `env`) and no prompts.
+
+    Permissions are bypassed because the guest or the sandbox is the
+    boundary ("let the agent go wild"); with too small a context every tool
+    is denied, which removes them from its requests (context_notice says so).
+    """
+    env = {k: v for k, v in agent_env(ep).items() if k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    permissions: dict[str, Any] = {"defaultMode": "bypassPermissions"}
+    if not ep.tools_on("claude"):
+        permissions["deny"] = ["*"]
+    return {
+        "env": env | CLAUDE_OFFLINE_ENV,
+        "includeCoAuthoredBy": False,
+        "permissions": permissions,
+        "skipDangerousModePermissionPrompt": True,
+    }
+
+
+def claude_state(ep: AgentEndpoint) -> dict[str, Any]:
+    """Claude Code's .claude.json: first-run questions answered, the key accepted."""
+    return {
+        "bypassPermissionsModeAccepted": True,
+        "customApiKeyResponses": {"approved": [ep.key[-20:]], "rejected": []},
+        "hasCompletedOnboarding": True,
+    }
+
+
+def json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def proxy_env(proxy_url: str, no_proxy: str) -> dict[str, str]:
@@ -345,9 +414,14 @@ def guest_proxy_env() -> dict[str, str]:
 
 
 def env_file(ep: AgentEndpoint, extra: dict[str, str] | None = None) -> str:
-    """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`."""
+    """KEY=VALUE lines, sorted; values never hold newlines, quotes or `$`.
+
+    For the guest: Claude Code's folder is where the contract puts its files.
+    """
     lines = []
-    for key, value in sorted((agent_env(ep) | (extra or {})).items()):
+    claude_dir = str(Path(contract.fw_cfg("claude-settings.json").dest).parent)
+    env = agent_env(ep) | {"CLAUDE_CONFIG_DIR": claude_dir} | (extra or {})
+    for key, value in sorted(env.items()):
         if not _ENV_VALUE_RE.match(value):
             raise ConfigError(f"unsafe value for {key}", "remove quotes, newlines and '$'")
         lines.append(f"{key}={value}\n")
@@ -366,6 +440,8 @@ def guest_files(ep: AgentEndpoint, *, proxy: bool = False) -> dict[str, bytes]:
         "llm-default-model.txt": llm_default_model(ep),
         "env": env_file(ep, guest_proxy_env() if proxy else None),
         "codex-config.toml": codex_config_toml(ep),
+        "claude-settings.json": json_text(claude_settings(ep)),
+        "claude.json": json_text(claude_state(ep)),
     }
     files: dict[str, bytes] = {}
     for f in contract.fw_cfg_files():

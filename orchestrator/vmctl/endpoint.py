@@ -248,7 +248,11 @@ def probe(loc: Located) -> tuple[tuple[str, ...], int | None] | None:
         raise _refused(loc)
     if status >= 500:
         return None
-    return agents.parse_models(data) if status == 200 else ((), None)
+    if status != 200:
+        return (), None
+    ids, context = agents.parse_models(data)
+    # llama-server's per-slot context can be below the trained one it lists.
+    return ids, agents.served_context(loc.origin + "/v1", context, api_key=loc.api_key)
 
 
 def find_endpoint(
@@ -283,6 +287,8 @@ class GuestPlan:
     net: str
     endpoint: tuple[str, int] | None  # HOST:PORT the guest's relay (or SLiRP) reaches
     files: dict[str, bytes]
+    #: Lines `vmctl up` said that `vmctl status` repeats (agents' tools off, ...).
+    notices: tuple[str, ...] = ()
 
 
 def plan_guest(
@@ -328,5 +334,8 @@ def plan_guest(
     # gateway authenticates by who the guest is: no key goes into the guest.
     key = None if loc.server is not None and net == "model" else loc.api_key
     ep = AgentEndpoint(base, models, key, context)
+    notice = agents.context_notice(ep)
+    if notice:
+        ui.warn(notice)
     files = agents.guest_files(ep, proxy=proxy_env and net == "model")
-    return GuestPlan(net, (loc.host, loc.port), files)
+    return GuestPlan(net, (loc.host, loc.port), files, (notice,) if notice else ())

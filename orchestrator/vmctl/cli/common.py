@@ -166,6 +166,9 @@ def status(
             if key == "mirror" and isinstance(value, dict):
                 value = _mirror_line(value)
             print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
+        notices = data.get("notices")  # what `up` warned about (tools off, ...)
+        for notice in notices if isinstance(notices, list) else []:
+            print(f"{'notice':15} {safe(notice)}")
 
 
 def _mirror_line(m: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ group = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True
 def build(
     name: str = typer.Argument(..., help="The image to build: micro."),
     with_agents: list[str] = typer.Option(
-        [], "--with", help="Agents to carry in the image (opencode). Repeatable."
+        [], "--with", help="Agents to carry in the image (opencode, claude, llm). Repeatable."
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a cached image matches."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),

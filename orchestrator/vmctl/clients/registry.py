@@ -219,20 +219,13 @@ class ClaudeClient(_Base):
     def configure(self, ep: AgentEndpoint, state: Path) -> dict[str, str]:
         config_dir = state / "claude"
         config_dir.mkdir(parents=True, exist_ok=True)
-        # Skip the first-run questions, and accept the (local) key without asking.
-        prefs = {
-            "customApiKeyResponses": {"approved": [ep.key[-20:]], "rejected": []},
-            "hasCompletedOnboarding": True,
-        }
-        _write(config_dir / ".claude.json", json.dumps(prefs, indent=2, sort_keys=True) + "\n")
+        # The same two files the guest gets over fw_cfg (vmctl.agents).
+        _write(config_dir / ".claude.json", agents.json_text(agents.claude_state(ep)))
+        _write(config_dir / "settings.json", agents.json_text(agents.claude_settings(ep)))
         claude = {k: v for k, v in agents.agent_env(ep).items() if not k.startswith("OPEN")}
         env = {**self.base_env(state), **claude, "CLAUDE_CONFIG_DIR": str(config_dir)}
-        env |= {"IS_SANDBOX": "1", "DISABLE_AUTOUPDATER": "1"}
+        env["IS_SANDBOX"] = "1"  # bypassPermissions as root: the sandbox is the boundary
         env["CLAUDE_CODE_MAX_RETRIES"] = self.max_retries
-        if ep.tiny:
-            # Room for an answer in a small context; no thinking blocks.
-            env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = "512"
-            env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
         return env
 
 
@@ -363,6 +356,9 @@ def run(req: RunRequest) -> int:
     ws = sandbox.check_workspace(req.workspace)
     binary = client.find(req.client_bin)
     target = find_endpoint(req.endpoint, server=req.server, api_key=req.api_key)
+    notice = agents.context_notice(target.endpoint(), (client.name,))
+    if notice:
+        ui.warn(notice)
     state = paths.private_dir(paths.client_paths(client.name).state)
     if req.policy is not None and (not req.sandbox or sys.platform != "linux"):
         raise ConfigError("--policy needs the Linux sandbox", "drop --policy or --no-sandbox")

@@ -22,22 +22,18 @@ import jinja2
 
 from vmctl import contract, paths, ui
 from vmctl.errors import ConfigError, VMError
-from vmctl.images import micro_kernel
+from vmctl.images import micro_agents, micro_kernel
 from vmctl.images.cpio import Archive
 from vmctl.images.manifest import write_manifest
 from vmctl.images.micro_kernel import Kernel, run
 
-REVISION = 2  # bump when the image layout below changes
-OPENCODE_VERSION = "1.18.33"
-KNOWN_AGENTS = ("opencode",)
+REVISION = 4  # bump when the image layout below changes
+OPENCODE_VERSION = micro_agents.AGENTS["opencode"].version
+KNOWN_AGENTS = tuple(sorted(micro_agents.AGENTS))
 #: cryptomgr.notests: the crypto self-tests were the two slowest initcalls
 #: under TCG (about 1.8 s of guest time); tsc=reliable: TCG's TSCs look
 #: unsynchronised, and the HPET fallback makes every clock read an MMIO exit.
 CMDLINE = "console=ttyS0 panic=-1 loglevel=4 cryptomgr.notests tsc=reliable"
-AGENTS_TAG = "agents"
-AGENTS_MOUNT = "/opt/vmctl/agents"
-AGENTS_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,ro,nodev,nosuid,cache=loose"
-OPENCODE_BIN = "node_modules/opencode-linux-x64/bin/opencode"
 BUSYBOX = Path("/bin/busybox")
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64")
 #: opencode unpacks native add-ons to /tmp that need these; ldd does not show them.
@@ -101,7 +97,10 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
     c = contract.raw()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["q"] = lambda s: shlex.quote(str(s))
-    shares = [{"tag": AGENTS_TAG, "mountpoint": AGENTS_MOUNT, "options": AGENTS_OPTIONS}]
+    shares = [
+        {"tag": a.tag, "mountpoint": a.mountpoint, "options": micro_agents.SHARE_OPTIONS}
+        for a in (micro_agents.AGENTS[name] for name in agents)
+    ]
     return env.from_string(guest_file("micro-init.sh.j2")).render(
         exec_port=c["console"]["exec_port"],
         boot_marker=c["console"]["boot_marker"],
@@ -115,7 +114,7 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
         mirror=c["mirror"],
         fw_cfg=_fw_cfg_entries(c["user"]),
         modules=modules,
-        shares=shares if agents else [],
+        shares=shares,
     )
 
 
@@ -171,47 +170,6 @@ def needed_libs(binaries: list[Path]) -> dict[str, Path]:
     return dict(sorted(libs.items()))
 
 
-def install_opencode() -> Path:
-    """npm-install opencode-ai once into images_dir/agents (the read-only share)."""
-    target = paths.image_agents_dir() / f"opencode-{OPENCODE_VERSION}"
-    if (target / OPENCODE_BIN).is_file() and (target / ".complete").exists():
-        target.chmod(0o755)  # the guest's agent user must enter the share
-        return target
-    hint = "install Node.js and npm (apt-get install npm), and reach the npm registry"
-    if not shutil.which("npm"):
-        raise VMError("npm not found (needed for --with opencode)", hint)
-    with ui.step(f"installing opencode-ai {OPENCODE_VERSION} from npm"):
-        tmp = Path(tempfile.mkdtemp(prefix="opencode-", dir=target.parent.parent))
-        try:
-            argv = ["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund"]
-            run([*argv, "--ignore-scripts", f"opencode-ai@{OPENCODE_VERSION}"], "npm install", hint)
-            if not (tmp / OPENCODE_BIN).is_file():
-                raise VMError(f"npm installed no {OPENCODE_BIN}", hint)
-            (tmp / ".complete").write_text(OPENCODE_VERSION + "\n")
-            tmp.chmod(0o755)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _opencode_parts(archive: Archive, uid: int, gid: int, home: str) -> None:
-    """opencode on PATH, ripgrep, and a config folder that stops its plugin install."""
-    archive.symlink("usr/local/bin/opencode", f"{AGENTS_MOUNT}/{OPENCODE_BIN}")
-    archive.file("usr/bin/rg", Path("/usr/bin/rg").read_bytes(), 0o755)
-    cfg = f"{home}/.config/opencode"
-    for d in (f"{home}/.config", cfg, f"{cfg}/node_modules"):
-        archive.dir(d, 0o755, uid, gid)
-    lock = {
-        "lockfileVersion": 3,
-        "packages": {"": {"dependencies": {"@opencode-ai/plugin": OPENCODE_VERSION}}},
-    }
-    archive.file(f"{cfg}/package-lock.json", json.dumps(lock).encode(), 0o644, uid, gid)
-
-
 def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]) -> Archive:
     """Every file of the initramfs, owners and modes stated."""
     c = contract.raw()
@@ -256,9 +214,10 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
     if libs:
         a.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
         a.file("etc/ssl/certs/ca-certificates.crt", _ca_bundle())
-    if "opencode" in agents:
-        a.dir(f"{AGENTS_MOUNT}")
-        _opencode_parts(a, uid, gid, home)
+    for tool in micro_agents.host_tools(agents):
+        a.file(f"usr/bin/{tool.name}", tool.read_bytes(), 0o755)
+    for name in agents:
+        micro_agents.add_parts(a, micro_agents.AGENTS[name], uid, gid, home)
     return a
 
 
@@ -297,9 +256,13 @@ def own_key(agents: tuple[str, ...]) -> str:
         "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
-        "agents": {a: OPENCODE_VERSION for a in agents},
+        "agents": _versions(agents),
     }
     return _sha(json.dumps(own, sort_keys=True).encode())[:16]
+
+
+def _versions(agents: tuple[str, ...]) -> dict[str, str]:
+    return {a: micro_agents.AGENTS[a].version for a in agents}
 
 
 def find_built(agents: tuple[str, ...]) -> Path | None:
@@ -318,15 +281,17 @@ def image_key(inputs: dict[str, Any]) -> str:
     return _sha(json.dumps(inputs, sort_keys=True).encode())[:16]
 
 
-def micro_inputs(agents: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Path], Path | None]:
-    """Everything the image is made of: (key inputs, libraries, agents share)."""
+def micro_inputs(
+    agents: tuple[str, ...],
+) -> tuple[dict[str, Any], dict[str, Path], dict[str, Path]]:
+    """Everything the image is made of: (key inputs, libraries, agent shares)."""
     package, version = micro_kernel.find_package()
-    agents_dir = install_opencode() if "opencode" in agents else None
-    if agents_dir and not Path("/usr/bin/rg").is_file():
-        raise VMError(
-            "ripgrep not found at /usr/bin/rg (opencode needs it)", "apt-get install ripgrep"
-        )
-    libs = needed_libs([agents_dir / OPENCODE_BIN, Path("/usr/bin/rg")]) if agents_dir else {}
+    folders = {a: micro_agents.install(micro_agents.AGENTS[a]) for a in agents}
+    tools = micro_agents.host_tools(agents)
+    natives = [
+        f for a, d in folders.items() for f in micro_agents.native_files(micro_agents.AGENTS[a], d)
+    ]
+    libs = needed_libs([*natives, *tools]) if agents else {}
     inputs = {
         "revision": REVISION,
         "kernel": [package, version, list(micro_kernel.MODULES)],
@@ -337,17 +302,17 @@ def micro_inputs(agents: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Pat
         "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
-        "agents": {a: OPENCODE_VERSION for a in agents},
+        "agents": _versions(agents),
         "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
-        "extra": [_sha(Path("/usr/bin/rg").read_bytes()), _sha(_ca_bundle())] if agents else [],
+        "extra": [*(_sha(t.read_bytes()) for t in tools), _sha(_ca_bundle())] if agents else [],
     }
-    return inputs, libs, agents_dir
+    return inputs, libs, folders
 
 
 def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
     """Build (or reuse) the micro image; returns its manifest path."""
     agents = _check_agents(with_agents)
-    inputs, libs, agents_dir = micro_inputs(agents)
+    inputs, libs, folders = micro_inputs(agents)
     package, version = inputs["kernel"][:2]
     folder = paths.images_dir() / f"micro-{image_key(inputs)}"
     manifest = folder / "manifest.json"
@@ -363,11 +328,10 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
                 build_archive(kernel, agents, libs).write(out)
             (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
             (tmp / "own-key").write_text(own_key(agents) + "\n")
-            shares: list[dict[str, Any]] = []
-            if agents_dir:
-                shares.append(
-                    {"tag": AGENTS_TAG, "path": f"../agents/{agents_dir.name}", "readonly": True}
-                )
+            shares = [
+                {"tag": micro_agents.AGENTS[a].tag, "path": f"../agents/{d.name}", "readonly": True}
+                for a, d in folders.items()
+            ]
             fields: dict[str, Any] = {"name": "micro", "system": "x86_64-linux"}
             fields |= {"kernel": "vmlinux", "initrd": "initrd.cpio", "cmdline": CMDLINE}
             write_manifest(tmp, {**fields, "shares": shares, "features": list(agents)})

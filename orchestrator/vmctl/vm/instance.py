@@ -271,7 +271,7 @@ class Instance:
         self.close()
 
 
-def new_instance(spec: InstanceSpec, image: str) -> Instance:
+def new_instance(spec: InstanceSpec, image: str, notices: list[str] | None = None) -> Instance:
     """Claim the instance folder and record the spec before anything starts."""
     ipaths = paths.instance(spec.name)
     if ipaths.root.exists() and not reap_one(ipaths):
@@ -280,7 +280,9 @@ def new_instance(spec: InstanceSpec, image: str) -> Instance:
                 raise VMError(f"instance {spec.name!r} is running", f"vmctl down {spec.name}")
         # A stopped persistent instance: its folder (and disk) is reused.
     paths.private_dir(ipaths.root)
-    record = InstanceRecord.of(spec, image, time.time(), ProcessRef.of(os.getpid()))
+    record = InstanceRecord.of(
+        spec, image, time.time(), ProcessRef.of(os.getpid()), notices=tuple(notices or ())
+    )
     inst = Instance(record)
     inst.save()
     return inst
@@ -294,6 +296,7 @@ def up(
     fwcfg: dict[str, bytes] | None = None,
     timeout: float = 120.0,
     detach: bool = False,
+    notices: list[str] | None = None,
     max_conns: int = guestpath.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
@@ -303,7 +306,7 @@ def up(
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
     check_forwards_free([host for host, _ in spec.forwards])
-    inst = new_instance(spec, image)
+    inst = new_instance(spec, image, notices)
     try:
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
@@ -423,6 +426,7 @@ def status(name: str) -> dict[str, object]:
     inst = Instance.load(name)
     data = inst.info().to_json()
     data["state"] = "stopped"
+    data["notices"] = list(inst.record.notices)
     if inst.alive():
         try:
             with inst.qmp(timeout=2.0) as mon:

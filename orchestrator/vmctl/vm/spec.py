@@ -169,10 +169,17 @@ class InstanceRecord:
     mirror_sidecar: ProcessRef | None = None
     #: The guest's model path and watchdog (vmctl.sidecars.guestpath), while it runs.
     sidecar: ProcessRef | None = None
+    #: What `vmctl up` warned about (agents' tools off for a small context), for `status`.
+    notices: tuple[str, ...] = ()
 
     @classmethod
     def of(
-        cls, spec: InstanceSpec, image: str, started: float, owner: ProcessRef
+        cls,
+        spec: InstanceSpec,
+        image: str,
+        started: float,
+        owner: ProcessRef,
+        notices: tuple[str, ...] = (),
     ) -> InstanceRecord:
         endpoint = None if spec.model_endpoint is None else "{}:{}".format(*spec.model_endpoint)
         return cls(
@@ -180,7 +187,7 @@ class InstanceRecord:
             net=spec.net, model_endpoint=endpoint, forwards=spec.forwards, mem=spec.mem,
             cpus=spec.cpus, ephemeral=spec.ephemeral, policy=spec.policy, resolve=spec.resolve,
             mirror=spec.mirror,
-            owner=owner,
+            owner=owner, notices=notices,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -193,6 +200,7 @@ class InstanceRecord:
             "proxy": self.proxy.to_json() if self.proxy else None,
             "mirror": self.mirror_sidecar.to_json() if self.mirror_sidecar else None,
             "sidecar": self.sidecar.to_json() if self.sidecar else None,
+            "notices": list(self.notices),
             "spec": {
                 "workspace": self.workspace,
                 "net": self.net,
@@ -243,7 +251,15 @@ class InstanceRecord:
             proxy=_ref(data, "proxy", path),
             mirror_sidecar=_ref(data, "mirror", path),
             sidecar=_ref(data, "sidecar", path),
+            notices=_notices(data, path),
         )
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_json())
+
+
+def _notices(data: dict[str, Any], path: Path) -> tuple[str, ...]:
+    value = data.get("notices", [])
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise StateError(f"{path}: field 'notices' is not a list of lines")
+    return tuple(value)
