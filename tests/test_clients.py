@@ -261,7 +261,7 @@ def test_opencode_run_completes_a_request(vmctl_server: ServedModel, workspace: 
     assert posts and all(a["path"] == "/v1/chat/completions" for a in posts)
     assert all(a["status"] == 200 for a in posts)
     # Trimmed for an 8k model: no title request, no tool schemas.
-    assert len(posts) == 1 and int(str(posts[0]["bytes_in"])) < 4096
+    assert len(posts) == 1 and int(str(posts[0]["bytes_up"])) < 4096
 
 
 @pytest.mark.slow
