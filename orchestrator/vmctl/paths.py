@@ -3,10 +3,10 @@
 The layout (below `home()`, default platformdirs' user state folder,
 overridable with VMCTL_HOME)::
 
-    servers/NAME/      server.json, config.json, audit.jsonl, server.log,
+    servers/NAME/      server.json, config.json, server.log,
                        run/ (socket, cache, sandbox profile)
     instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
-                       console.log, qemu.log, audit.jsonl, overlay.qcow2, fwcfg/, relay,
+                       console.log, qemu.log, overlay.qcow2, fwcfg/, relay,
                        ports.sock, mirror-qmp.sock, forwards.json, mirror.log
     clients/NAME/      a host client's private config and data (state/), its relay log
                        (relay.jsonl), per-run sockets (run/PID/)
@@ -137,10 +137,6 @@ class ServerPaths(_Folder):
         return self.root / "config.json"
 
     @property
-    def audit(self) -> Path:
-        return self.root / "audit.jsonl"
-
-    @property
     def log(self) -> Path:
         return self.root / "server.log"
 
@@ -208,10 +204,6 @@ class InstancePaths(_Folder):
     @property
     def qemu_log(self) -> Path:
         return self.root / "qemu.log"
-
-    @property
-    def audit(self) -> Path:
-        return self.root / "audit.jsonl"
 
     @property
     def overlay(self) -> Path:

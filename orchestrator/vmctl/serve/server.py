@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl import paths, ui
+from vmctl import events, paths, ui
 from vmctl.errors import ConfigError, NotFoundError, ServerError
 from vmctl.logtail import tail_lines
 from vmctl.poll import Timeout, wait_until
@@ -194,7 +194,7 @@ def _read_info(root: Path) -> ServerInfo | None:
         model=rec.model,
         started=rec.started,
         running=rec.supervisor.alive(),
-        audit=sp.audit,
+        audit=events.subject_file(paths.events_dir(), "server", rec.name),
         log=sp.log,
     )
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
-from vmctl import contract, paths, ui
+from vmctl import contract, events, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
@@ -94,7 +94,7 @@ def _info(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
         image=rec.image,
         root=ipaths.root,
         console_log=ipaths.console_log,
-        audit=ipaths.audit,
+        audit=events.subject_file(paths.events_dir(), "guest", rec.name),
         qemu_log=ipaths.qemu_log,
     )
 
