@@ -154,7 +154,7 @@ def vmctl_server(
     name = "t-serve"
     port = free_port()
     out = subprocess.run(
-        vmctl_cmd("serve", "--detach", "--json", "--port", str(port), "--name", name),
+        vmctl_cmd("serve", "--detach", "--json", "--port", str(port), "--name", name, *BOUNDED),
         env=env,
         capture_output=True,
         text=True,
@@ -169,6 +169,11 @@ def vmctl_server(
         subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
 
 
+#: Some clients send no token limit (Codex has no setting for it) and SmolLM2
+#: can then generate until its context fills, slot after slot, long after the
+#: test is over: the test servers bound every reply on the server side.
+BOUNDED = ("--", "--n-predict", "256")
+
 #: The key `keyed_server` requires.
 KEYED_SERVER_KEY = "vmctl-test-k3y"
 
@@ -180,6 +185,7 @@ def start_server(home: Path, name: str, llama_server_bin: Path, *extra: str) -> 
 
     env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
     argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, *extra]
+    argv += [] if "--" in extra else list(BOUNDED)
     out = subprocess.run(vmctl_cmd("serve", *argv), env=env, capture_output=True, text=True,
                          timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"
