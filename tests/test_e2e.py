@@ -54,7 +54,9 @@ def test_opencode_in_guest_against_vmctl_serve(
         assert run.returncode == 0, run.stdout + run.stderr
         assert run.stdout.strip(), "opencode printed no reply"
         requests = [
-            r for r in vmctl_server.audit_lines()[before:] if r["path"] == "/v1/chat/completions"
+            r
+            for r in vmctl_server.audit_lines()[before:]
+            if r.get("path") == "/v1/chat/completions"
         ]
         assert requests and all(r["status"] == 200 for r in requests)
         assert all(r["model"] == vmctl_server.alias for r in requests)

@@ -120,7 +120,7 @@ def test_balanced_guest_through_the_proxy(
         assert out == BODY.decode()
         # busybox wget ignores NO_PROXY: asked for the model, the proxy goes to the model.
         assert guest(env, "g1", "timeout 30 wget -q -O - http://10.0.2.2:8080/") == BODY.decode()
-        out = guest(env, "g1", CONNECT.format(port=tls.port))
+        out = guest(env, "g1", "(" + CONNECT.format(port=tls.port) + ") 2>&1")
         assert out.startswith("HTTP/1.1 200 Connection established") and out.endswith("secret")
         out = guest(env, "g1", raw_get(f"http://other.test:{hello.port}/"))
         assert out.startswith("HTTP/1.1 403") and "no rule allows other.test" in out

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import free_port, need
 from vmctl import events
-from vmctl.images import manifest as images
+from vmctl.images import choose
 from vmctl.procs import ProcessRef
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -73,7 +73,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     standin.chmod(0o755)
     e = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_CACHE": cache, "VMCTL_QUIET": "1"}
     os.environ["VMCTL_CACHE"] = cache
-    e["TEST_MANIFEST"] = str(images.resolve_image("micro").path)
+    e["TEST_MANIFEST"] = str(choose.resolve_image("micro").path)
     port = free_port()
     e["TEST_PORT"] = str(port)
     r = vmctl(e, "serve", "--detach", "--no-sandbox", "--llama-server", str(standin),

@@ -116,7 +116,7 @@ def test_server_name_chooses_between_two(
 def micro_manifest(env: dict[str, str]) -> str:
     """The micro image (built once, cached under the shared VMCTL_CACHE)."""
     need(sys.platform.startswith("linux"), "QEMU guests run on Linux here")
-    code = "from vmctl.images import manifest; print(manifest.resolve_image('micro').path)"
+    code = "from vmctl.images import choose; print(choose.resolve_image('micro').path)"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl.images import manifest as images
+from vmctl.images import choose
 
 pytestmark = pytest.mark.qemu
 VMCTL = [sys.executable, "-m", "vmctl"]
@@ -29,7 +29,7 @@ def vmctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_down_guest_is_listed_as_stopped_until_rm(vmctl_home: Path, tmp_path: Path) -> None:
     need(bool(subprocess.run(["which", "qemu-system-x86_64"], capture_output=True).stdout), "qemu")
-    manifest = images.resolve_image("micro").path
+    manifest = choose.resolve_image("micro").path
     env = {**os.environ, "VMCTL_QUIET": "1"}
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from vmctl.images import manifest as images
+from vmctl.images import choose
 
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.qemu
@@ -33,7 +33,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("sh", numbered=True)
     os.environ["VMCTL_CACHE"] = cache
     e = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_CACHE": cache}
-    e["TEST_MANIFEST"] = str(images.resolve_image("micro").path)
+    e["TEST_MANIFEST"] = str(choose.resolve_image("micro").path)
     yield e
     for root in (home / "instances").glob("*"):
         subprocess.run([*VMCTL, "down", root.name], env=e, timeout=60, check=False)
