@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from conftest import free_port, need
+from vmctl import events
 from vmctl.clients import registry as clients
 from vmctl.serve.gateway import Gateway, GatewayConfig
 
@@ -86,7 +87,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[str, Path, StandIn]]:
     sock = tmp_path / "model.sock"
     await web.UnixSite(runner, str(sock)).start()
     port = free_port()
-    audit = tmp_path / "audit.jsonl"
+    audit = tmp_path / "events"  # the gateway's event folder (one file per caller)
     gw = Gateway(GatewayConfig("127.0.0.1", port, sock, audit, api_key=KEY, alias="stand-in"))
     await gw.start()
     try:
@@ -116,8 +117,8 @@ async def test_codex_runs_a_tool_that_changes_the_workspace(
     assert (workspace / "notes" / "new.txt").read_text() == "written-by-codex\n"
     assert (workspace / "README.txt").read_text() == "made by the host\nappended\n"
     assert out.decode().strip().endswith("done")
-    lines = [json.loads(line) for line in audit.read_text().splitlines()]
-    posts = [(r["path"], r["status"]) for r in lines if r["method"] == "POST"]
+    lines = [json.loads(e.to_json()) for e in events.read_all(sorted(audit.glob("*.jsonl")))]
+    posts = [(r["path"], r["status"]) for r in lines if r.get("method") == "POST"]
     assert posts == [("/v1/responses", 200), ("/v1/responses", 200)]
     first, second = stand_in.requests
     assert first["stream"] is True and {"exec_command"} <= {t.get("name") for t in first["tools"]}
