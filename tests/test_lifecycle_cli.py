@@ -33,7 +33,19 @@ def test_down_guest_is_listed_as_stopped_until_rm(vmctl_home: Path, tmp_path: Pa
     env = {**os.environ, "VMCTL_QUIET": "1"}
     ws = tmp_path / "ws"
     ws.mkdir()
-    up = ["up", "-d", str(ws), "--name", "keep", "--image", str(manifest), "--net", "none"]
+    up = [
+        "up",
+        "-d",
+        str(ws),
+        "--name",
+        "keep",
+        "--image",
+        str(manifest),
+        "--net",
+        "none",
+        "--accel",
+        "tcg",
+    ]
     r = vmctl(env, *up, "--detach", "--timeout", "150")
     try:
         assert r.returncode == 0, r.stderr
