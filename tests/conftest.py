@@ -169,10 +169,10 @@ def vmctl_server(
         subprocess.run(vmctl_cmd("stop", name), env=env, timeout=60, check=False)
 
 
-#: Some clients send no token limit (Codex has no setting for it) and SmolLM2
-#: can then generate until its context fills, slot after slot, long after the
-#: test is over: the test servers bound every reply on the server side.
-BOUNDED = ("--", "--n-predict", "256")
+#: Some clients send no token limit (Codex has no setting for it), others one
+#: sized to the context (Claude Code), and SmolLM2 can then ramble for minutes
+#: on a busy machine: the test servers' gateways cap every reply.
+BOUNDED = ("--max-output", "256")
 
 #: The key `keyed_server` requires.
 KEYED_SERVER_KEY = "vmctl-test-k3y"
@@ -184,8 +184,8 @@ def start_server(home: Path, name: str, llama_server_bin: Path, *extra: str) -> 
     import subprocess
 
     env = {**os.environ, "VMCTL_HOME": str(home), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
-    argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, *extra]
-    argv += [] if "--" in extra else list(BOUNDED)
+    bound = () if "--max-output" in extra else BOUNDED
+    argv = ["--detach", "--json", "--port", str(free_port()), "--name", name, *bound, *extra]
     out = subprocess.run(vmctl_cmd("serve", *argv), env=env, capture_output=True, text=True,
                          timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, f"vmctl serve failed: {out.stderr}"

@@ -46,9 +46,9 @@ def files_of(folder: Path) -> dict[str, str]:
     }
 
 
-def assert_job_done(folder: Path, script: Script, what: str) -> None:
+def assert_job_done(folder: Path, script: Script, model: ScriptedModel, what: str) -> None:
     """Exactly the scripted files, with exactly the scripted contents."""
-    assert files_of(folder) == script.expected(), what
+    assert files_of(folder) == script.expected(), (what, model.tool_results())
 
 
 def answered(model: ScriptedModel, since: int) -> list[str]:
@@ -105,7 +105,7 @@ def test_agents_in_a_guest_edit_the_workspace(
             run = _guest_run(name, cmd, timeout=1200)
             assert run.returncode == 0, f"{agent}: {run.stdout}\n{run.stderr}"
             assert FINAL_TEXT in run.stdout, run.stdout
-            assert_job_done(ws / agent, script, agent)
+            assert_job_done(ws / agent, script, model, agent)
             asked = answered(model, since)
             assert model.tool_calls()[-4:] == [
                 n if agent == "opencode" else n.capitalize()
@@ -144,7 +144,7 @@ def test_agents_under_vmctl_run_edit_the_workspace(
     assert run.returncode == 0, run.stdout + run.stderr
     assert FINAL_TEXT in run.stdout
     assert "without tools" not in run.stderr
-    assert_job_done(ws, script, agent)
+    assert_job_done(ws, script, model, agent)
     # Every model request went through the bridge and is in its log.
     relayed = [
         f"{x['method']} {_path(x['path'])}"

@@ -51,6 +51,7 @@ async def upstream_app(sock: Path) -> web.AppRunner:
         return web.json_response(
             {
                 "model": body.get("model"),
+                "max_tokens": body.get("max_tokens"),
                 "seen": seen,
                 "usage": {"input_tokens": 5, "output_tokens": 2},
             }
@@ -202,3 +203,32 @@ async def test_client_hanging_up_mid_stream_is_not_a_502(gateway: tuple[str, Pat
     (line,) = audit_lines(audit)
     assert line["status"] == 200
     assert line["reason"] == "client_gone"
+
+
+async def test_the_ceiling_lowers_the_limit_upstream_and_bounds_what_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-output: llama-server sees the ceiling; a body too big to read whole is a 413."""
+    from vmctl.serve import caps
+
+    monkeypatch.setattr(caps, "MAX_CAPPED_BODY", 4096)
+    sock = tmp_path / "up.sock"
+    runner = await upstream_app(sock)
+    port = free_port()
+    gw = Gateway(GatewayConfig("127.0.0.1", port, sock, tmp_path / "ev", max_output=50))
+    await gw.start()
+    url = f"http://127.0.0.1:{port}/v1/messages"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json={"model": "m", "max_tokens": 9999}) as r:
+                assert (r.status, (await r.json())["max_tokens"]) == (200, 50)
+            async with s.post(url, json={"model": "m", "max_tokens": 20}) as r:
+                assert (await r.json())["max_tokens"] == 20
+            async with s.post(url, json={"model": "m", "pad": "x" * 5000}) as r:
+                assert r.status == 413
+                assert "4096" in (await r.json())["error"]["message"]
+    finally:
+        await gw.close()
+        await runner.cleanup()
+    lines = events.read_all((tmp_path / "ev").glob("*.jsonl"))
+    assert [(e.status, e.reason) for e in lines][-1] == (413, "body_too_large")

@@ -297,6 +297,26 @@ class ScriptedModel:
             r.answer.removeprefix("tool:") for r in self.requests if r.answer.startswith("tool:")
         ]
 
+    def tool_results(self) -> list[str]:
+        """What the agent reported back for each tool call, from its latest request.
+
+        Shown when a scripted job is not done: it says why a step failed
+        (a tool's error, a timeout) where the agent's own output does not.
+        """
+        if not self.requests:
+            return []
+        found: list[str] = []
+        for msg in self.requests[-1].body.get("messages") or []:
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("role") == "tool":
+                found.append(str(msg.get("content"))[:500])
+            content = msg.get("content")
+            for block in content if isinstance(content, list) else []:
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    found.append(json.dumps(block.get("content"))[:500])
+        return found
+
     def record(self, rec: Recorded) -> None:
         with self._lock:
             self.requests.append(rec)

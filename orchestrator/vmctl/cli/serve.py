@@ -69,6 +69,12 @@ def serve(
         "--gpu/--no-gpu",
         help="Bind the GPU into the sandbox (default: when llama-server is a GPU build).",
     ),
+    max_output: int | None = typer.Option(
+        None,
+        "--max-output",
+        help="Cap every reply at this many tokens, whatever the client asks "
+        "(default: bounded only by the context).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
 ) -> None:
     """Serve a model with llama-server in a default-deny sandbox, behind an audited gateway.
@@ -80,7 +86,7 @@ def serve(
     if as_json:
         ui.quiet()
     name = name or server.default_name(port)
-    server.check_options(name, port, ctx_size)  # before a model is fetched
+    server.check_options(name, port, ctx_size, max_output)  # before a model is fetched
     if restart not in ("on-failure", "no"):
         raise ConfigError(f"--restart {restart!r} is not on-failure or no", "--restart on-failure")
     binary = server.find_llama_server(llama_server)
@@ -101,6 +107,7 @@ def serve(
         model_args=list(local.server_args),
         extra_args=passthrough(),
         gpu=list(server.gpu_kinds(binary, gpu)),
+        max_output=max_output,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         ui.warn(

@@ -35,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vmctl import events
 from vmctl.events import Event, EventLog
+from vmctl.serve import caps
 from vmctl.serve.wire import (
     HOP_BY_HOP,
     error_response,
@@ -69,10 +70,15 @@ class GatewayConfig:
     max_body: int = MAX_BODY_BYTES
     max_in_flight: int = MAX_IN_FLIGHT
     body_timeout: float = BODY_TIMEOUT_S  # longest wait for the next body bytes
+    max_output: int | None = None  # reply-length ceiling in tokens (vmctl.serve.caps)
 
 
 class BodyTooLarge(Exception):
-    """A chunked request body grew past the limit while being streamed."""
+    """A request body grew past a limit (the gateway's, or caps.MAX_CAPPED_BODY)."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
 
 
 class BodyStalled(Exception):
@@ -274,7 +280,9 @@ class Gateway:
         try:
             return await self._forward(request, fields, counted)
         except (BodyTooLarge, BodyStalled, HttpProcessingError, aiohttp.ClientError, OSError) as e:
-            refused = _body_refusal(e, counted["up"] > cfg.max_body, cfg)
+            over = e.limit if isinstance(e, BodyTooLarge) else None
+            over = cfg.max_body if counted["up"] > cfg.max_body else over
+            refused = _body_refusal(e, over, cfg)
             if refused is not None:
                 fields.update(decision="deny", reason=refused[1], detail=refused[2])
                 response = error_response(refused[0], refused[2], "invalid_request_error")
@@ -300,7 +308,7 @@ class Gateway:
                 fields["model"] = fields.get("model") or request_model(chunk)
             counted["up"] += len(chunk)
             if counted["up"] > self.config.max_body:
-                raise BodyTooLarge
+                raise BodyTooLarge(self.config.max_body)
             yield chunk
 
     async def _forward(
@@ -311,15 +319,21 @@ class Gateway:
         # The key is the gateway's business; llama-server itself has none.
         headers.pop("Authorization", None)
         headers.pop("x-api-key", None)
-        data = self._body(request, fields, counted) if request.body_exists else None
-        if data is not None and request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
+        data: AsyncIterator[bytes] | bytes | None = None
+        if request.body_exists:
+            data = self._body(request, fields, counted)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+            field = caps.route_field(request.path) if self.config.max_output else None
+            if field is not None and request.method == "POST":
+                data = await self._capped(data, field)
+                headers["Content-Length"] = str(len(data))
         url = f"http://llama{request.raw_path}"
         async with self.session().request(
             request.method, url, data=data, headers=headers
         ) as upstream:
             if counted["up"] > self.config.max_body:
-                raise BodyTooLarge
+                raise BodyTooLarge(self.config.max_body)
             fields["model"] = fields.get("model") or self.config.alias
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -346,6 +360,16 @@ class Gateway:
                 fields["reason"] = "client_gone"
             return response
 
+    async def _capped(self, body: AsyncIterator[bytes], field: str) -> bytes:
+        """The whole body, its reply limit lowered to the server's ceiling."""
+        whole = bytearray()
+        async for chunk in body:
+            whole += chunk
+            if len(whole) > caps.MAX_CAPPED_BODY:
+                raise BodyTooLarge(caps.MAX_CAPPED_BODY)
+        assert self.config.max_output is not None
+        return caps.cap(bytes(whole), field, self.config.max_output) or bytes(whole)
+
 
 async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
     """Write a chunk (None: the end) to the client; False if the client is gone."""
@@ -360,12 +384,17 @@ async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
 
 
 def _body_refusal(
-    exc: BaseException, too_large: bool, cfg: GatewayConfig
+    exc: BaseException, over: int | None, cfg: GatewayConfig
 ) -> tuple[int, str, str] | None:
-    """(status, reason, message) when the caller's body, not the model server, failed."""
+    """(status, reason, message) when the caller's body, not the model server, failed.
+
+    `over` is the byte limit the body went past, if it did.
+    """
     cause = exc if isinstance(exc, BodyStalled | HttpProcessingError) else exc.__cause__
-    if too_large:
-        return 413, "body_too_large", f"request body over {cfg.max_body} bytes"
+    if isinstance(cause, BodyTooLarge):
+        over = over or cause.limit
+    if over is not None:
+        return 413, "body_too_large", f"request body over {over} bytes"
     if isinstance(cause, BodyStalled) or isinstance(exc, BodyStalled):
         return 408, "body_timeout", f"no request body bytes for {cfg.body_timeout:.0f} s"
     if isinstance(cause, HttpProcessingError):

@@ -33,11 +33,18 @@ LOAD_TIMEOUT = float(os.environ.get("VMCTL_LOAD_TIMEOUT", "600"))
 MAX_CTX_SIZE = 1 << 22
 
 
-def check_options(name: str, port: int, ctx_size: int | None) -> None:
+def check_options(
+    name: str, port: int, ctx_size: int | None, max_output: int | None = None
+) -> None:
     """Refuse bad `vmctl serve` options before anything is fetched or started."""
     paths.check_name(name, "--name")
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is out of range", "use 1-65535")
+    if max_output is not None and not 0 < max_output <= MAX_CTX_SIZE:
+        raise ConfigError(
+            f"--max-output {max_output} is not a number of tokens",
+            f"give 1 to {MAX_CTX_SIZE}, or leave it out to bound replies by the context",
+        )
     if ctx_size is not None and not 0 < ctx_size <= MAX_CTX_SIZE:
         raise ConfigError(
             f"--ctx-size {ctx_size} is not a context size",
@@ -65,9 +72,11 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
     #: GPU kinds bound into the sandbox (host profile `[gpu.KIND]` tables).
     gpu: list[str] = field(default_factory=list)
+    #: The gateway's ceiling on any reply, in tokens (vmctl.serve.caps); None: the context's.
+    max_output: int | None = None
 
     def __post_init__(self) -> None:
-        check_options(self.name, self.port, self.ctx_size)
+        check_options(self.name, self.port, self.ctx_size, self.max_output)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerConfig:

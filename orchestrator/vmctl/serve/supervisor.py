@@ -165,7 +165,7 @@ async def supervise(
     gateway = Gateway(
         GatewayConfig(
             config.host, config.port, sp.socket, paths.events_dir(), config.api_key,
-            config.alias, name=config.name, routes=sp.routes,
+            config.alias, name=config.name, routes=sp.routes, max_output=config.max_output,
         )
     )  # fmt: skip
     try:
