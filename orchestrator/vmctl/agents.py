@@ -42,6 +42,9 @@ CLAUDE_OFFLINE_ENV = {
     "DISABLE_AUTOUPDATER": "1",
     "DISABLE_TELEMETRY": "1",
 }
+#: Claude Code's Bash tool gives up after 2 minutes by default; under TCG an
+#: `npm install` or a build takes longer, and the agent then sees a failure.
+CLAUDE_TOOL_ENV = {"BASH_DEFAULT_TIMEOUT_MS": "600000", "BASH_MAX_TIMEOUT_MS": "1800000"}
 PROVIDER = "llama"
 TINY_PROMPT = "You are a concise assistant. Answer the user directly."
 #: opencode's switches for network use vmctl never wants (field notes).
@@ -352,6 +355,7 @@ def agent_env(ep: AgentEndpoint) -> dict[str, str]:
         "ANTHROPIC_MODEL": ep.model,
         "ANTHROPIC_SMALL_FAST_MODEL": ep.model,
         **CLAUDE_OFFLINE_ENV,
+        **CLAUDE_TOOL_ENV,
         **OPENCODE_ENV,
     }
     output = ep.output_tokens("claude")
@@ -369,7 +373,11 @@ def claude_settings(ep: AgentEndpoint) -> dict[str, Any]:
     boundary ("let the agent go wild"); with too small a context every tool
     is denied, which removes them from its requests (context_notice says so).
     """
-    env = {k: v for k, v in agent_env(ep).items() if k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env = {
+        k: v
+        for k, v in agent_env(ep).items()
+        if k.startswith(("ANTHROPIC_", "CLAUDE_")) or k in CLAUDE_TOOL_ENV
+    }
     permissions: dict[str, Any] = {"defaultMode": "bypassPermissions"}
     if not ep.tools_on("claude"):
         permissions["deny"] = ["*"]
