@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import StubFactory, StubRequest
-from vmctl import agents, contract
+from vmctl import agents, contract, served
 from vmctl.agents import AgentEndpoint
 from vmctl.errors import ConfigError
 
@@ -219,10 +219,8 @@ def models_server(http_stub: StubFactory) -> str:
 
 
 def test_discover_reads_ids_and_the_smallest_context(models_server: str) -> None:
-    assert agents.discover(models_server, api_key="k") == (("m1", "m2"), 4096)
-    assert agents.discover_models(models_server) == ()  # 401 without the key
-    ep = agents.endpoint(agents.GUEST_BASE_URL, probe_url=models_server, api_key="k")
-    assert (ep.base_url, ep.models, ep.context) == (agents.GUEST_BASE_URL, ("m1", "m2"), 4096)
+    assert served.discover(models_server, api_key="k") == (("m1", "m2"), 4096)
+    assert served.discover(models_server) == ((), None)  # 401 without the key
 
 
 def test_discover_is_bounded_and_empty_when_nothing_answers() -> None:
@@ -233,10 +231,8 @@ def test_discover_is_bounded_and_empty_when_nothing_answers() -> None:
         s.listen(1)
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
         start = time.monotonic()
-        assert agents.discover_models(url, timeout=0.5) == ()
+        assert served.discover(url, timeout=0.5) == ((), None)
         assert time.monotonic() - start < 3
-    ep = agents.endpoint(url, models=("fallback",), timeout=0.5)
-    assert ep.models == ("fallback",) and ep.context is None
 
 
 def test_codex_config_is_the_local_responses_provider_only() -> None:

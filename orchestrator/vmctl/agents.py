@@ -17,8 +17,6 @@ import argparse
 import json
 import re
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +55,7 @@ OPENCODE_ENV = {
     "OPENCODE_DISABLE_SHARE": "1",
 }
 
-_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+/@-]{0,127}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+/@-]{0,127}$")
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 _ENV_VALUE_RE = re.compile(r"^[^\n\r\"'\\`$\x00]*$")
 
@@ -81,7 +79,7 @@ class AgentEndpoint:
         if not self.models:
             raise ConfigError("no model to configure", "pass --model or start `vmctl serve`")
         for m in self.models:
-            if not _MODEL_RE.match(m):
+            if not MODEL_RE.match(m):
                 raise ConfigError(f"invalid model id {m!r}", "use letters, digits and ._:+/@-")
         if self.api_key is not None and not (
             _KEY_RE.match(self.api_key) and _ENV_VALUE_RE.match(self.api_key)
@@ -129,100 +127,6 @@ def check_base_url(url: str) -> str:
     ):
         raise ConfigError(f"invalid endpoint URL {url!r}", "use e.g. http://127.0.0.1:8080/v1")
     return url
-
-
-def _get_json(url: str, api_key: str | None, timeout: float) -> Any:
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read(1 << 20))
-
-
-def discover(
-    base_url: str, *, api_key: str | None = None, timeout: float = 2.0
-) -> tuple[tuple[str, ...], int | None]:
-    """Models served at `base_url` (GET /v1/models) and their context length.
-
-    Bounded by `timeout`; on any failure the answer is `((), None)` so that
-    callers fall back to what the user named. The context is the smallest
-    `meta.n_ctx` or `meta.n_ctx_train` llama-server reports, if any.
-    """
-    try:
-        data = _get_json(base_url.rstrip("/") + "/models", api_key, timeout)
-    except (OSError, ValueError, urllib.error.URLError):
-        return (), None
-    ids, context = parse_models(data)
-    return ids, served_context(base_url, context, api_key=api_key, timeout=timeout)
-
-
-def served_context(
-    base_url: str, context: int | None, *, api_key: str | None = None, timeout: float = 2.0
-) -> int | None:
-    """`context` lowered to llama-server's per-slot context (`/props`) when it says one."""
-    served = _served_context(base_url, api_key, timeout)
-    if served is None:
-        return context
-    return served if context is None else min(context, served)
-
-
-def parse_models(data: Any) -> tuple[tuple[str, ...], int | None]:
-    """Model ids and the smallest context from a parsed `GET /v1/models` answer."""
-    entries = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        return (), None
-    ids: list[str] = []
-    contexts: list[int] = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        mid = entry.get("id")
-        if isinstance(mid, str) and _MODEL_RE.match(mid) and mid not in ids:
-            ids.append(mid)
-        meta = entry.get("meta")
-        for key in ("n_ctx", "n_ctx_train"):
-            n_ctx = meta.get(key) if isinstance(meta, dict) else None
-            if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256:
-                contexts.append(n_ctx)
-    return tuple(ids), (min(contexts) if contexts else None)
-
-
-def _served_context(base_url: str, api_key: str | None, timeout: float) -> int | None:
-    """llama-server's per-slot context (`/props`), which can be below the trained one."""
-    try:
-        props = _get_json(base_url.removesuffix("/v1") + "/props", api_key, timeout)
-        n_ctx = props["default_generation_settings"]["n_ctx"]
-    except (OSError, ValueError, LookupError, TypeError, urllib.error.URLError):
-        return None
-    return (
-        n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx >= 256 else None
-    )
-
-
-def discover_models(
-    base_url: str, timeout: float = 2.0, *, api_key: str | None = None
-) -> tuple[str, ...]:
-    """The model ids served at `base_url`, or () when it cannot be asked."""
-    return discover(base_url, api_key=api_key, timeout=timeout)[0]
-
-
-def endpoint(
-    base_url: str,
-    *,
-    probe_url: str | None = None,
-    models: tuple[str, ...] = (),
-    api_key: str | None = None,
-    context: int | None = None,
-    timeout: float = 2.0,
-) -> AgentEndpoint:
-    """The endpoint an agent sees at `base_url`, learnt from `probe_url`.
-
-    A guest reaches the model at 10.0.2.2 while the host asks 127.0.0.1,
-    hence two URLs. Served models win over `models` (the user's guess);
-    the user's `context` wins over the model's training context.
-    """
-    served, trained = discover(probe_url or base_url, api_key=api_key, timeout=timeout)
-    return AgentEndpoint(base_url, served or models, api_key, context or trained)
 
 
 def opencode_config(ep: AgentEndpoint) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmctl import agents, contract, paths, ui
+from vmctl import agents, contract, paths, served, ui
 from vmctl.agents import AgentEndpoint
 from vmctl.errors import ClientError, ConfigError, NotFoundError
 from vmctl.serve.server import ServerInfo, list_servers
@@ -250,9 +250,9 @@ def probe(loc: Located) -> tuple[tuple[str, ...], int | None] | None:
         return None
     if status != 200:
         return (), None
-    ids, context = agents.parse_models(data)
+    ids, context = served.parse_models(data)
     # llama-server's per-slot context can be below the trained one it lists.
-    return ids, agents.served_context(loc.origin + "/v1", context, api_key=loc.api_key)
+    return ids, served.served_context(loc.origin + "/v1", context, api_key=loc.api_key)
 
 
 def find_endpoint(
