@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from vmctl.cli.argv import passthrough
-from vmctl.clients import registry
+from vmctl.clients import launch, registry
 
 verbs = typer.Typer()
 
@@ -45,7 +45,7 @@ def run(
 
     Arguments after `--` go to the client verbatim; its exit status is vmctl's.
     """
-    req = registry.RunRequest(
+    req = launch.RunRequest(
         client=client,
         workspace=workspace,
         args=passthrough(),
@@ -57,7 +57,7 @@ def run(
         policy=policy,
         resolve=tuple(resolve),
     )
-    code = registry.run(req)
+    code = launch.run(req)
     sys.stdout.flush()
     # Not typer.Exit: click returns its code from a non-standalone app() call
     # and vmctl.cli.main drops it, so the client's status would be lost.
