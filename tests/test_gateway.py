@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from vmctl import events
-from vmctl.serve.gateway import Gateway, GatewayConfig, authorized, token_usage
+from vmctl.serve.gateway import Gateway, GatewayConfig, token_usage
+from vmctl.serve.wire import authorized
 
 
 def free_port() -> int:

@@ -19,7 +19,6 @@ one-line logger, so no input leaves a traceback in server.log.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import sys
 import time
 import weakref
@@ -38,6 +37,7 @@ from vmctl.events import Event, EventLog
 from vmctl.serve import caps
 from vmctl.serve.wire import (
     HOP_BY_HOP,
+    authorized,
     error_response,
     quiet_logger,
     request_model,
@@ -45,7 +45,6 @@ from vmctl.serve.wire import (
     token_usage,
 )
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_IN_FLIGHT = 64
 BODY_TIMEOUT_S = 30.0
@@ -83,18 +82,6 @@ class BodyTooLarge(Exception):
 
 class BodyStalled(Exception):
     """The caller stopped sending its body (a slow-body attack or a dead client)."""
-
-
-def authorized(request: web.BaseRequest, api_key: str | None) -> bool:
-    """True when no key is set, the path is public, or a header carries the key."""
-    if api_key is None or request.path in PUBLIC_PATHS:
-        return True
-    offered = request.headers.get("x-api-key", "")
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        offered = offered or auth[7:].strip()
-    # Header bytes that are not UTF-8 arrive as surrogates: compare them as bytes.
-    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), api_key.encode())
 
 
 class Gateway:

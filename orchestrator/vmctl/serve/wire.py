@@ -1,13 +1,15 @@
 """What the gateway reads from and writes into the HTTP messages it relays.
 
-Pure helpers, no I/O: hop-by-hop headers, token counts and the model name
-from the bytes that pass, errors in the clients' own shapes (OpenAI's JSON,
-and the last SSE event of a stream the model server cut, OpenAI's or
-Anthropic's), and aiohttp's error log turned into one escaped line.
+Pure helpers, no I/O: who may call (the API key), hop-by-hop headers,
+token counts and the model name from the bytes that pass, errors in the
+clients' own shapes (OpenAI's JSON, and the last SSE event of a stream the
+model server cut, OpenAI's or Anthropic's), and aiohttp's error log turned
+into one escaped line.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -17,6 +19,7 @@ from aiohttp import web
 
 from vmctl import events
 
+PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 # Headers that describe one hop, not the message (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(
     {
@@ -107,3 +110,15 @@ def stream_error(path: str, content_type: str) -> bytes | None:
         return f"event: error\ndata: {json.dumps(err)}\n\n".encode()
     body = {"error": {"message": message, "type": "server_error", "code": 502}}
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def authorized(request: web.BaseRequest, api_key: str | None) -> bool:
+    """True when no key is set, the path is public, or a header carries the key."""
+    if api_key is None or request.path in PUBLIC_PATHS:
+        return True
+    offered = request.headers.get("x-api-key", "")
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        offered = offered or auth[7:].strip()
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as bytes.
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), api_key.encode())
