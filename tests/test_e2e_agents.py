@@ -25,7 +25,7 @@ import pytest
 
 from conftest import need, vmctl_cmd
 from fakes.scripted_model import FINAL_TEXT, TITLE_TEXT, Script, ScriptedModel
-from vmctl import agents, paths
+from vmctl import agents, events, paths
 from vmctl.clients import registry as clients
 
 GUEST_AGENTS = ("opencode", "claude", "llm")
@@ -145,18 +145,12 @@ def test_agents_under_vmctl_run_edit_the_workspace(
     assert FINAL_TEXT in run.stdout
     assert "without tools" not in run.stderr
     assert_job_done(ws, script, model, agent)
-    # Every model request went through the bridge and is in its log.
-    relayed = [
-        f"{x['method']} {_path(x['path'])}"
-        for x in (json.loads(line) for line in _bridge_log(agent).read_text().splitlines())
-        if x.get("method")
-    ]
+    # Every model request went through the bridge and is in the client's events.
+    audit = list(events.read_file(events.subject_file(paths.events_dir(), "client", agent)))
+    relayed = [f"{e.method} {_path(str(e.path))}" for e in audit if e.kind == "request"]
+    assert audit[-1].kind == "connection" and audit[-1].who == agent
     asked = answered(model, 0)
     assert len(asked) >= 5 and not Counter(asked) - Counter(relayed), (asked, relayed)
-
-
-def _bridge_log(client: str) -> Path:
-    return paths.client(client) / "relay.jsonl"
 
 
 def test_a_small_context_is_said_once_at_vmctl_run_with_the_fix(

@@ -259,6 +259,57 @@ async def test_a_bridged_host_client_is_named_by_its_route(home: Path, served: i
     assert (e.who_kind, e.who, e.server, e.status) == ("client", "opencode", "s1", 200)
 
 
+def test_a_bridged_client_on_a_plain_endpoint_is_audited_request_by_request(home: Path) -> None:
+    """No gateway in front: the bridge writes each keep-alive request's event."""
+    import http.server
+    import threading
+
+    from vmctl.sidecars.bridge import HostRelay
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sock = home / "ep.sock"
+    try:
+        with HostRelay(sock, "127.0.0.1", server.server_address[1], who="llm"):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            c.sendall(b"GET /v1/a\x1b]2;x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while c.recv(4096):
+                pass
+            c.close()
+            deadline = time.monotonic() + 10
+            path = home / "events" / "client-llm.jsonl"
+            while time.monotonic() < deadline and "connection" not in (
+                path.read_text() if path.exists() else ""
+            ):
+                time.sleep(0.05)
+    finally:
+        server.shutdown()
+        server.server_close()
+    found = list(events.read_file(path))
+    assert [(e.kind, e.who_kind, e.who, e.by) for e in found] == [
+        ("request", "client", "llm", "bridge"),
+        ("request", "client", "llm", "bridge"),
+        ("connection", "client", "llm", "bridge"),
+    ]
+    assert found[0].path == "/v1/models" and found[2].detail == "2 requests (unrouted)"
+    assert int(found[2].bytes_down or 0) > 0
+
+
 async def test_the_egress_proxy_takes_the_model_address_through_the_guests_route(
     home: Path, served: int
 ) -> None:

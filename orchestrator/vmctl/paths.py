@@ -8,8 +8,8 @@ overridable with VMCTL_HOME)::
     instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
                        console.log, qemu.log, overlay.qcow2, fwcfg/, relay,
                        ports.sock, mirror-qmp.sock, forwards.json, mirror.log
-    clients/NAME/      a host client's private config and data (state/), its relay log
-                       (relay.jsonl), per-run sockets (run/PID/)
+    clients/NAME/      a host client's private config and data (state/), per-run
+                       sockets (run/PID/); its requests are in events/client-NAME.jsonl
     reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
                        workspace under `vmctl up --review`; outlives the instance)
     models/            digests recorded at download (models--ORG--REPO/), GGUF checks
@@ -290,10 +290,6 @@ class ClientPaths(_Folder):
     def state(self) -> Path:
         """The client's own config and data (its HOME-like folder)."""
         return self.root / "state"
-
-    @property
-    def relay_log(self) -> Path:
-        return self.root / "relay.jsonl"
 
     def runtime(self, pid: int) -> Path:
         """Sockets of one run, removed when it ends."""

@@ -125,7 +125,7 @@ def _run_bridged(
             env |= px.env
         inner = [str(py_exec[0]), "-I", "-S", str(BRIDGE), *listen, "--"]
         inner += client.argv(binary, req.args)
-        stack.enter_context(HostRelay(sock, target.host, target.port, cp.relay_log, client.name))
+        stack.enter_context(HostRelay(sock, target.host, target.port, client.name))
         cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
         return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
     raise AssertionError("unreachable")

@@ -7,8 +7,8 @@ host. vmctl bridges just that one endpoint in, over a UNIX socket:
     client -> 127.0.0.1:PORT (inside) -> ep.sock -> HostRelay -> endpoint
 
 `HostRelay` runs in the vmctl process on the host and forwards each
-connection on the socket to the endpoint, logging one JSON line per
-connection. Inside the sandbox this file runs as a script (stdlib only, so
+connection on the socket to the endpoint, audited as the client (one
+event record, vmctl.events). Inside the sandbox this file runs as a script (stdlib only, so
 it needs nothing but the interpreter and its standard library)::
 
     python3 -I -S bridge.py --listen 127.0.0.1:PORT --socket ep.sock -- CLIENT ARGS...
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 BUFSIZE = 65536
 CONNECT_TIMEOUT = 5.0
@@ -96,23 +95,29 @@ class _Acceptor:
 
 
 class HostRelay:
-    """UNIX socket -> TCP endpoint, one JSON log line per connection.
+    """UNIX socket -> the endpoint, audited as the client `who` (vmctl.events).
 
-    The log line names the first request line seen (`POST /v1/messages`),
-    the bytes each way and whether the endpoint was reached.
+    To a vmctl server it takes the gateway's route for `who`, and the
+    gateway writes each request's event; to any other endpoint it writes
+    one `request` event per request line itself (keep-alive included).
+    Either way each connection ends with a `connection` event: bytes each
+    way, duration, how many requests. A client with no valid name is not
+    audited here (the gateway still sees it as the host).
     """
 
-    def __init__(
-        self, socket_path: Path, host: str, port: int, log: Path | None = None, who: str = ""
-    ):
+    def __init__(self, socket_path: Path, host: str, port: int, who: str = ""):
         self.socket_path = socket_path
         self.target = (host, port)
-        self.log = log
         self.who = who if _valid_caller(who) else ""  # the gateway's route audits it by name
-        self._lock = threading.Lock()
+        self._log: Any = None
         self._acceptor: _Acceptor | None = None
 
     def start(self) -> HostRelay:
+        if self.who:
+            from vmctl import events, paths
+
+            where = events.subject_file(paths.events_dir(), "client", self.who)
+            self._log = events.EventLog(where)
         self.socket_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
@@ -138,35 +143,42 @@ class HostRelay:
         self.close()
 
     def _handle(self, conn: socket.socket) -> None:
-        started = time.time()
-        first = bytearray()
-        up = [0]
+        from vmctl import events
+        from vmctl.sidecars.httpclock import RequestClock
 
-        def seen(data: bytes) -> None:
-            up[0] += len(data)
-            if b"\n" not in first and len(first) < 4096:
-                first.extend(data[:4096])
-
+        start = time.monotonic()
+        where = {"host": self.target[0], "port": self.target[1]}
         try:
-            upstream = self._connect()
+            upstream, routed = self._connect()
         except OSError as e:
             conn.close()
-            self._write({"time": started, "error": str(e)})
+            detail = events.safe(str(e))[:200]
+            self._event(
+                "connection", "refuse", decision="deny", reason="upstream_unreachable",
+                detail=detail, **where,
+            )  # fmt: skip
             return
-        down = splice(conn, upstream, seen)
-        line = bytes(first).split(b"\r\n", 1)[0].decode("latin-1")
-        parts = line.split(" ")
-        self._write(
-            {
-                "time": started,
-                "method": parts[0] if len(parts) == 3 else None,
-                "path": parts[1] if len(parts) == 3 else None,
-                "bytes_up": up[0],
-                "bytes_down": down,
-            }
-        )
+        clock = RequestClock(None if routed else self._request_seen)
+        down = splice(conn, upstream, lambda data: clock.feed(data, time.monotonic()))
+        self._event(
+            "connection", "close", decision="allow", bytes_up=clock.bytes_up, bytes_down=down,
+            duration_ms=round((time.monotonic() - start) * 1000, 1),
+            detail=f"{clock.requests} requests" + ("" if routed else " (unrouted)"), **where,
+        )  # fmt: skip
 
-    def _connect(self) -> socket.socket:
+    def _request_seen(self, method: str, path: str) -> None:
+        """An endpoint with no gateway in front: the request line is audited here."""
+        self._event("request", f"{method} {path}", method=method, path=path, decision="allow")
+
+    def _event(self, kind: str, action: str, **fields: Any) -> None:
+        if self._log is None:
+            return
+        from vmctl.events import Event
+
+        with contextlib.suppress(OSError):
+            self._log.write(Event(kind, "client", self.who, "bridge", action, **fields))
+
+    def _connect(self) -> tuple[socket.socket, bool]:
         """The gateway's route for this client when a vmctl server serves it, else TCP."""
         from vmctl import routes
 
@@ -179,13 +191,7 @@ class HostRelay:
             upstream.connect(str(route))
             upstream.sendall(routes.preamble("client", self.who))
         upstream.settimeout(None)
-        return upstream
-
-    def _write(self, record: dict[str, object]) -> None:
-        if self.log is None:
-            return
-        with self._lock, self.log.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        return upstream, route is not None
 
 
 def _valid_caller(name: str) -> bool:
@@ -196,13 +202,6 @@ def _valid_caller(name: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def read_log(path: Path) -> list[dict[str, object]]:
-    """The relay's log lines (tests and `vmctl run --verbose` read them)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _listen_tcp(address: str) -> socket.socket:
