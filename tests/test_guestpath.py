@@ -255,8 +255,19 @@ async def test_a_bridged_host_client_is_named_by_its_route(home: Path, served: i
         c.sendall(REQ[:-2] + b"Connection: close\r\n\r\n")
         assert (await read_until_closed(c)).startswith(b"HTTP/1.1 200")
         c.close()
-    (e,) = events.read_file(home / "events" / "client-opencode.jsonl")
-    assert (e.who_kind, e.who, e.server, e.status) == ("client", "opencode", "s1", 200)
+    log = home / "events" / "client-opencode.jsonl"
+    deadline = time.monotonic() + 10  # the bridge's own line comes once the gateway hangs up
+    while "connection" not in log.read_text() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    (e, c) = events.read_file(log)
+    assert (e.kind, e.who_kind, e.who, e.server, e.status) == (
+        "request",
+        "client",
+        "opencode",
+        "s1",
+        200,
+    )
+    assert (c.kind, c.by, c.detail) == ("connection", "bridge", "1 requests")
 
 
 def test_a_bridged_client_on_a_plain_endpoint_is_audited_request_by_request(home: Path) -> None:
