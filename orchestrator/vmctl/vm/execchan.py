@@ -153,8 +153,10 @@ class ExecChannel:
             rfd, wfd = self._open(slot)
             try:
                 session = Session(rfd, wfd, self.name, on_output, on_stderr or on_output)
+                if self.sidecar is not None:  # a host chmod just made: in the guest's view
+                    settle(self.sidecar)
                 status = session.run(command, stdin, tty, timeout)
-                if self.sidecar is not None:
+                if self.sidecar is not None:  # the command's chmod: on the host on return
                     settle(self.sidecar)
                 return status
             finally:
@@ -167,10 +169,12 @@ class ExecChannel:
 def settle(sock: StrPath, timeout: float = SETTLE_TIMEOUT_S) -> bool:
     """Ask the guest's sidecar to apply the workspace's pending x-bit changes.
 
-    vmctl.sidecars.modes carries a guest `chmod +x` to the host from inotify
-    events; those are queued before the guest's chmod returns, so once the
-    sidecar has drained them (it answers after) the host file is executable
-    when `vmctl exec` returns. Best effort: a missing or slow sidecar is ignored.
+    vmctl.sidecars.modes carries x bits from inotify events, and those are
+    queued before the chmod that caused them returns (in the guest: before
+    QEMU answers it). The sidecar answers once it has drained them, so a
+    guest `chmod +x` made by the command is on the host when `vmctl exec`
+    returns, and a host chmod made before it is seen by the command. Best
+    effort: a missing or slow sidecar is ignored.
     """
     import _socket  # `socket` would import enum, selectors, ...: exec's start-up counts
 
