@@ -252,8 +252,9 @@ def test_nothing_special_reaches_the_host(user: HostUser) -> None:
     ]
     # ...and a host symlink leading out of the workspace leads nowhere there.
     assert out[5:] == ["end"]
-    # On the host: plain files and folders of the user, ordinary modes.
-    for name, mode in [("suid", 0o100644), ("sgid", 0o100644), ("guest-link", 0o100644)]:
+    # On the host: plain files and folders of the user, ordinary modes (the x
+    # bits of a regular file cross, never setuid/setgid: vmctl.sidecars.modes).
+    for name, mode in [("suid", 0o100755), ("sgid", 0o100755), ("guest-link", 0o100644)]:
         assert (ws / name).lstat().st_mode == mode, name
         assert owned_by(user, ws / name)
     assert (ws / "fifo").lstat().st_mode == 0o100644
@@ -262,15 +263,34 @@ def test_nothing_special_reaches_the_host(user: HostUser) -> None:
 
 
 def test_executable_bits(user: HostUser) -> None:
-    """What crosses: see docs/guest-contract.md, "The executable bit"."""
+    """The x bits cross both ways: see docs/guest-contract.md, "The executable bit"."""
     ws = user.ws
     # The host's x bit on a file the host made reaches the guest, and runs there.
     out = user.guest("stat -c %a run.sh; ./run.sh")
     assert out == "755\nran from the host\n"
-    # The guest's chmod on its own file holds in the guest only (a mode xattr).
-    out = user.guest("printf '#!/bin/sh\\necho ran\\n' > g.sh; chmod 755 g.sh; ./g.sh")
-    assert out == "ran\n"
-    assert (ws / "g.sh").stat().st_mode & 0o777 == 0o644
-    # A host chmod of a file the guest made is hidden by that xattr.
+    # The guest's chmod +x on a file the host made, on a file it made, and a
+    # file it creates executable (cp keeps the source's mode, as a linker's
+    # output would be): executable on the host as soon as exec returns.
+    r = user.run("sh", "-c", f"printf '#!/bin/sh\\necho host\\n' > {ws}/h.sh")
+    assert r.returncode == 0, r.stderr
+    script = (
+        "chmod +x h.sh; printf '#!/bin/sh\\necho ran\\n' > g.sh; chmod 755 g.sh;"
+        " printf '#!/bin/sh\\necho made\\n' > /tmp/m; chmod 755 /tmp/m; cp /tmp/m m.sh;"
+        " echo n > n.txt; ./g.sh"
+    )
+    assert user.guest(script) == "ran\n"
+    for name in ["h.sh", "g.sh", "m.sh"]:
+        assert (ws / name).stat().st_mode == 0o100755, name
+        assert owned_by(user, ws / name), name
+    r = user.run(str(ws / "m.sh"))
+    assert (r.returncode, r.stdout) == (0, "made\n")
+    # A host chmod of a file the guest made: its x bits are what the guest sees
+    # next (only the x bits: g.sh keeps the guest's r/w bits, 0744).
     assert user.run("chmod", "700", str(ws / "g.sh")).returncode == 0
-    assert user.guest("stat -c %a g.sh") == "755\n"
+    assert user.run("chmod", "+x", str(ws / "n.txt")).returncode == 0
+    out = user.guest("stat -c %a g.sh n.txt; test -x n.txt && echo x")
+    assert out == "744\n755\nx\n"
+    # chmod -x in the guest takes it away on the host; setuid never arrives.
+    assert user.guest("chmod -x g.sh; chmod 4755 h.sh; stat -c %a g.sh h.sh") == "644\n4755\n"
+    assert (ws / "g.sh").stat().st_mode == 0o100600
+    assert (ws / "h.sh").stat().st_mode == 0o100755

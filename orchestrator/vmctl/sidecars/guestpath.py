@@ -19,6 +19,10 @@ it (then it audits each request line itself), copies both ways, closes idle
 connections and requests whose head or body trickles in too slowly
 (slowloris), and writes one `connection` event when the connection ends.
 
+It carries the workspace's executable bits between host and guest
+(vmctl.sidecars.modes) and applies pending ones when `vmctl exec` asks
+(`settle`), so a guest `chmod +x` is on the host when exec returns.
+
 It also watches its guest: it exits when QEMU is gone, and when the
 `vmctl up` that owns a guest still booting dies (even by SIGKILL), it stops
 that QEMU first, so nothing is left running.
@@ -43,6 +47,7 @@ from pathlib import Path
 from vmctl import events, paths, routes
 from vmctl.events import Event, EventLog
 from vmctl.procs import ProcessRef
+from vmctl.sidecars import modes
 from vmctl.sidecars.httpclock import RequestClock
 from vmctl.state import StateError, read_json
 
@@ -69,6 +74,7 @@ class SidecarConfig:
     max_conns: int = MAX_CONNS
     idle_s: float = IDLE_S
     slow_s: float = SLOW_S
+    workspace: str = ""  # the writable workspace whose x bits cross (vmctl.sidecars.modes)
 
 
 def _json_error(message: str) -> bytes:
@@ -85,6 +91,7 @@ class Sidecar:
         self._tasks: set[asyncio.Task[None]] = set()
         self.log = EventLog(events.subject_file(paths.events_dir(), "guest", config.name))
         self.destinations: dict[bytes, Callable[[socket.socket], Awaitable[None]]] = {}
+        self.modes: modes.Reconciler | None = None
         if config.target_host:
             self.destinations[b"model"] = self.model
 
@@ -124,6 +131,10 @@ class Sidecar:
                 finally:
                     loop.remove_reader(conn.fileno())
                 dest, fds, _, _ = socket.recv_fds(conn, 64, 4)
+                if not fds and dest == modes.SETTLE:  # `vmctl exec` returns after this
+                    if self.modes is not None:
+                        self.modes.drain()
+                    conn.send(b"ok")
             except (OSError, TimeoutError):
                 return
         if not fds:
@@ -291,13 +302,20 @@ async def run(config: SidecarConfig) -> None:
     sidecar = Sidecar(config)
     serving = asyncio.create_task(sidecar.serve())
     watching = asyncio.create_task(sidecar.watch_guest())
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, watching.cancel)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, watching.cancel)
+    sidecar.modes = modes.start(config.workspace, loop.add_reader)
+    if sidecar.modes is not None:
+        loop.call_soon(sidecar.modes.scan, None, True)  # after `serve` listens
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await watching
     finally:
         serving.cancel()
         Path(config.listen).unlink(missing_ok=True)
+        if sidecar.modes is not None:
+            loop.remove_reader(sidecar.modes.fd)
+            sidecar.modes.close()
         sidecar.log.close()
 
 

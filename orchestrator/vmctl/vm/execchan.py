@@ -41,6 +41,7 @@ PIPE_BUF = 4096
 HDR = 3
 STDIN_WINDOW = 65536
 READ_CHUNK = 65536
+SETTLE_TIMEOUT_S = 2.0
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -88,9 +89,16 @@ class ExecChannel:
     file: a session takes the first free slot.
     """
 
-    def __init__(self, slots: list[tuple[StrPath, StrPath, StrPath]], name: str = "guest"):
+    def __init__(
+        self,
+        slots: list[tuple[StrPath, StrPath, StrPath]],
+        name: str = "guest",
+        sidecar: StrPath | None = None,
+    ):
         self.slots = slots
         self.name = name
+        #: The guest sidecar's socket, asked to `settle` after each command.
+        self.sidecar = sidecar
 
     def running(self) -> bool:
         """Whether QEMU holds the exec FIFOs open (a cheap liveness check, no pid files)."""
@@ -108,7 +116,7 @@ class ExecChannel:
         slots: list[tuple[StrPath, StrPath, StrPath]] = []
         while os.path.exists((base := os.path.join(root, f"exec{len(slots)}")) + ".in"):
             slots.append((base + ".in", base + ".out", base + ".lock"))
-        return cls(slots, name)
+        return cls(slots, name, os.path.join(root, "sidecar.sock"))
 
     def _open(self, slot: int) -> tuple[int, int]:
         fifo_in, fifo_out, _ = self.slots[slot]
@@ -145,12 +153,42 @@ class ExecChannel:
             rfd, wfd = self._open(slot)
             try:
                 session = Session(rfd, wfd, self.name, on_output, on_stderr or on_output)
-                return session.run(command, stdin, tty, timeout)
+                if self.sidecar is not None:  # a host chmod just made: in the guest's view
+                    settle(self.sidecar)
+                status = session.run(command, stdin, tty, timeout)
+                if self.sidecar is not None:  # the command's chmod: on the host on return
+                    settle(self.sidecar)
+                return status
             finally:
                 os.close(rfd)
                 os.close(wfd)
         finally:
             os.close(lock)
+
+
+def settle(sock: StrPath, timeout: float = SETTLE_TIMEOUT_S) -> bool:
+    """Ask the guest's sidecar to apply the workspace's pending x-bit changes.
+
+    vmctl.sidecars.modes carries x bits from inotify events, and those are
+    queued before the chmod that caused them returns (in the guest: before
+    QEMU answers it). The sidecar answers once it has drained them, so a
+    guest `chmod +x` made by the command is on the host when `vmctl exec`
+    returns, and a host chmod made before it is seen by the command. Best
+    effort: a missing or slow sidecar is ignored.
+    """
+    import _socket  # `socket` would import enum, selectors, ...: exec's start-up counts
+
+    try:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect(os.fspath(sock))
+            s.sendall(b"settle")
+            return s.recv(8) == b"ok"
+        finally:
+            s.close()
+    except OSError:
+        return False
 
 
 class Session:

@@ -334,14 +334,20 @@ def up(
 
 
 def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
-    """The guest's sidecar: its guarded model path (net model) and its watchdog.
+    """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
 
     Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
     and stops a QEMU whose `vmctl up` died before the guest was ready.
     """
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
     config = guestpath.SidecarConfig(
-        spec.name, str(inst.paths.sidecar), str(inst.paths.meta), host, port, max_conns
+        spec.name,
+        str(inst.paths.sidecar),
+        str(inst.paths.meta),
+        host,
+        port,
+        max_conns,
+        workspace=str(spec.workspace),
     )
     try:
         pid = guestpath.launch(inst.paths, config)

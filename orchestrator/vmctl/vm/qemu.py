@@ -12,9 +12,11 @@ folder. Under `mapped-xattr` every file the guest creates is a plain
 file or folder owned by the user running vmctl, with fixed modes
 (`fmode=0644`, `dmode=0755`); the guest's owners, modes, special files
 and even symlinks live only in `user.virtfs.*` xattrs (a guest-made
-symlink is a regular file on the host). The cost: executable bits set in
-the guest do not reach the host, and the host filesystem must support
-user xattrs. Who the user is inside the guest: `vmctl.vm.idmap`.
+symlink is a regular file on the host). QEMU alone would keep the guest's
+executable bits in the xattr too; the guest's sidecar carries a regular
+file's three x bits both ways on Linux (`vmctl.sidecars.modes`; never
+setuid/setgid). The host filesystem must support user xattrs. Who the user
+is inside the guest: `vmctl.vm.idmap`.
 """
 
 from __future__ import annotations
