@@ -188,6 +188,21 @@ async def test_in_flight_limit_is_503_and_audited(
     assert statuses == [(200, None), (200, None), (503, "busy")]
 
 
+async def test_a_client_that_hangs_up_frees_its_slot_and_is_audited(
+    gw: tuple[int, Path, Path, asyncio.Event],
+) -> None:
+    """A plain (not streamed) request whose caller vanished stops waiting on the model."""
+    port, folder, _, _ = gw
+    hold = b"GET /slow HTTP/1.1\r\nConnection: close\r\n" + KEY + b"\r\n"
+    gone = [asyncio.create_task(raw(port, hold, wait=0.3)) for _ in range(2)]  # the limit is 2
+    assert await asyncio.gather(*gone) == [b"", b""]
+    await asyncio.sleep(0.3)
+    reply = await raw(port, b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n" + KEY + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:100]
+    statuses = sorted((e.status or 0, e.reason or "") for e in audit(folder))
+    assert statuses == [(200, ""), (499, "client_gone"), (499, "client_gone")]
+
+
 async def test_route_names_the_guest_and_a_forged_header_is_ignored(
     gw: tuple[int, Path, Path, asyncio.Event],
 ) -> None:

@@ -110,9 +110,12 @@ class Gateway:
             def enabled(self) -> bool:
                 return True
 
+        # A caller hanging up cancels its handler and so the upstream request:
+        # llama-server stops generating for nobody (audited `client_gone`).
         self._runner = web.AppRunner(
-            app, access_log_class=Access, handle_signals=False, logger=quiet_logger()
-        )
+            app, access_log_class=Access, handle_signals=False, logger=quiet_logger(),
+            handler_cancellation=True,
+        )  # fmt: skip
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         try:
@@ -185,15 +188,12 @@ class Gateway:
     def unanswered(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """The access logger's hook: audit what the handler never saw (parser errors)."""
         text = response.text if isinstance(response, web.Response) else None
+        reason = "bad_request" if response.status < 500 else "internal_error"
         self.record(
-            request,
-            status=response.status,
-            decision="deny",
-            reason="bad_request" if response.status < 500 else "internal_error",
-            detail=events.safe(text or "")[:300] or None,
-            bytes_up=0,
+            request, status=response.status, decision="deny", reason=reason,
+            detail=events.safe(text or "")[:300] or None, bytes_up=0,
             bytes_down=response.body_length,
-        )
+        )  # fmt: skip
 
     # ---- the handler ----
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -203,13 +203,15 @@ class Gateway:
         response: web.StreamResponse | None = None
         try:
             response = await self._answer(request, fields, counted)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the caller hung up (handler_cancellation)
             fields.setdefault("reason", "client_gone")
-            self._done(request, response, fields, counted, start, status=499)
+            sent = fields.pop("sent", None)  # headers already out: their status stands
+            self._done(request, sent, fields, counted, start, status=None if sent else 499)
             raise
         except Exception as e:  # a bug must still answer and be audited, not traceback
             fields.update(decision="deny", reason="internal_error", detail=f"{type(e).__name__}")
             response = error_response(500, "internal gateway error", "server_error")
+        fields.pop("sent", None)
         self._done(request, response, fields, counted, start)
         return response
 
@@ -327,6 +329,7 @@ class Gateway:
                 if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, value)
             await response.prepare(request)
+            fields["sent"] = response
             tail = fields["tail"] = bytearray()  # the last bytes: where the usage is
             try:
                 async for chunk in upstream.content.iter_any():
