@@ -1,4 +1,4 @@
-"""`vmctl image build|show`: build the micro image, inspect any image's manifest."""
+"""`vmctl image build|show|prune`: build the micro image, inspect a manifest, clean the cache."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ group = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True
 def build(
     name: str = typer.Argument(..., help="The image to build: micro."),
     with_agents: list[str] = typer.Option(
-        [], "--with", help="Agents to carry in the image (opencode, claude, llm). Repeatable."
+        [],
+        "--with",
+        help="Agents to carry in the image (opencode, claude, codex, llm).",
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a cached image matches."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -56,3 +58,28 @@ def show(
         elif key == "features":
             value = ", ".join(value) or "-"
         print(f"{key:10} {value}")
+
+
+@group.command("prune")
+def prune(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+) -> None:
+    """Remove cached images, agent installs and kernels this vmctl would not use again."""
+    from vmctl.images import prune as pruning
+    from vmctl.vm.instance import list_instances
+
+    running = any(i.running for i in list_instances())
+    found = pruning.plan(guests_running=running)
+    if not dry_run:
+        pruning.remove(found)
+    if as_json:
+        print(json.dumps(found.to_json() | {"dry_run": dry_run}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    print(
+        f"{verb} {len(found.images)} images, {len(found.agents)} agent installs, "
+        f"{len(found.kernels)} kernels: {found.size / 1e6:.0f} MB"
+    )
+    if running and not dry_run:
+        print("agent installs were kept: a guest is running (run prune again once it stops)")
