@@ -56,6 +56,7 @@
         guest = ./nixos-modules/guest.nix;
         opencode = ./nixos-modules/opencode.nix;
         claude = ./nixos-modules/claude.nix;
+        codex = ./nixos-modules/codex.nix;
         llm = ./nixos-modules/llm.nix;
         default = ./nixos-modules/default.nix;
       };

@@ -4,6 +4,7 @@
     ./guest.nix
     ./opencode.nix
     ./claude.nix
+    ./codex.nix
     ./llm.nix
   ];
 }

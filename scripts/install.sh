@@ -75,6 +75,6 @@ if [[ -x scripts/install-agents.sh ]]; then
   scripts/install-agents.sh >/dev/null
 fi
 # The agents the end-to-end tests run in one guest (nothing downloads at test time).
-log "guest image (micro, with opencode, Claude Code and llm)"
-.venv/bin/vmctl image build micro --with opencode --with claude --with llm >/dev/null
+log "guest image (micro, with opencode, Claude Code, Codex and llm)"
+.venv/bin/vmctl image build micro --with opencode --with claude --with codex --with llm >/dev/null
 log "ready: .venv/bin/vmctl doctor"

@@ -28,10 +28,20 @@ from fakes.scripted_model import FINAL_TEXT, TITLE_TEXT, Script, ScriptedModel
 from vmctl import agents, events, paths
 from vmctl.clients import registry as clients
 
-GUEST_AGENTS = ("opencode", "claude", "llm")
+GUEST_AGENTS = ("opencode", "claude", "codex", "llm")
 PROMPT = "Do the job in notes.txt."
 #: How each agent is asked, inside the guest and under `vmctl run`.
-ARGS = {"opencode": ["run", PROMPT], "claude": ["-p", PROMPT]}
+ARGS = {
+    "opencode": ["run", PROMPT],
+    "claude": ["-p", PROMPT],
+    "codex": ["exec", "--skip-git-repo-check", PROMPT],
+}
+#: The tools each agent is scripted to call, in order (Codex has only a shell).
+CALLS = {
+    "opencode": ["read", "edit", "write", "bash"],
+    "claude": ["Read", "Edit", "Write", "Bash"],
+    "codex": ["exec_command"],
+}
 
 
 @pytest.fixture
@@ -95,7 +105,7 @@ def test_agents_in_a_guest_edit_the_workspace(
     # The guest's sidecar writes one `request` event per request to a plain endpoint.
     audit = vmctl_home / "events" / f"guest-{name}.jsonl"
     try:
-        for agent in ("opencode", "claude"):
+        for agent in ("opencode", "claude", "codex"):
             script = Script(root=f"/workspace/{agent}")
             model.script = script
             seed_for_guest(ws / agent, script)
@@ -107,10 +117,7 @@ def test_agents_in_a_guest_edit_the_workspace(
             assert FINAL_TEXT in run.stdout, run.stdout
             assert_job_done(ws / agent, script, model, agent)
             asked = answered(model, since)
-            assert model.tool_calls()[-4:] == [
-                n if agent == "opencode" else n.capitalize()
-                for n in ("read", "edit", "write", "bash")
-            ]
+            assert model.tool_calls()[-len(CALLS[agent]) :] == CALLS[agent]
             # Every request the model answered went through the guest's sidecar, audited.
             lines = [json.loads(x) for x in audit.read_text().splitlines()[audited:]]
             relayed = [f"{x['method']} {_path(x['path'])}" for x in lines if x["kind"] == "request"]
@@ -125,7 +132,7 @@ def test_agents_in_a_guest_edit_the_workspace(
     assert not (vmctl_home / "instances" / name).exists()
 
 
-@pytest.mark.parametrize("agent", ["opencode", "claude"])
+@pytest.mark.parametrize("agent", ["opencode", "claude", "codex"])
 def test_agents_under_vmctl_run_edit_the_workspace(
     agent: str, model: ScriptedModel, bwrap_bin: Path, tmp_path: Path
 ) -> None:
@@ -150,7 +157,8 @@ def test_agents_under_vmctl_run_edit_the_workspace(
     relayed = [f"{e.method} {_path(str(e.path))}" for e in audit if e.kind == "request"]
     assert audit[-1].kind == "connection" and audit[-1].who == agent
     asked = answered(model, 0)
-    assert len(asked) >= 5 and not Counter(asked) - Counter(relayed), (asked, relayed)
+    assert len(asked) >= len(CALLS[agent]) + 1, asked  # each call, then the final answer
+    assert not Counter(asked) - Counter(relayed), (asked, relayed)
 
 
 def test_a_small_context_is_said_once_at_vmctl_run_with_the_fix(

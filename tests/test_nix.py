@@ -96,7 +96,9 @@ def contract_literals() -> list[str]:
     return [str(v) for v in values]
 
 
-@pytest.mark.parametrize("name", ["guest.nix", "opencode.nix", "claude.nix", "llm.nix"])
+@pytest.mark.parametrize(
+    "name", ["guest.nix", "opencode.nix", "claude.nix", "codex.nix", "llm.nix"]
+)
 def test_guest_modules_read_the_one_contract_and_copy_none_of_it(name: str) -> None:
     path = MODULES / name
     text = code_of(path)
@@ -246,6 +248,7 @@ def test_flake_declares_the_agreed_outputs() -> None:
         "opencode = ./nixos-modules/opencode.nix;",
         "llm = ./nixos-modules/llm.nix;",
         "claude = ./nixos-modules/claude.nix;",
+        "codex = ./nixos-modules/codex.nix;",
         "default = ./nixos-modules/default.nix;",
         '"agent-${system}"',
         "inherit mkAgent",

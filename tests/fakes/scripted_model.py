@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fakes import scripted_responses as responses
+
 MODEL = "scripted-model"
 CONTEXT = 65536
 FINAL_TEXT = "Done: read notes.txt, set it final, wrote hello.py, ran the shell step."
@@ -49,6 +51,7 @@ TOOL_NAMES = {
     "edit": ("edit", "Edit", "edit_file"),
     "write": ("write", "Write", "write_file"),
     "bash": ("bash", "Bash", "shell"),
+    "job": ("exec_command",),  # Codex: its only tool for all of it
 }
 #: Argument names for each role, in the clients' spellings.
 ARG_NAMES = {
@@ -57,6 +60,7 @@ ARG_NAMES = {
     "new": ("newString", "new_string"),
     "content": ("content",),
     "command": ("command",),
+    "cmd": ("cmd",),
 }
 
 
@@ -81,6 +85,17 @@ class Script:
             ("write", {"path": f"{root}/{self.new_file}", "content": self.new_content}),
             ("bash", {"command": f"cd {root} && echo $((6*7)) > {self.answer_file}"}),
         ]
+
+    def shell_job(self) -> str:
+        """The same job as one shell command, for an agent whose only tool is a shell."""
+        root = self.root.rstrip("/")
+        folder = self.new_file.rsplit("/", 1)[0]
+        content = self.new_content.replace("\n", "\\n").replace('"', '\\"')
+        return (
+            f"cd {root} && sed -i 's/{self.old}/{self.new}/' {self.note}"
+            f' && mkdir -p {folder} && printf "{content}" > {self.new_file}'
+            f" && echo $((6*7)) > {self.answer_file}"
+        )
 
     def seed(self, workspace: Path) -> None:
         """The files the script expects before the agent starts."""
@@ -116,7 +131,8 @@ def _tools(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(fn, dict):
             found[str(fn.get("name"))] = fn.get("parameters") or {}
         elif "name" in tool:
-            found[str(tool["name"])] = tool.get("input_schema") or {}
+            # Anthropic's `input_schema`; the Responses API's flat `parameters`.
+            found[str(tool["name"])] = tool.get("input_schema") or tool.get("parameters") or {}
     return found
 
 
@@ -158,6 +174,8 @@ def plan_answer(script: Script, body: dict[str, Any]) -> tuple[str, dict[str, An
         return TITLE_TEXT
     steps = script.steps()
     n = _done_steps(body)
+    if "exec_command" in tools and not any(t in tools for t in TOOL_NAMES["write"]):
+        steps, n = [("job", {"cmd": script.shell_job()})], responses.done_steps(body)
     if n >= len(steps):
         return FINAL_TEXT
     kind, roles = steps[n]
@@ -315,7 +333,7 @@ class ScriptedModel:
             for block in content if isinstance(content, list) else []:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     found.append(json.dumps(block.get("content"))[:500])
-        return found
+        return found + responses.tool_outputs(self.requests[-1].body)
 
     def record(self, rec: Recorded) -> None:
         with self._lock:
@@ -394,14 +412,20 @@ def _handler(owner: ScriptedModel) -> type[http.server.BaseHTTPRequestHandler]:
                 self._record(body, "meta")
                 self._json(200, {"input_tokens": len(json.dumps(body)) // 4})
                 return
-            if path not in ("/v1/chat/completions", "/v1/messages"):
+            if path not in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
                 self._record(body, "meta")
                 self._json(404, {"error": {"message": f"no route {path}"}})
                 return
             plan = plan_answer(owner.script, body)
             self._record(body, "text" if isinstance(plan, str) else f"tool:{plan[0]}")
             model = str(body.get("model") or owner.model)
-            if path == "/v1/chat/completions":
+            if path == "/v1/responses":
+                response = responses.answer(plan, model)
+                if body.get("stream"):
+                    self._sse(responses.events(response))
+                else:
+                    self._json(200, response)
+            elif path == "/v1/chat/completions":
                 answer = openai_answer(plan, model)
                 if body.get("stream"):
                     self._sse(openai_chunks(answer))

@@ -69,7 +69,7 @@ def up(
     name: str | None = typer.Option(None, "--name", help="Instance name (default: generated)."),
     image: str = typer.Option("auto", "--image", help="auto | micro | nixos | PATH."),
     with_agents: list[str] = typer.Option(
-        [], "--with", help="micro: agents the image must carry (opencode, claude, llm)."
+        [], "--with", help="micro: agents the image must carry (opencode, claude, codex, llm)."
     ),
     flake: str | None = typer.Option(None, "--flake", help="nixos: flake reference."),
     config: str | None = typer.Option(None, "--config", help="nixos: configuration name."),

@@ -10,6 +10,8 @@ need. The image's cache key names each agent's version.
 - claude: npm `@anthropic-ai/claude-code-linux-x64`, the native binary the
   wrapper package's postinstall would pick; plus a real bash (Claude Code's
   Bash tool refuses busybox sh).
+- codex: npm `@openai/codex`'s linux-x64 build (`VERSION-linux-x64`), a
+  static musl binary: nothing in the initramfs but the link.
 - llm: the cheapest working runtime found: this host's own CPython binary
   and standard library (copied, tests and GUI modules left out, compiled to
   .pyc) plus `pip install --target` of llm; about 60 MB on the share and
@@ -78,12 +80,14 @@ class GuestAgent:
         return paths.image_agents_dir() / f"{self.name}-{self.version}"
 
 
-def _npm(package: str) -> Callable[[Path, str], None]:
+def _npm(package: str, tag: str = "") -> Callable[[Path, str], None]:
+    """npm install PACKAGE@VERSION+tag, its install scripts off."""
+
     def install(tmp: Path, version: str) -> None:
         if not shutil.which("npm"):
             raise VMError("npm not found (needed for --with)", NPM_HINT)
         argv = ["npm", "install", "--prefix", str(tmp), "--no-audit", "--no-fund"]
-        run([*argv, "--ignore-scripts", f"{package}@{version}"], "npm install", NPM_HINT)
+        run([*argv, "--ignore-scripts", f"{package}@{version}{tag}"], "npm install", NPM_HINT)
 
     return install
 
@@ -123,6 +127,12 @@ AGENTS: dict[str, GuestAgent] = {
             "node_modules/@anthropic-ai/claude-code-linux-x64/claude",
             _npm("@anthropic-ai/claude-code-linux-x64"),
         ),
+        GuestAgent(
+            "codex",
+            "0.171.0",
+            "node_modules/@openai/codex/vendor/x86_64-unknown-linux-musl/bin/codex",
+            _npm("@openai/codex", "-linux-x64"),
+        ),
         GuestAgent("llm", "0.36", "bin/python3", _install_python_llm),
     )
 }
@@ -153,6 +163,8 @@ def install(agent: GuestAgent) -> Path:
 
 def native_files(agent: GuestAgent, folder: Path) -> list[Path]:
     """The share's ELF files whose libraries the initramfs must hold."""
+    if agent.name == "codex":
+        return []  # static
     if agent.name != "llm":
         return [folder / agent.binary]
     mods = [*(folder / "lib" / PY / "lib-dynload").glob("*.so"), *(folder / "site").rglob("*.so")]
