@@ -58,7 +58,7 @@ stand_in_pid=$STAND_IN_PID
 read -r _ stand_in_port <&"${STAND_IN[0]}"
 
 "$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro --accel "$accel" \
-  --with opencode --with claude --with llm --net model --model-endpoint "127.0.0.1:$stand_in_port"
+  --with opencode --with claude --with codex --with llm --net model --model-endpoint "127.0.0.1:$stand_in_port"
 
 echo "--- inside the guest: $agent, as the agent user, in /workspace"
 "$vmctl" exec demo-vm -- "${ask[@]}"
@@ -75,7 +75,7 @@ echo
 echo "=== SmolLM2 itself, served by vmctl serve, answers one question from a guest (no tools)"
 "$vmctl" serve --detach --name demo-model --port "$port"
 "$vmctl" up -d "$workspace" --ephemeral --detach --name demo-vm --image micro --accel "$accel" \
-  --with opencode --with claude --with llm --net model --model-endpoint "127.0.0.1:$port"
+  --with opencode --with claude --with codex --with llm --net model --model-endpoint "127.0.0.1:$port"
 "$vmctl" exec demo-vm -- llm "Say hello to the sandbox."
 echo "--- the gateway's audit log"
 "$vmctl" logs demo-model | tail -n 3

@@ -34,7 +34,8 @@ def test_llm_in_guest_against_vmctl_serve(
     up = subprocess.run(
         vmctl_cmd(
             "up", "-d", str(ws), "--ephemeral", "--detach", "--name", name, "--image", "micro",
-            "--with", "opencode", "--with", "claude", "--with", "llm", "--net", "model",
+            "--with", "opencode", "--with", "claude", "--with", "codex", "--with", "llm",
+            "--net", "model",
             "--model-endpoint", f"127.0.0.1:{vmctl_server.port}", "--json",
         ),
         env=env, capture_output=True, text=True, timeout=300,
