@@ -9,8 +9,10 @@ import typer
 from vmctl import ui
 from vmctl.errors import ConfigError
 from vmctl.images import micro
+from vmctl.images import prune as pruning
 from vmctl.images.choose import resolve_image
 from vmctl.images.manifest import load_manifest
+from vmctl.vm.instance import list_instances
 
 group = typer.Typer(help="Build and inspect guest images.", no_args_is_help=True)
 
@@ -66,9 +68,6 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
 ) -> None:
     """Remove cached images, agent installs and kernels this vmctl would not use again."""
-    from vmctl.images import prune as pruning
-    from vmctl.vm.instance import list_instances
-
     running = any(i.running for i in list_instances())
     found = pruning.plan(guests_running=running)
     if not dry_run:

@@ -102,7 +102,8 @@ class HostRelay:
     one `request` event per request line itself (keep-alive included).
     Either way each connection ends with a `connection` event: bytes each
     way, duration, how many requests. A client with no valid name is not
-    audited here (the gateway still sees it as the host).
+    audited here (the gateway still sees it as the host). Its vmctl imports
+    sit inside the methods: this file also runs, stdlib only, in the sandbox.
     """
 
     def __init__(self, socket_path: Path, host: str, port: int, who: str = ""):
