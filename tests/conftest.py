@@ -127,6 +127,23 @@ class ServedModel:
         found = events.read_all(sorted(self.audit.glob("*.jsonl")))
         return [json.loads(e.to_json()) for e in found if e.server == self.name]
 
+    def audit_after(
+        self, before: int, count: int, timeout: float = 10.0
+    ) -> list[dict[str, object]]:
+        """Events after the first `before`, waiting until `count` are there.
+
+        The gateway writes a request's event as its reply ends, and the
+        client can read that end a moment before the line is written.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.audit_lines()[before:]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def env(self) -> dict[str, str]:
         """An environment whose vmctl sees this server (`vmctl ls`, `vmctl run`)."""
         return {**os.environ, "VMCTL_HOME": str(self.home)}

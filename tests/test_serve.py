@@ -46,7 +46,7 @@ def test_openai_sdk_plain_and_streamed(vmctl_server: ServedModel) -> None:
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(pieces) > 3 and "".join(pieces).strip()
-    lines = vmctl_server.audit_lines()[before:]
+    lines = vmctl_server.audit_after(before, 2)
     assert [(r["method"], r["path"], r["status"]) for r in lines] == [
         ("POST", "/v1/chat/completions", 200),
         ("POST", "/v1/chat/completions", 200),
@@ -66,6 +66,7 @@ def test_anthropic_sdk_messages(vmctl_server: ServedModel) -> None:
     assert reply.content and reply.content[0].type == "text"
     last = vmctl_server.audit_lines()[-1]
     assert last["path"] == "/v1/messages" and last["status"] == 200
+    before = len(vmctl_server.audit_lines())
     with client.messages.stream(
         model=vmctl_server.alias,
         max_tokens=16,
@@ -73,7 +74,7 @@ def test_anthropic_sdk_messages(vmctl_server: ServedModel) -> None:
     ) as stream:
         pieces = list(stream.text_stream)
     assert len(pieces) > 1 and "".join(pieces).strip()
-    last = vmctl_server.audit_lines()[-1]
+    (last,) = vmctl_server.audit_after(before, 1)
     assert last["path"] == "/v1/messages" and last["status"] == 200
     assert int(str(last["tokens_out"])) > 0
 
@@ -87,7 +88,7 @@ def test_32_concurrent_requests_none_lost(vmctl_server: ServedModel) -> None:
         ]
         results = [f.result(timeout=300) for f in futures]
     assert len(results) == 32
-    lines = vmctl_server.audit_lines()[before:]
+    lines = vmctl_server.audit_after(before, 32)
     assert len(lines) == 32
     assert all(r["status"] == 200 and r["path"] == "/v1/chat/completions" for r in lines)
 
