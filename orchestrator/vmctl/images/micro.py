@@ -19,8 +19,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from vmctl import contract, paths, ui
 from vmctl.errors import ConfigError, VMError
 from vmctl.images import micro_agents, micro_kernel
@@ -108,6 +106,8 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
     `modules` are paths in load order; /init names them to one `modprobe -a`.
     """
     c = contract.raw()
+    import jinja2  # only when building: `vmctl up` finds a built image without it
+
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["q"] = lambda s: shlex.quote(str(s))
     shares = [
