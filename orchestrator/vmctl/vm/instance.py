@@ -321,8 +321,8 @@ def up(
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
-            sidecar_listening()  # QEMU started up meanwhile; its CPU waits (-S)
             inst.wait_ready(timeout)
+            sidecar_listening()  # long since: it started while QEMU and the guest did
         if spec.mirrors:
             ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
             inst.record = replace(inst.record, mirror_sidecar=ref)
@@ -340,8 +340,9 @@ def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> Callabl
 
     Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
     and stops a QEMU whose `vmctl up` died before the guest was ready.
-    Returns the wait for its socket, for once QEMU is started: the two
-    start-ups (a Python and a QEMU, each ~0.2 s) overlap.
+    Returns the wait for its socket, for once the guest is ready: its
+    Python start-up (~0.1-0.3 s) then overlaps the boot, and nothing in a
+    guest reaches the model before the guest is ready.
     """
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
     config = guestpath.SidecarConfig(
