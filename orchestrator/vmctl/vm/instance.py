@@ -313,8 +313,7 @@ def up(
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
         sidecar_listening = start_sidecar(inst, spec, max_conns)
-        if spec.policy is not None:
-            _start_proxy(inst, spec)
+        proxy_listening = _start_proxy(inst, spec) if spec.policy is not None else None
         for n in range(len(contract.exec_ports())):
             for fifo in inst.paths.exec_fifos(n)[:2]:
                 os.mkfifo(fifo, 0o600)
@@ -323,6 +322,8 @@ def up(
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
             sidecar_listening()  # long since: it started while QEMU and the guest did
+            if proxy_listening is not None:
+                proxy_listening()
         if spec.mirrors:
             ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
             inst.record = replace(inst.record, mirror_sidecar=ref)
@@ -369,21 +370,32 @@ def _stop_sidecar(record: InstanceRecord) -> None:
         record.sidecar.terminate(timeout=3.0)
 
 
-def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
-    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU."""
+def _start_proxy(inst: Instance, spec: InstanceSpec) -> Callable[[], None]:
+    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU.
+
+    Returns the wait for its socket, for once the guest is ready (as the sidecar's).
+    """
     from vmctl.sidecars import proxy_serve
 
     write_connect = proxy_serve.write_connect_script
     write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
     try:
-        ref = proxy_serve.start_sidecar(
+        proc = proxy_serve.spawn_sidecar(
             inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
             inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
         )  # fmt: skip
     except OSError as e:
         raise VMError(str(e)) from None
-    inst.record = replace(inst.record, proxy=ref)
+    inst.record = replace(inst.record, proxy=ProcessRef.of(proc.pid))
     inst.save()
+
+    def listening() -> None:
+        try:
+            proxy_serve.listening(proc, inst.paths.proxy_socket, inst.paths.proxy_log)
+        except OSError as e:
+            raise VMError(str(e)) from None
+
+    return listening
 
 
 def _stop_proxy(record: InstanceRecord) -> None:
