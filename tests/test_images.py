@@ -154,7 +154,8 @@ def test_init_renders_the_contract() -> None:
         assert c["console"][marker] in text
     for f in contract.fw_cfg_files():
         assert f'"$fw/"{f.name}/raw' in text and f.dest in text
-    assert "chmod 0600 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert 'umask 0177\n    cat "$fw/"opt/vmctl/env/raw >/etc/vmctl/env' in text
+    assert 'chown "$auid:$agid" $owned' in text  # the agent's files, in one process
     assert "chmod 0755 /  #" in text  # the root is not world-writable
     assert c["workspace"]["options"] in text and "mount_tag" not in text
     assert "modprobe -a 9p 2>" in text  # one process loads every module, by name

@@ -80,7 +80,12 @@ def guest_file(name: str) -> str:
 
 
 def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each fw_cfg file with numeric owners and the folders to create for it."""
+    """Each fw_cfg file with numeric owners and the folders to create for it.
+
+    The folders are in the initramfs (`build_archive`); /init writes each
+    present file under a umask giving its mode and chowns the agent's in one
+    go: a process per file instead of five (each ~15 ms under TCG).
+    """
     ids = f"{user['uid']}:{user['gid']}"
     home = Path(user["home"])
     entries = []
@@ -94,9 +99,12 @@ def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:
         if not dirs:
             dirs = [{"path": str(parent), "owner": "0:0"}]
         owner = ids if f.owner == user["name"] else "0:0"
-        entries.append(
-            {"name": f.name, "dest": f.dest, "owner": owner, "mode": f.mode, "dirs": dirs}
-        )
+        mode = int(f.mode, 8)
+        entry: dict[str, Any] = {"name": f.name, "dest": f.dest, "owner": owner, "mode": f.mode}
+        entry["dirs"] = dirs
+        # cat creates the file 0666 & ~umask; only execute bits need a chmod.
+        entry |= {"umask": f"{0o777 & ~mode:04o}", "chmod": bool(mode & 0o7111)}
+        entries.append(entry)
     return entries
 
 
@@ -220,6 +228,10 @@ def build_archive(kernel: Kernel, agents: tuple[str, ...], libs: dict[str, Path]
         0o755,
     )
     a.dir(home, 0o755, uid, gid)
+    for entry in _fw_cfg_entries(c["user"]):
+        for d in entry["dirs"]:
+            owner, group = (int(i) for i in d["owner"].split(":"))
+            a.dir(d["path"], 0o755, owner, group)
     _add_modules(a, kernel)
     for soname, path in libs.items():
         a.file(f"lib/x86_64-linux-gnu/{soname}", path.read_bytes(), 0o755)
