@@ -429,8 +429,10 @@ static void reap(void) {
     int st;
     pid_t pid;
     while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-        if (pid == warm.pid) /* killed or gone while waiting: start another later */
+        if (pid == warm.pid) { /* gone while waiting (killed, no /bin/sh): not in a loop */
             warm_gone();
+            warm.retry_at = now_ms() + 1000;
+        }
         for (int i = 0; i < nports; i++) {
             struct port *p = &ports[i];
             if (p->active && p->pid == pid && !p->exited) {
