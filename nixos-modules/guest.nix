@@ -195,13 +195,21 @@ in
     boot.initrd.kernelModules = [ "virtio_console" ];
     boot.kernelModules = [ "qemu_fw_cfg" ];
     # As the micro image (vmctl/images/micro.py, CMDLINE): no crypto
-    # self-tests (the slowest initcalls under TCG), and on x86 a TSC taken
-    # as reliable instead of HPET reads that exit to QEMU. Not booted here.
+    # self-tests (the slowest initcalls under TCG, and two that
+    # cryptomgr.notests misses), and on x86 a TSC taken as reliable instead
+    # of HPET reads that exit to QEMU, no delay calibration of the second
+    # CPU (delays use the TSC) and no IO-APIC timer check, as KVM guests.
+    # Not booted here.
     boot.kernelParams = [
       "console=${consoleDev}"
       "cryptomgr.notests"
+      "initcall_blacklist=crypto_kdf108_init,blake2s_mod_init"
     ]
-    ++ lib.optional pkgs.stdenv.hostPlatform.isx86_64 "tsc=reliable";
+    ++ lib.optionals pkgs.stdenv.hostPlatform.isx86_64 [
+      "tsc=reliable"
+      "lpj=10400000"
+      "no_timer_check"
+    ];
     # No NTP client: the clock comes from the host (RTC, kvmclock), and most nets have no route.
     services.timesyncd.enable = mkDefault false;
 

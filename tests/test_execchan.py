@@ -103,6 +103,16 @@ def test_stdout_stderr_and_status_travel_apart(peer: Peer) -> None:
     assert status in (126, 127) and err
 
 
+def test_a_pipe_session_starts_in_a_warm_shell_that_leaves_no_trace(peer: Peer) -> None:
+    """After a session the mux starts the next shell ahead (a shell start is most of a
+    `vmctl exec` under TCG); the command it sources sees only its stdio, as under sh -c."""
+    assert peer.run("true")[0] == 0
+    probe = "tr '\\0' ' ' </proc/$$/cmdline; [ -e /proc/self/fd/3 ] || echo closed"
+    assert peer.run(probe) == (0, b"sh -c . /proc/self/fd/3 closed\n", b"")
+    assert peer.run("exit 3")[0] == 3 and peer.run("(")[0] == 2
+    assert peer.run("echo $0; read x; echo $x", stdin=feed(b"in\n"))[:2] == (0, b"sh\nin\n")
+
+
 def test_stdin_is_forwarded_past_the_window(peer: Peer) -> None:
     """More stdin than the guest's window: the host waits for credit, nothing is lost."""
     data = os.urandom(5 * STDIN_WINDOW + 123)

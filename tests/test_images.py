@@ -119,6 +119,15 @@ def test_modules_load_after_their_dependencies() -> None:
         micro_kernel.load_order({}, ("9p",))
 
 
+def test_modules_are_shipped_without_their_signature() -> None:
+    body = b"\x7fELF module body"
+    sig = b"S" * 40
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(sig).to_bytes(4, "big")
+    signed = body + sig + info + b"~Module signature appended~\n"
+    assert micro.unsigned(signed) == body
+    assert micro.unsigned(body) == body
+
+
 def test_cpio_states_owners_and_modes(tmp_path: Path) -> None:
     need(shutil.which("cpio") is not None, "cpio is not installed")
     a = Archive()
@@ -145,9 +154,11 @@ def test_init_renders_the_contract() -> None:
         assert c["console"][marker] in text
     for f in contract.fw_cfg_files():
         assert f'"$fw/"{f.name}/raw' in text and f.dest in text
-    assert "chmod 0600 /etc/vmctl/env" in text and "chown 1000:1000" in text
+    assert 'umask 0177\n    cat "$fw/"opt/vmctl/env/raw >/etc/vmctl/env' in text
+    assert 'chown "$auid:$agid" $owned' in text  # the agent's files, in one process
     assert "chmod 0755 /  #" in text  # the root is not world-writable
     assert c["workspace"]["options"] in text and "mount_tag" not in text
+    assert "modprobe -a 9p 2>" in text  # one process loads every module, by name
     subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
     for shell in (["busybox", "sh"], ["bash", "--posix"]):
         subprocess.run([*shell, "-n", str(AGENT)], check=True)

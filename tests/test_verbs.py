@@ -128,3 +128,18 @@ def test_missing_nix_is_one_line_under_verbose(
         assert "image: micro" in err
         assert (why in err) is verbose
         assert "error" not in err.lower()
+
+
+def test_each_verb_is_found_in_the_module_that_registers_it() -> None:
+    import importlib
+
+    from vmctl import cli
+
+    registered = {}
+    for name in dict.fromkeys(cli.VERBS.values()):
+        for command in importlib.import_module(f"vmctl.cli.{name}").verbs.registered_commands:
+            assert command.callback is not None
+            registered[command.name or command.callback.__name__.replace("_", "-")] = name
+    assert registered == cli.VERBS
+    assert all(importlib.import_module(f"vmctl.cli.{g}").group for g in cli.GROUPS)
+    assert cli._verb(["-v", "up", "-d", "x"]) == "up" and cli._verb(["--help"]) is None

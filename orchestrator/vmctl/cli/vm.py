@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from vmctl import endpoint, inventory, paths, ui
+from vmctl import endpoint, paths, ui
 from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
@@ -238,6 +238,8 @@ def _new_name() -> str:
 
 
 def _check_kind(name: str, verb: str) -> None:
+    from vmctl import inventory  # not on `up`'s path: servers, review copies
+
     wrong = inventory.wrong_kind(name, "guest", verb)
     if wrong is not None:
         raise wrong

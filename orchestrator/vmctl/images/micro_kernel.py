@@ -49,6 +49,11 @@ class Kernel:
         return self.root / "vmlinux"
 
     @property
+    def release(self) -> str:
+        """`uname -r` of this kernel: where modprobe looks under /lib/modules."""
+        return self.package.removeprefix("linux-image-")
+
+    @property
     def modules_dir(self) -> Path:
         return self.root / "modules"
 

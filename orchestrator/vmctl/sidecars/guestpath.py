@@ -365,15 +365,26 @@ def write_forwarder(script: Path, sock: Path, name: str, dest: str = "model") ->
 
 def launch(ipaths: paths.InstancePaths, config: SidecarConfig, timeout: float = 15.0) -> int:
     """Start the sidecar in its own session; its pid once its socket listens."""
+    return listening(ipaths, spawn(ipaths, config), timeout)
+
+
+def spawn(ipaths: paths.InstancePaths, config: SidecarConfig) -> subprocess.Popen[bytes]:
+    """Start the sidecar in its own session, not waiting for it (see `listening`)."""
     write_config(ipaths.sidecar_config, config)
     if config.target_host:
         write_forwarder(ipaths.relay, ipaths.sidecar, config.name)
     with open(ipaths.sidecar_log, "ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "vmctl.sidecars.guestpath", str(ipaths.sidecar_config)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ipaths.root,
             start_new_session=True,
         )  # fmt: skip
+
+
+def listening(
+    ipaths: paths.InstancePaths, proc: subprocess.Popen[bytes], timeout: float = 15.0
+) -> int:
+    """The spawned sidecar's pid once its socket listens; OSError if it died or hung."""
     deadline = time.monotonic() + timeout
     while not ipaths.sidecar.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -219,6 +219,21 @@ def start_sidecar(
     the QEMU recorded in `meta` is gone (a killed vmctl, a guest that
     powered off) or the guest's folder is removed.
     """
+    proc = spawn_sidecar(socket_path, who, preset, resolve, log, home, meta, model)
+    return listening(proc, socket_path, log)
+
+
+def spawn_sidecar(
+    socket_path: Path,
+    who: str,
+    preset: str,
+    resolve: tuple[str, ...],
+    log: Path,
+    home: Path,
+    meta: Path,
+    model: tuple[str, int] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`start_sidecar` without the wait: `listening` waits for its socket."""
     argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(socket_path)]
     argv += ["--who-kind", "guest", "--who", who, "--preset", preset]
     argv += ["--events", str(home / "events"), "--instance-meta", str(meta)]
@@ -230,10 +245,14 @@ def start_sidecar(
     env = {k: v for k, v in os.environ.items() if k in keep} | {"VMCTL_HOME": str(home)}
     socket_path.unlink(missing_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env=env, cwd=socket_path.parent, start_new_session=True,
         )  # fmt: skip
+
+
+def listening(proc: subprocess.Popen[bytes], socket_path: Path, log: Path) -> ProcessRef:
+    """The spawned proxy once its socket exists; OSError if it died or hung."""
     deadline = time.monotonic() + 20
     while not socket_path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

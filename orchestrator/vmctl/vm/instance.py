@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -311,9 +312,8 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        start_sidecar(inst, spec, max_conns)
-        if spec.policy is not None:
-            _start_proxy(inst, spec)
+        sidecar_listening = start_sidecar(inst, spec, max_conns)
+        proxy_listening = _start_proxy(inst, spec) if spec.policy is not None else None
         for n in range(len(contract.exec_ports())):
             for fifo in inst.paths.exec_fifos(n)[:2]:
                 os.mkfifo(fifo, 0o600)
@@ -321,6 +321,9 @@ def up(
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
             inst.wait_ready(timeout)
+            sidecar_listening()  # long since: it started while QEMU and the guest did
+            if proxy_listening is not None:
+                proxy_listening()
         if spec.mirrors:
             ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
             inst.record = replace(inst.record, mirror_sidecar=ref)
@@ -333,11 +336,14 @@ def up(
     return inst
 
 
-def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
+def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> Callable[[], None]:
     """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
 
     Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
     and stops a QEMU whose `vmctl up` died before the guest was ready.
+    Returns the wait for its socket, for once the guest is ready: its
+    Python start-up (~0.1-0.3 s) then overlaps the boot, and nothing in a
+    guest reaches the model before the guest is ready.
     """
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
     config = guestpath.SidecarConfig(
@@ -350,11 +356,19 @@ def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> None:
         workspace=str(spec.workspace),
     )
     try:
-        pid = guestpath.launch(inst.paths, config)
+        proc = guestpath.spawn(inst.paths, config)
     except OSError as e:
         raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
-    inst.record = replace(inst.record, sidecar=ProcessRef.of(pid))
+    inst.record = replace(inst.record, sidecar=ProcessRef.of(proc.pid))
     inst.save()
+
+    def listening() -> None:
+        try:
+            guestpath.listening(inst.paths, proc)
+        except OSError as e:
+            raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
+
+    return listening
 
 
 def _stop_sidecar(record: InstanceRecord) -> None:
@@ -362,21 +376,32 @@ def _stop_sidecar(record: InstanceRecord) -> None:
         record.sidecar.terminate(timeout=3.0)
 
 
-def _start_proxy(inst: Instance, spec: InstanceSpec) -> None:
-    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU."""
+def _start_proxy(inst: Instance, spec: InstanceSpec) -> Callable[[], None]:
+    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU.
+
+    Returns the wait for its socket, for once the guest is ready (as the sidecar's).
+    """
     from vmctl.sidecars import proxy_serve
 
     write_connect = proxy_serve.write_connect_script
     write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
     try:
-        ref = proxy_serve.start_sidecar(
+        proc = proxy_serve.spawn_sidecar(
             inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
             inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
         )  # fmt: skip
     except OSError as e:
         raise VMError(str(e)) from None
-    inst.record = replace(inst.record, proxy=ref)
+    inst.record = replace(inst.record, proxy=ProcessRef.of(proc.pid))
     inst.save()
+
+    def listening() -> None:
+        try:
+            proxy_serve.listening(proc, inst.paths.proxy_socket, inst.paths.proxy_log)
+        except OSError as e:
+            raise VMError(str(e)) from None
+
+    return listening
 
 
 def _stop_proxy(record: InstanceRecord) -> None:
