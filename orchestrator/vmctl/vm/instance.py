@@ -17,19 +17,19 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
-from vmctl import contract, events, paths, ui
+from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars import guestpath, mirror
 from vmctl.state import StateError
-from vmctl.vm import accel, idmap
+from vmctl.vm import accel, companions, idmap
 from vmctl.vm.console import ExecChannel, expect_ready
+from vmctl.vm.info import InstanceInfo, info_of
 from vmctl.vm.qemu import ManifestLike, qemu_argv
 from vmctl.vm.qmp import QMP
 from vmctl.vm.spec import InstanceRecord, InstanceSpec, check_forwards_free
@@ -45,59 +45,6 @@ def _pdeathsig() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    """An instance as seen from its state folder (what `vmctl ls` shows)."""
-
-    name: str
-    running: bool
-    state: str
-    pid: int
-    started: float
-    ephemeral: bool
-    detached: bool
-    net: str
-    policy: str | None  # the egress preset of its proxy (vmctl.egress); None: no proxy
-    model_endpoint: str | None
-    forwards: list[str]
-    workspace: str
-    image: str
-    root: Path
-    console_log: Path
-    audit: Path
-    qemu_log: Path
-
-    def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        for key in ("root", "console_log", "audit", "qemu_log"):
-            data[key] = str(data[key])
-        data["uptime_s"] = round(time.time() - self.started, 1) if self.running else None
-        return data
-
-
-def _info(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
-    running = bool(rec.qemu and rec.qemu.alive())
-    return InstanceInfo(
-        name=rec.name,
-        running=running,
-        state="running" if running else "stopped",
-        pid=rec.qemu.pid if rec.qemu else 0,
-        started=rec.started,
-        ephemeral=rec.ephemeral,
-        detached=rec.owner is None,
-        net=rec.net,
-        policy=rec.policy,
-        model_endpoint=rec.model_endpoint,
-        forwards=[f"{h}:{g}" for h, g in rec.forwards],
-        workspace=rec.workspace,
-        image=rec.image,
-        root=ipaths.root,
-        console_log=ipaths.console_log,
-        audit=events.subject_file(paths.events_dir(), "guest", rec.name),
-        qemu_log=ipaths.qemu_log,
-    )
 
 
 class Instance:
@@ -133,7 +80,7 @@ class Instance:
         return bool(ref and ref.alive())
 
     def info(self) -> InstanceInfo:
-        return _info(self.paths, self.record)
+        return info_of(self.paths, self.record)
 
     # ---- start ----
     def start(self, argv: list[str], *, detach: bool) -> None:
@@ -246,9 +193,9 @@ class Instance:
         try:
             self.shutdown(powerdown_timeout)
         finally:
-            _stop_sidecar(self.record)
+            companions.stop_sidecar(self.record)
             mirror.stop(self.record.mirror_sidecar)
-            _stop_proxy(self.record)
+            companions.stop_proxy(self.record)
             if self.ephemeral or not self.paths.meta.exists():
                 shutil.rmtree(self.paths.root, ignore_errors=True)
             else:
@@ -312,8 +259,14 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        sidecar_listening = start_sidecar(inst, spec, max_conns)
-        proxy_listening = _start_proxy(inst, spec) if spec.policy is not None else None
+        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
+        inst.record = replace(inst.record, sidecar=ref)
+        inst.save()
+        proxy_listening = None
+        if spec.policy is not None:
+            ref, proxy_listening = companions.spawn_proxy(inst.paths, spec)
+            inst.record = replace(inst.record, proxy=ref)
+            inst.save()
         for n in range(len(contract.exec_ports())):
             for fifo in inst.paths.exec_fifos(n)[:2]:
                 os.mkfifo(fifo, 0o600)
@@ -336,79 +289,6 @@ def up(
     return inst
 
 
-def start_sidecar(inst: Instance, spec: InstanceSpec, max_conns: int) -> Callable[[], None]:
-    """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
-
-    Started before QEMU, it outlives a detached `vmctl up`, exits with QEMU,
-    and stops a QEMU whose `vmctl up` died before the guest was ready.
-    Returns the wait for its socket, for once the guest is ready: its
-    Python start-up (~0.1-0.3 s) then overlaps the boot, and nothing in a
-    guest reaches the model before the guest is ready.
-    """
-    host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
-    config = guestpath.SidecarConfig(
-        spec.name,
-        str(inst.paths.sidecar),
-        str(inst.paths.meta),
-        host,
-        port,
-        max_conns,
-        workspace=str(spec.workspace),
-    )
-    try:
-        proc = guestpath.spawn(inst.paths, config)
-    except OSError as e:
-        raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
-    inst.record = replace(inst.record, sidecar=ProcessRef.of(proc.pid))
-    inst.save()
-
-    def listening() -> None:
-        try:
-            guestpath.listening(inst.paths, proc)
-        except OSError as e:
-            raise VMError(str(e), f"see {inst.paths.sidecar_log}") from None
-
-    return listening
-
-
-def _stop_sidecar(record: InstanceRecord) -> None:
-    if record.sidecar is not None and record.sidecar.alive():
-        record.sidecar.terminate(timeout=3.0)
-
-
-def _start_proxy(inst: Instance, spec: InstanceSpec) -> Callable[[], None]:
-    """The guest's egress proxy sidecar (vmctl.sidecars.proxy_serve), before QEMU.
-
-    Returns the wait for its socket, for once the guest is ready (as the sidecar's).
-    """
-    from vmctl.sidecars import proxy_serve
-
-    write_connect = proxy_serve.write_connect_script
-    write_connect(inst.paths.proxy_connect, inst.paths.proxy_socket)
-    try:
-        proc = proxy_serve.spawn_sidecar(
-            inst.paths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
-            inst.paths.proxy_log, paths.home(), inst.paths.meta, spec.model_endpoint,
-        )  # fmt: skip
-    except OSError as e:
-        raise VMError(str(e)) from None
-    inst.record = replace(inst.record, proxy=ProcessRef.of(proc.pid))
-    inst.save()
-
-    def listening() -> None:
-        try:
-            proxy_serve.listening(proc, inst.paths.proxy_socket, inst.paths.proxy_log)
-        except OSError as e:
-            raise VMError(str(e)) from None
-
-    return listening
-
-
-def _stop_proxy(record: InstanceRecord) -> None:
-    if record.proxy is not None:
-        record.proxy.terminate(timeout=5.0)
-
-
 def reap_one(ipaths: paths.InstancePaths) -> bool:
     """Clean up one instance whose owner or QEMU died; True if its folder went away."""
     try:
@@ -424,8 +304,8 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
             return False
         qemu.terminate(timeout=5.0)
     if qemu is None or not qemu.alive():
-        _stop_sidecar(record)
-    _stop_proxy(record)
+        companions.stop_sidecar(record)
+    companions.stop_proxy(record)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
@@ -448,7 +328,7 @@ def list_instances() -> list[InstanceInfo]:
     for root in sorted(paths.instances_dir().iterdir()):
         ipaths = paths.InstancePaths(root)
         with contextlib.suppress(StateError):
-            found.append(_info(ipaths, InstanceRecord.read(ipaths.meta)))
+            found.append(info_of(ipaths, InstanceRecord.read(ipaths.meta)))
     return found
 
 

@@ -1,0 +1,80 @@
+"""The processes beside a guest's QEMU: its sidecar and its egress proxy.
+
+Both start before QEMU, each in its own session, so they serve a detached
+guest and outlive the `vmctl up` that started them; each spawn returns the
+process and a wait for its socket, called once the guest is ready, so
+their Python start-up overlaps the boot (nothing in a guest reaches them
+before it is ready). vmctl.vm.instance records them and stops them with
+the guest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vmctl import paths
+from vmctl.errors import VMError
+from vmctl.procs import ProcessRef
+from vmctl.sidecars import guestpath
+from vmctl.vm.spec import InstanceRecord, InstanceSpec
+
+
+def spawn_sidecar(
+    ipaths: paths.InstancePaths, spec: InstanceSpec, max_conns: int
+) -> tuple[ProcessRef, Callable[[], None]]:
+    """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
+
+    It exits with QEMU, and stops a QEMU whose `vmctl up` died before the
+    guest was ready.
+    """
+    host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
+    config = guestpath.SidecarConfig(
+        spec.name, str(ipaths.sidecar), str(ipaths.meta), host, port, max_conns,
+        workspace=str(spec.workspace),
+    )  # fmt: skip
+    try:
+        proc = guestpath.spawn(ipaths, config)
+    except OSError as e:
+        raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
+
+    def listening() -> None:
+        try:
+            guestpath.listening(ipaths, proc)
+        except OSError as e:
+            raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
+
+    return ProcessRef.of(proc.pid), listening
+
+
+def spawn_proxy(
+    ipaths: paths.InstancePaths, spec: InstanceSpec
+) -> tuple[ProcessRef, Callable[[], None]]:
+    """The guest's egress proxy (vmctl.sidecars.proxy_serve), under `--policy`."""
+    from vmctl.sidecars import proxy_serve
+
+    proxy_serve.write_connect_script(ipaths.proxy_connect, ipaths.proxy_socket)
+    try:
+        proc = proxy_serve.spawn_sidecar(
+            ipaths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
+            ipaths.proxy_log, paths.home(), ipaths.meta, spec.model_endpoint,
+        )  # fmt: skip
+    except OSError as e:
+        raise VMError(str(e)) from None
+
+    def listening() -> None:
+        try:
+            proxy_serve.listening(proc, ipaths.proxy_socket, ipaths.proxy_log)
+        except OSError as e:
+            raise VMError(str(e)) from None
+
+    return ProcessRef.of(proc.pid), listening
+
+
+def stop_sidecar(record: InstanceRecord) -> None:
+    if record.sidecar is not None and record.sidecar.alive():
+        record.sidecar.terminate(timeout=3.0)
+
+
+def stop_proxy(record: InstanceRecord) -> None:
+    if record.proxy is not None:
+        record.proxy.terminate(timeout=5.0)
