@@ -299,7 +299,12 @@ def own_key(agents: tuple[str, ...]) -> str:
     (another init or agent) never matches. `vmctl image build` checks the
     full key, host packages included.
     """
-    own = {
+    return _sha(json.dumps(_own_inputs(agents), sort_keys=True).encode())[:16]
+
+
+def _own_inputs(agents: tuple[str, ...]) -> dict[str, Any]:
+    """What vmctl ships into the image: part of both keys."""
+    return {
         "revision": REVISION,
         "init": _sha(guest_file("micro-init.sh.j2").encode()),
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
@@ -307,13 +312,8 @@ def own_key(agents: tuple[str, ...]) -> str:
         "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
-        "agents": _versions(agents),
+        "agents": {a: micro_agents.AGENTS[a].version for a in agents},
     }
-    return _sha(json.dumps(own, sort_keys=True).encode())[:16]
-
-
-def _versions(agents: tuple[str, ...]) -> dict[str, str]:
-    return {a: micro_agents.AGENTS[a].version for a in agents}
 
 
 def find_built(agents: tuple[str, ...]) -> Path | None:
@@ -344,16 +344,9 @@ def micro_inputs(
     ]
     libs = needed_libs([*natives, *tools]) if agents else {}
     inputs = {
-        "revision": REVISION,
+        **_own_inputs(agents),
         "kernel": [package, version, list(micro_kernel.MODULES)],
         "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
-        "init": _sha(guest_file("micro-init.sh.j2").encode()),
-        "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
-        "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
-        "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
-        "contract": contract.raw(),
-        "cmdline": CMDLINE,
-        "agents": _versions(agents),
         "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
         "extra": [*(_sha(t.read_bytes()) for t in tools), _sha(_ca_bundle())] if agents else [],
     }

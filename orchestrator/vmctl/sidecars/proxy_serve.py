@@ -203,26 +203,6 @@ def write_connect_script(script: Path, socket_path: Path) -> None:
     script.chmod(0o700)
 
 
-def start_sidecar(
-    socket_path: Path,
-    who: str,
-    preset: str,
-    resolve: tuple[str, ...],
-    log: Path,
-    home: Path,
-    meta: Path,
-    model: tuple[str, int] | None = None,
-) -> ProcessRef:
-    """Start a guest's proxy in its own session; returns once it listens.
-
-    It stops on SIGTERM (`vmctl down`), or by itself within seconds once
-    the QEMU recorded in `meta` is gone (a killed vmctl, a guest that
-    powered off) or the guest's folder is removed.
-    """
-    proc = spawn_sidecar(socket_path, who, preset, resolve, log, home, meta, model)
-    return listening(proc, socket_path, log)
-
-
 def spawn_sidecar(
     socket_path: Path,
     who: str,
@@ -233,7 +213,12 @@ def spawn_sidecar(
     meta: Path,
     model: tuple[str, int] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`start_sidecar` without the wait: `listening` waits for its socket."""
+    """Start a guest's proxy in its own session; `listening` waits for its socket.
+
+    It stops on SIGTERM (`vmctl down`), or by itself within seconds once
+    the QEMU recorded in `meta` is gone (a killed vmctl, a guest that
+    powered off) or the guest's folder is removed.
+    """
     argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(socket_path)]
     argv += ["--who-kind", "guest", "--who", who, "--preset", preset]
     argv += ["--events", str(home / "events"), "--instance-meta", str(meta)]
