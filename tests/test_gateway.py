@@ -228,8 +228,19 @@ async def test_the_ceiling_lowers_the_limit_upstream_and_bounds_what_it_reads(
             async with s.post(url, json={"model": "m", "pad": "x" * 5000}) as r:
                 assert r.status == 413
                 assert "4096" in (await r.json())["error"]["message"]
+            # What all callers' bodies may hold at once is bounded too, and given back.
+            monkeypatch.setattr(caps, "MAX_HELD", 1000)
+            async with s.post(url, json={"model": "m", "pad": "x" * 2000}) as r:
+                assert (r.status, r.headers.get("Retry-After")) == (503, "1")
+            async with s.post(url, json={"model": "m", "max_tokens": 9}) as r:
+                assert (r.status, (await r.json())["max_tokens"]) == (200, 9)
+            assert gw.held.bytes == 0
     finally:
         await gw.close()
         await runner.cleanup()
     lines = events.read_all((tmp_path / "ev").glob("*.jsonl"))
-    assert [(e.status, e.reason) for e in lines][-1] == (413, "body_too_large")
+    assert [(e.status, e.reason) for e in lines][-3:] == [
+        (413, "body_too_large"),
+        (503, "busy"),
+        (200, None),
+    ]

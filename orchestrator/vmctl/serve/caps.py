@@ -18,6 +18,26 @@ from typing import Any
 
 #: The largest generating request read whole to be capped (413 above it).
 MAX_CAPPED_BODY = 8 * 1024 * 1024
+#: All such bodies held at once, whoever sent them (503 above it): without it,
+#: 64 requests in flight could make the gateway hold 512 MiB.
+MAX_HELD = 64 * 1024 * 1024
+
+
+class Held:
+    """The bytes of request bodies the gateway holds right now, against MAX_HELD."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def take(self, n: int) -> bool:
+        """Count `n` more bytes; False once over the limit (they stay counted)."""
+        self.bytes += n
+        return self.bytes <= MAX_HELD
+
+    def give(self, n: int) -> None:
+        self.bytes -= n
+
+
 #: Every field llama-server reads a reply limit from, in any API.
 LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 

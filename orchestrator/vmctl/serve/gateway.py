@@ -37,7 +37,11 @@ from vmctl.events import Event, EventLog
 from vmctl.serve import caps
 from vmctl.serve.wire import (
     HOP_BY_HOP,
+    BodyStalled,
+    BodyTooLarge,
+    Busy,
     authorized,
+    body_refusal,
     error_response,
     quiet_logger,
     request_model,
@@ -72,18 +76,6 @@ class GatewayConfig:
     max_output: int | None = None  # reply-length ceiling in tokens (vmctl.serve.caps)
 
 
-class BodyTooLarge(Exception):
-    """A request body grew past a limit (the gateway's, or caps.MAX_CAPPED_BODY)."""
-
-    def __init__(self, limit: int):
-        super().__init__(limit)
-        self.limit = limit
-
-
-class BodyStalled(Exception):
-    """The caller stopped sending its body (a slow-body attack or a dead client)."""
-
-
 class Gateway:
     """An aiohttp app that forwards to llama-server's UNIX socket, auditing each request."""
 
@@ -95,6 +87,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._routes: Any = None
         self.in_flight = 0
+        self.held = caps.Held()
 
     async def start(self) -> None:
         """Bind host:port (and the routes socket); raises OSError when taken."""
@@ -259,19 +252,16 @@ class Gateway:
             response.force_close()
             return response
         if self.in_flight >= cfg.max_in_flight:
-            fields.update(decision="deny", reason="busy")
-            response = error_response(
-                503, f"{cfg.max_in_flight} requests in flight; retry later", "server_error"
-            )
-            response.headers["Retry-After"] = "1"
-            return response
+            return _busy(fields, f"{cfg.max_in_flight} requests in flight; retry later")
         self.in_flight += 1
         try:
             return await self._forward(request, fields, counted)
+        except Busy:
+            return _busy(fields, "too many request bodies held at once; retry later")
         except (BodyTooLarge, BodyStalled, HttpProcessingError, aiohttp.ClientError, OSError) as e:
             over = e.limit if isinstance(e, BodyTooLarge) else None
             over = cfg.max_body if counted["up"] > cfg.max_body else over
-            refused = _body_refusal(e, over, cfg)
+            refused = body_refusal(e, over, cfg.body_timeout)
             if refused is not None:
                 fields.update(decision="deny", reason=refused[1], detail=refused[2])
                 response = error_response(refused[0], refused[2], "invalid_request_error")
@@ -353,12 +343,25 @@ class Gateway:
     async def _capped(self, body: AsyncIterator[bytes], field: str) -> bytes:
         """The whole body, its reply limit lowered to the server's ceiling."""
         whole = bytearray()
-        async for chunk in body:
-            whole += chunk
-            if len(whole) > caps.MAX_CAPPED_BODY:
-                raise BodyTooLarge(caps.MAX_CAPPED_BODY)
+        try:
+            async for chunk in body:
+                whole += chunk  # counted at once, so `give` returns exactly what was taken
+                if not self.held.take(len(chunk)):
+                    raise Busy
+                if len(whole) > caps.MAX_CAPPED_BODY:
+                    raise BodyTooLarge(caps.MAX_CAPPED_BODY)
+        finally:
+            self.held.give(len(whole))
         assert self.config.max_output is not None
         return caps.cap(bytes(whole), field, self.config.max_output) or bytes(whole)
+
+
+def _busy(fields: dict[str, Any], message: str) -> web.Response:
+    """503 with Retry-After: a bound of the gateway's was reached, not the caller's fault."""
+    fields.update(decision="deny", reason="busy")
+    response = error_response(503, message, "server_error")
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
@@ -371,25 +374,6 @@ async def _send(response: web.StreamResponse, chunk: bytes | None) -> bool:
     except ConnectionError:
         return False
     return True
-
-
-def _body_refusal(
-    exc: BaseException, over: int | None, cfg: GatewayConfig
-) -> tuple[int, str, str] | None:
-    """(status, reason, message) when the caller's body, not the model server, failed.
-
-    `over` is the byte limit the body went past, if it did.
-    """
-    cause = exc if isinstance(exc, BodyStalled | HttpProcessingError) else exc.__cause__
-    if isinstance(cause, BodyTooLarge):
-        over = over or cause.limit
-    if over is not None:
-        return 413, "body_too_large", f"request body over {over} bytes"
-    if isinstance(cause, BodyStalled) or isinstance(exc, BodyStalled):
-        return 408, "body_timeout", f"no request body bytes for {cfg.body_timeout:.0f} s"
-    if isinstance(cause, HttpProcessingError):
-        return 400, "bad_request", events.safe(cause.message)[:300]
-    return None
 
 
 def _body_of(response: web.StreamResponse) -> bytes:

@@ -4,7 +4,7 @@ Pure helpers, no I/O: who may call (the API key), hop-by-hop headers,
 token counts and the model name from the bytes that pass, errors in the
 clients' own shapes (OpenAI's JSON, and the last SSE event of a stream the
 model server cut, OpenAI's or Anthropic's), and aiohttp's error log turned
-into one escaped line.
+into one escaped line; and the refusals of a caller's body (413, 408, 400).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import re
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vmctl import events
 
@@ -122,3 +123,38 @@ def authorized(request: web.BaseRequest, api_key: str | None) -> bool:
         offered = offered or auth[7:].strip()
     # Header bytes that are not UTF-8 arrive as surrogates: compare them as bytes.
     return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), api_key.encode())
+
+
+class BodyTooLarge(Exception):
+    """A request body grew past a limit (the gateway's, or caps.MAX_CAPPED_BODY)."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+
+class Busy(Exception):
+    """The gateway already holds as many capped bodies as it may (caps.MAX_HELD)."""
+
+
+class BodyStalled(Exception):
+    """The caller stopped sending its body (a slow-body attack or a dead client)."""
+
+
+def body_refusal(
+    exc: BaseException, over: int | None, body_timeout: float
+) -> tuple[int, str, str] | None:
+    """(status, reason, message) when the caller's body, not the model server, failed.
+
+    `over` is the byte limit the body went past, if it did.
+    """
+    cause = exc if isinstance(exc, BodyStalled | HttpProcessingError) else exc.__cause__
+    if isinstance(cause, BodyTooLarge):
+        over = over or cause.limit
+    if over is not None:
+        return 413, "body_too_large", f"request body over {over} bytes"
+    if isinstance(cause, BodyStalled) or isinstance(exc, BodyStalled):
+        return 408, "body_timeout", f"no request body bytes for {body_timeout:.0f} s"
+    if isinstance(cause, HttpProcessingError):
+        return 400, "bad_request", events.safe(cause.message)[:300]
+    return None
