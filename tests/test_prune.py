@@ -12,7 +12,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import vmctl_cmd
+import pytest
+
+from conftest import need, vmctl_cmd
 from vmctl.images import micro, micro_agents
 
 KERNEL = ["linux-image-test", "1"]
@@ -69,3 +71,31 @@ def test_prune_keeps_what_vmctl_would_use_and_removes_the_rest(tmp_path: Path) -
     assert 3200 < report["bytes"] < 6000 and report["dry_run"] is False
     assert newest.exists() and used.exists() and pinned.exists() and kept_kernel.exists()
     assert not any(p.exists() for p in (older, stale, broken, old_agent, old_kernel))
+
+
+def test_prune_never_names_the_image_install_sh_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real cache: what `vmctl up` would boot, its agents and its kernel all stay."""
+    import platformdirs
+
+    cache = Path(
+        os.environ.get("VMCTL_CACHE") or platformdirs.user_cache_dir("vmctl", appauthor=False)
+    )
+    monkeypatch.setenv("VMCTL_CACHE", str(cache))
+    env = {**os.environ, "VMCTL_HOME": str(tmp_path / "home")}
+    agents = ("claude", "codex", "llm", "opencode")  # scripts/install.sh's image
+    built = micro.find_built(agents)
+    need(built is not None, "no micro image built yet (scripts/install.sh)")
+    assert built is not None
+    out = subprocess.run(vmctl_cmd("image", "prune", "--dry-run", "--json"), env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    named = {Path(p) for key in ("images", "agents", "kernels") for p in report[key]}
+    inputs = json.loads((built.parent / "inputs.json").read_text())
+    keep = {built.parent, *(built.parent.parent / "agents" / f"{a}-{v}"
+                            for a, v in inputs["agents"].items())}  # fmt: skip
+    keep.add(built.parent.parent / "kernels" / f"{inputs['kernel'][0]}_{inputs['kernel'][1]}")
+    assert not keep & named, keep & named
+    assert all(p.exists() for p in keep) and report["dry_run"] is True

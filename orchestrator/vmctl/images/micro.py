@@ -379,9 +379,7 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
             fields: dict[str, Any] = {"name": "micro", "system": "x86_64-linux"}
             fields |= {"kernel": "vmlinux", "initrd": "initrd.cpio", "cmdline": CMDLINE}
             write_manifest(tmp, {**fields, "shares": shares, "features": list(agents)})
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
+            micro_agents.publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -80,6 +80,17 @@ class GuestAgent:
         return paths.image_agents_dir() / f"{self.name}-{self.version}"
 
 
+def publish(tmp: Path, target: Path) -> None:
+    """Put a finished build folder in place of `target`, an older one removed.
+
+    Builds happen in a temporary folder beside the target, so a crash
+    never leaves a half-built image or agent where vmctl would use it.
+    """
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
 def _npm(package: str, tag: str = "") -> Callable[[Path, str], None]:
     """npm install PACKAGE@VERSION+tag, its install scripts off."""
 
@@ -153,9 +164,7 @@ def install(agent: GuestAgent) -> Path:
                 raise VMError(f"installing {agent.name} left no {agent.binary}", NPM_HINT)
             (tmp / ".complete").write_text(agent.version + "\n")
             tmp.chmod(0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
