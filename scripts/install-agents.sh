@@ -8,12 +8,6 @@
 #   VMCTL_AGENTS  which to install (default "opencode claude codex")
 set -euo pipefail
 
-OPENCODE_VERSION=1.18.33
-# The version the project's field notes were checked against.
-CLAUDE_VERSION=2.1.197
-# Checked against vmctl's gateway and llama-server (docs/codex.md).
-CODEX_VERSION=0.171.0
-
 prefix="${VMCTL_TOOLS:-$HOME/.cache/vmctl/tools}/npm"
 agents="${VMCTL_AGENTS:-opencode claude codex}"
 
@@ -29,13 +23,19 @@ if ! command -v npm >/dev/null 2>&1; then
     exit 1
 fi
 
+# The pins live in one file, shared with the guest images (vmctl.images.micro_agents).
+versions="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/orchestrator/vmctl/data/agent-versions.json"
+pin() {
+    node -e 'process.stdout.write(require(process.argv[1])[process.argv[2]])' "$versions" "$1"
+}
+
 mkdir -p "$prefix"
 wanted=()
 for agent in $agents; do
     case "$agent" in
-        opencode) pkg=opencode-ai; ver=$OPENCODE_VERSION ;;
-        claude) pkg=@anthropic-ai/claude-code; ver=$CLAUDE_VERSION ;;
-        codex) pkg=@openai/codex; ver=$CODEX_VERSION ;;
+        opencode) pkg=opencode-ai; ver=$(pin opencode) ;;
+        claude) pkg=@anthropic-ai/claude-code; ver=$(pin claude) ;;
+        codex) pkg=@openai/codex; ver=$(pin codex) ;;
         *) echo "install-agents: unknown agent '$agent' (opencode, claude, codex)" >&2; exit 2 ;;
     esac
     if [ "$(installed_version "$pkg")" = "$ver" ] && [ -x "$prefix/bin/$agent" ]; then

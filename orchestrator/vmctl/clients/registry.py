@@ -21,11 +21,12 @@ from typing import Protocol
 from vmctl import agents
 from vmctl.agents import AgentEndpoint
 from vmctl.errors import ClientError, ConfigError
+from vmctl.images.micro_agents import VERSIONS
 
 INSTALL_AGENTS = "scripts/install-agents.sh"
 #: opencode's plugin package; an empty install of it stops its npm run.
 OPENCODE_PLUGIN = "@opencode-ai/plugin"
-OPENCODE_VERSION = "1.18.33"
+OPENCODE_VERSION = VERSIONS["opencode"]
 
 
 def tools_prefix() -> Path:

@@ -27,6 +27,7 @@ import sysconfig
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from vmctl import paths, ui
@@ -34,6 +35,14 @@ from vmctl.errors import VMError
 from vmctl.images.cpio import Archive
 from vmctl.images.micro_kernel import run
 
+#: The pinned versions, one file for this module and scripts/install-agents.sh.
+VERSIONS: dict[str, str] = {
+    k: v
+    for k, v in json.loads(
+        resources.files("vmctl").joinpath("data/agent-versions.json").read_text()
+    ).items()
+    if not k.startswith("_")
+}
 MOUNT_ROOT = "/opt/vmctl/agents"
 SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,ro,nodev,nosuid,cache=loose"
 NPM_HINT = "install Node.js and npm (apt-get install npm), and reach the npm registry"
@@ -128,23 +137,23 @@ AGENTS: dict[str, GuestAgent] = {
     for a in (
         GuestAgent(
             "opencode",
-            "1.18.33",
+            VERSIONS["opencode"],
             "node_modules/opencode-linux-x64/bin/opencode",
             _npm("opencode-ai"),
         ),
         GuestAgent(
             "claude",
-            "2.1.197",
+            VERSIONS["claude"],
             "node_modules/@anthropic-ai/claude-code-linux-x64/claude",
             _npm("@anthropic-ai/claude-code-linux-x64"),
         ),
         GuestAgent(
             "codex",
-            "0.171.0",
+            VERSIONS["codex"],
             "node_modules/@openai/codex/vendor/x86_64-unknown-linux-musl/bin/codex",
             _npm("@openai/codex", "-linux-x64"),
         ),
-        GuestAgent("llm", "0.36", "bin/python3", _install_python_llm),
+        GuestAgent("llm", VERSIONS["llm"], "bin/python3", _install_python_llm),
     )
 }
 
