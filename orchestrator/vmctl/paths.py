@@ -221,7 +221,11 @@ class InstancePaths(_Folder):
 
     @property
     def sidecar(self) -> Path:
-        """The guest sidecar's socket, where forwarders hand over guest connections."""
+        """The guest sidecar's socket, where forwarders hand over guest connections.
+
+        vmctl.vm.execchan.ExecChannel.for_instance spells it too, without
+        importing this module (tests/test_modes.py holds the two equal).
+        """
         return check_socket_path(self.root / "sidecar.sock")
 
     @property

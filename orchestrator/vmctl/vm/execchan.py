@@ -183,7 +183,7 @@ def settle(sock: StrPath, timeout: float = SETTLE_TIMEOUT_S) -> bool:
         try:
             s.settimeout(timeout)
             s.connect(os.fspath(sock))
-            s.sendall(b"settle")
+            s.sendall(b"settle")  # vmctl.sidecars.modes.SETTLE (not imported: start-up)
             return s.recv(8) == b"ok"
         finally:
             s.close()
