@@ -44,6 +44,11 @@ def test_prune_keeps_what_vmctl_would_use_and_removes_the_rest(tmp_path: Path) -
     newest = _image(images, "micro-newest", ("llm",), key, age=2)
     stale = _image(images, "micro-stale", ("llm",), "0123456789abcdef", age=3)
     broken = _image(images, "micro-broken", (), None, age=0)
+    crashed = images / ".micro-abc123"  # a build's own folder, left by a crash long ago
+    building = images / ".micro-def456"  # a build going on now
+    for folder in (crashed, building):
+        folder.mkdir()
+    os.utime(crashed, (1_700_000_000, 1_700_000_000))
     llm = micro_agents.AGENTS["llm"]
     used = images / "agents" / f"llm-{llm.version}"
     pinned = images / "agents" / micro_agents.AGENTS["claude"].folder().name
@@ -58,19 +63,20 @@ def test_prune_keeps_what_vmctl_would_use_and_removes_the_rest(tmp_path: Path) -
     dry = subprocess.run(vmctl_cmd("image", "prune", "--dry-run"), env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.startswith("would remove 3 images, 1 agent installs, 1 kernels"), dry.stdout
+    assert dry.stdout.startswith("would remove 4 images, 1 agent installs, 1 kernels"), dry.stdout
     assert older.exists() and old_agent.exists()
 
     out = subprocess.run(vmctl_cmd("image", "prune", "--json"), env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert sorted(report["images"]) == sorted(str(p) for p in (older, stale, broken))
+    assert sorted(report["images"]) == sorted(str(p) for p in (older, stale, broken, crashed))
     assert report["agents"] == [str(old_agent)] and report["kernels"] == [str(old_kernel)]
     # Three kernels of 1000 bytes, two folders of 100, plus the builder's small files.
     assert 3200 < report["bytes"] < 6000 and report["dry_run"] is False
     assert newest.exists() and used.exists() and pinned.exists() and kept_kernel.exists()
-    assert not any(p.exists() for p in (older, stale, broken, old_agent, old_kernel))
+    assert not any(p.exists() for p in (older, stale, broken, crashed, old_agent, old_kernel))
+    assert building.exists()
 
 
 def test_prune_never_names_the_image_install_sh_built(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def plan(guests_running: bool) -> Plan:
         if before is not None:
             found.images.append(before[1])
         newest[read[1]] = (mtime, folder, read[2])
+    stale_after = time.time() - 3600
+    found.images += [
+        d for d in sorted(root.glob(".micro-*")) if d.is_dir() and d.stat().st_mtime < stale_after
+    ]
     kept = [inputs for _, _, inputs in newest.values()]
     if not guests_running:
         used = {a.folder().name for a in micro_agents.AGENTS.values()}
