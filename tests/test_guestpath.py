@@ -321,6 +321,45 @@ def test_a_bridged_client_on_a_plain_endpoint_is_audited_request_by_request(home
     assert int(found[2].bytes_down or 0) > 0
 
 
+def test_a_bridged_client_holding_too_many_connections_is_refused_and_audited(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each held connection costs vmctl a thread: past the cap they are closed, audited."""
+    from vmctl.sidecars import bridge
+
+    monkeypatch.setattr(bridge, "MAX_CONNS", 3)
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(16)  # accepts, never answers: the client's connections stay open
+    held: list[socket.socket] = []
+    sock = home / "ep.sock"
+    try:
+        with bridge.HostRelay(sock, "127.0.0.1", upstream.getsockname()[1], who="llm"):
+            for _ in range(5):
+                c = socket.socket(socket.AF_UNIX)
+                c.connect(str(sock))
+                held.append(c)
+            log = home / "events" / "client-llm.jsonl"
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (
+                not log.exists() or log.read_text().count("too_many_connections") < 2
+            ):
+                time.sleep(0.05)
+            refused = [e for e in events.read_file(log) if e.action == "refuse"]
+            assert [(e.reason, e.who) for e in refused] == [("too_many_connections", "llm")] * 2
+            for c in held[3:]:  # the refused two were closed at once
+                c.settimeout(5)
+                assert c.recv(1) == b""
+            for c in held[:3]:  # the first three are still carried
+                c.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    c.recv(1)
+    finally:
+        for c in held:
+            c.close()
+        upstream.close()
+
+
 async def test_the_egress_proxy_takes_the_model_address_through_the_guests_route(
     home: Path, served: int
 ) -> None:

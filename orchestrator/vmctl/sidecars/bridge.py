@@ -33,6 +33,8 @@ from typing import Any, TextIO
 
 BUFSIZE = 65536
 CONNECT_TIMEOUT = 5.0
+#: Connections one bridge serves at once (a guest's sidecar allows 32 by default).
+MAX_CONNS = 64
 
 
 def _pump(src: socket.socket, dst: socket.socket, seen: Callable[[bytes], None]) -> None:
@@ -69,11 +71,22 @@ def splice(a: socket.socket, b: socket.socket, seen: Callable[[bytes], None]) ->
 
 
 class _Acceptor:
-    """Accept loop in a daemon thread; each connection handled in its own thread."""
+    """Accept loop in a daemon thread; each connection handled in its own thread.
 
-    def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], None]):
+    At most MAX_CONNS at once (a thread and two buffers each): past that a
+    connection is closed at once and `refused` says so.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        handle: Callable[[socket.socket], None],
+        refused: Callable[[], None] = lambda: None,
+    ):
         self.listener = listener
         self.handle = handle
+        self.refused = refused
+        self.slots = threading.BoundedSemaphore(MAX_CONNS)
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
@@ -82,7 +95,17 @@ class _Acceptor:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            if not self.slots.acquire(blocking=False):
+                conn.close()
+                self.refused()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        finally:
+            self.slots.release()
 
     def start(self) -> None:
         self.thread.start()
@@ -127,7 +150,7 @@ class HostRelay:
         finally:
             os.umask(old)
         listener.listen(64)
-        self._acceptor = _Acceptor(listener, self._handle)
+        self._acceptor = _Acceptor(listener, self._handle, self._refused)
         self._acceptor.start()
         return self
 
@@ -166,6 +189,10 @@ class HostRelay:
             duration_ms=round((time.monotonic() - start) * 1000, 1),
             detail=f"{clock.requests} requests" + ("" if routed else " (unrouted)"), **where,
         )  # fmt: skip
+
+    def _refused(self) -> None:
+        self._event("connection", "refuse", decision="deny", reason="too_many_connections",
+                    detail=f"{MAX_CONNS} open")  # fmt: skip
 
     def _request_seen(self, method: str, path: str) -> None:
         """An endpoint with no gateway in front: the request line is audited here."""
