@@ -1,16 +1,21 @@
 """The workspace share against its alternatives, one guest, side by side.
 
-One micro guest boots with the same N-file tree behind several 9p shares
-(today's contract settings on /workspace, plus candidate settings on
-/mnt/<mode>), a copy in guest RAM, and the host for scale. Each operation
-runs on every mode in turn, `--runs` times, so all see the same host load:
+One micro guest boots with the same N-file tree behind every transport
+(today's contract 9p settings on /workspace, candidate 9p settings and
+virtio-fs daemons, started exactly as `vmctl up --share virtiofs` starts
+them, on /mnt/<mode>), a copy in guest RAM, and the host for scale. QEMU
+runs in the user namespace `vmctl up` uses, and the operations run as the
+guest's agent, as an agent's would. Each operation runs on every mode in
+turn, `--runs` times, so all see the same host load:
   <op>_<mode>_s        median seconds (mode: today, host, ram and the candidates)
-  speedup_<op>         today / chosen (the contract's candidate, `--chosen`)
+  speedup_<op>_<mode>  today / mode
+  speedup_<op>         today / chosen (`--chosen`, the contract's virtio-fs)
   share_vs_ram_<op>    chosen / ram
   coherent_<mode>      1 if a host edit shows at once in the guest (file held open there)
-The guest runs as root through an appended initramfs (an extra inittab line),
-so the shares can be mounted; ops are busybox's, plus the host's `rg`.
-Usage: .venv/bin/python bench/share.py [--files 10000] [--runs 3] [--chosen MODE]
+  coherent_1s_<mode>   1 if it shows within a second
+The guest's init runs the bench through an appended initramfs (an extra
+inittab line); ops are busybox's, plus the host's `rg`.
+Usage: .venv/bin/python bench/share.py [--files 10000] [--runs 3] [--chosen virtiofs]
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ CANDIDATES = {
     "loose": (XATTR, f"{BASE},msize=262144,cache=loose"),
     "secnone": ("security_model=none", f"{BASE},msize=262144"),
 }
+#: virtio-fs modes -> the daemon's cache mode (vmctl.vm.virtiofs.daemon_argv).
+VIRTIOFS = {"virtiofs": "auto", "vfsnone": "none"}
 #: name -> guest shell command run inside the tree's parent ($D is the tree).
 OPS = {
     "find": "find $D | wc -l",
@@ -59,51 +66,65 @@ def make_tree(root: Path, files: int) -> None:
         (d / f"f{i:05d}.txt").write_text(f"line {i}\n{word} {i * 31}\n" * (1 + i % 20))
 
 
+def _root(m: str) -> str:
+    return {"today": "/workspace", "ram": "/mnt/ram"}.get(m, f"/mnt/{m}")
+
+
 def guest_script(modes: list[str], runs: int) -> str:
-    """The root-run script: mount, copy to RAM, time every op per mode, coherence."""
+    """The root-run script: mount, copy to RAM, then run the ops as the agent."""
     lines = [
         "#!/bin/sh",
         "exec >/dev/console 2>&1",
-        "now() { cut -d' ' -f1 /proc/uptime; }",
         "while ! grep -qs ' /workspace ' /proc/mounts; do usleep 50000; done",
         "exec 3</dev/ttyS1",
     ]
+    if any(m in VIRTIOFS for m in modes):
+        lines += ["modprobe -a fuse virtiofs"]
     for m in modes:
         if m in CANDIDATES:
             lines += [f"mkdir -p /mnt/{m}", f"mount -t 9p -o {CANDIDATES[m][1]} {m} /mnt/{m}"]
+        elif m in VIRTIOFS:
+            lines += [f"mkdir -p /mnt/{m}", f"mount -t virtiofs -o nosuid,nodev {m} /mnt/{m}"]
     lines += ["mkdir -p /mnt/ram/tree && cp -r /workspace/tree/. /mnt/ram/tree/"]
-    lines += ["echo BENCH-START"]
+    lines += ["chown -R agent:agent /mnt/ram", "echo BENCH-START"]
+    lines += ["su -s /bin/sh agent -c /bench/ops.sh", "sync; echo BENCH-DONE; poweroff -f"]
+    return "\n".join(lines) + "\n"
+
+
+def ops_script(modes: list[str], runs: int) -> str:
+    """The agent's part: every op on every mode, then the coherence probes (fd 3: the host)."""
+    lines = ["#!/bin/sh", "now() { cut -d' ' -f1 /proc/uptime; }"]
     for r in range(runs):
         for op, cmd in OPS.items():
             # Each run starts the rotation one mode later: no mode is always first.
             for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
-                root = {"today": "/workspace", "ram": "/mnt/ram"}.get(m, f"/mnt/{m}")
                 lines += [
-                    f"cd {root}; D=tree; t0=$(now); {cmd} >/dev/null; t1=$(now)",
+                    f"cd {_root(m)}; D=tree; t0=$(now); {cmd} >/dev/null; t1=$(now)",
                     f'echo "BENCH {op} {m} $(awk "BEGIN{{print $t1-$t0}}")"',
                 ]
     # Coherence: the guest holds the file open, the host rewrites it, the
-    # guest reads it again by path at once.
+    # guest reads it again by path at once, and again a second later.
     for m in modes:
         if m == "ram":
             continue
-        root = "/workspace" if m == "today" else f"/mnt/{m}"
+        root = _root(m)
         lines += [
             f"cat {root}/probe >/dev/null; sleep 1000 <{root}/probe & h=$!",
             f"echo BENCH-EDIT {m}; read -r ack <&3",
-            f'echo "BENCH-SEES {m} $(cat {root}/probe)"; kill $h',
+            f'echo "BENCH-SEES {m} $(cat {root}/probe)"; usleep 1200000',
+            f'echo "BENCH-SEES1 {m} $(cat {root}/probe)"; kill $h',
         ]
-    lines += ["sync; echo BENCH-DONE; poweroff -f"]
     return "\n".join(lines) + "\n"
 
 
-def extra_cpio(script: str, inittab: str) -> bytes:
-    """An initramfs layer: the script, an inittab that runs it, and `rg` with its libraries."""
+def extra_cpio(script: str, ops: str, inittab: str) -> bytes:
+    """An initramfs layer: the scripts, an inittab that runs them, and `rg` with its libraries."""
     from vmctl.images.cpio import Archive
 
     a = Archive()
     a.file("etc/inittab", inittab.encode())
     a.file("bench/run.sh", script.encode(), 0o755)
+    a.file("bench/ops.sh", ops.encode(), 0o755)
     rg = shutil.which("rg")
     if rg:
         a.file("usr/bin/rg", Path(rg).read_bytes(), 0o755)
@@ -134,29 +155,46 @@ def host_times(tree_parent: Path, runs: int) -> dict[str, list[float]]:
 def run_guest(scratch: Path, modes: list[str], runs: int) -> tuple[list[str], dict[str, str]]:
     """Boot the guest, answer its edit prompts, return (console lines, coherence)."""
     from vmctl.images import manifest as images
+    from vmctl.images.choose import resolve_image
     from vmctl.images.micro import INITTAB
-    from vmctl.vm import accel
+    from vmctl.vm import accel, idmap, virtiofs
 
-    mf = images.load_manifest(images.resolve_image("micro").path)
+    mf = images.load_manifest(resolve_image("micro").path)
     initrd = scratch / "initrd.cpio"
-    layer = extra_cpio(guest_script(modes, runs), "::once:/bench/run.sh\n" + INITTAB)
+    inittab = "::once:/bench/run.sh\n" + INITTAB
+    layer = extra_cpio(guest_script(modes, runs), ops_script(modes, runs), inittab)
     base = mf.initrd.read_bytes()
     initrd.write_bytes(base + b"\0" * (-len(base) % 512) + layer)
     log, ttys1 = scratch / "console.log", scratch / "ttyS1"
     os.mkfifo(f"{ttys1}.in")
     os.mkfifo(f"{ttys1}.out")
+    ids = idmap.choose()
     q = accel.qemu_binary()
-    argv = [q, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "2"]
-    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    machine = "q35,memory-backend=mem" if any(m in VIRTIOFS for m in modes) else "q35"
+    argv = [*ids.prefix, q, "-M", machine, "-accel", "tcg", "-cpu", "max", "-m", "2G"]
+    argv += ["-smp", "2", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    argv += ["-object", "memory-backend-memfd,id=mem,size=2G,share=on"]
     argv += ["-kernel", str(mf.kernel), "-initrd", str(initrd)]
-    argv += ["-append", f"{mf.cmdline} vmctl.instance=bench vmctl.net=none vmctl.workspace=1"]
+    # Two UARTs (the image allows one): ttyS1 carries the host's acks.
+    keys = "vmctl.instance=bench vmctl.net=none vmctl.workspace=9p 8250.nr_uarts=2"
+    argv += ["-append", f"{mf.cmdline} {keys}"]
     argv += ["-serial", f"file:{log}", "-serial", f"pipe:{ttys1}"]
     argv += ["-fsdev", f"local,id=ws,path={scratch / 'today'},{XATTR}"]
     argv += ["-device", "virtio-9p-pci,fsdev=ws,mount_tag=workspace"]
+    daemons = []
     for m in modes:
         if m in CANDIDATES:
             argv += ["-fsdev", f"local,id={m},path={scratch / m},{CANDIDATES[m][0]}"]
             argv += ["-device", f"virtio-9p-pci,fsdev={m},mount_tag={m}"]
+        elif m in VIRTIOFS:
+            sock = scratch / f"{m}.sock"
+            daemons.append(
+                virtiofs.start_daemon(
+                    ids, scratch / m, sock, scratch / f"{m}.log", detach=False, cache=VIRTIOFS[m]
+                )
+            )
+            argv += ["-chardev", f"socket,id={m},path={sock}"]
+            argv += ["-device", f"vhost-user-fs-pci,chardev={m},tag={m},queue-size=1024"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     ack = None
     seen_edits: set[str] = set()
@@ -179,10 +217,17 @@ def run_guest(scratch: Path, modes: list[str], runs: int) -> tuple[list[str], di
     finally:
         proc.kill()
         proc.wait(10)
+        for d in daemons:
+            d.kill()
+            d.wait(10)
         if ack:
             ack.close()
     lines = log.read_text(errors="replace").splitlines()
-    seen = {ln.split()[1]: ln.split()[2] for ln in lines if ln.startswith("BENCH-SEES ")}
+    seen = {
+        ("" if ln.startswith("BENCH-SEES ") else "1s_") + ln.split()[1]: ln.split()[2]
+        for ln in lines
+        if ln.startswith("BENCH-SEES") and len(ln.split()) > 2
+    }
     return lines, seen
 
 
@@ -190,15 +235,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=10000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--chosen", default="today", help="the mode the contract uses")
-    parser.add_argument("--modes", default="today,mmap,msize1m,loose,secnone,ram")
+    parser.add_argument("--chosen", default="virtiofs", help="the mode to compare with today")
+    parser.add_argument("--modes", default="today,loose,virtiofs,vfsnone,ram")
     args = parser.parse_args()
     modes = args.modes.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="vshare"))
     os.environ.setdefault("VMCTL_HOME", str(scratch / "h"))
     make_tree(scratch / "today" / "tree", args.files)
     for m in modes:
-        if m in CANDIDATES:
+        if m in CANDIDATES or m in VIRTIOFS:
             shutil.copytree(scratch / "today" / "tree", scratch / m / "tree")
         if m != "ram":
             (scratch / m).mkdir(exist_ok=True)

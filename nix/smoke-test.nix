@@ -14,6 +14,8 @@ let
   contract = builtins.fromJSON (builtins.readFile ../orchestrator/vmctl/data/guest-contract.json);
   net = contract.network;
   ws = contract.workspace;
+  # No vmctl.workspace= on this guest's command line: the default transport.
+  wsFs = ws.transports.${ws.default_transport}.fstype;
   model = "smoke-model";
   baseUrl = "http://${net.model_host}:${toString net.model_port}/v1";
 
@@ -86,7 +88,7 @@ in
 
     with subtest("workspace mount"):
         fs = agent.succeed("findmnt -rn -o FSTYPE,SOURCE ${ws.mountpoint}").split()
-        assert fs == ["${ws.fstype}", "${ws.tag}"], fs
+        assert fs == ["${wsFs}", "${ws.tag}"], fs
         opts = agent.succeed("findmnt -rn -o OPTIONS ${ws.mountpoint}").strip().split(",")
         assert "nosuid" in opts and "nodev" in opts, opts
         agent.succeed("su ${contract.user.name} -s /bin/sh -c 'echo hello > ${ws.mountpoint}/from-guest'")

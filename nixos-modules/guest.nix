@@ -6,7 +6,7 @@
 # vmctl boots it by direct kernel boot from the manifest this module
 # builds (`system.build.vmctlManifest`): tmpfs root, the host's /nix/store
 # shared read-only over 9p (as nixpkgs' qemu-vm module does), the workspace
-# over 9p, agent configuration through fw_cfg, commands through a
+# over 9p or virtio-fs (the host's choice), agent configuration through fw_cfg, commands through a
 # virtio-serial port.
 {
   config,
@@ -42,7 +42,7 @@ let
   mirror = contract.mirror;
   mirrorPort = "/dev/virtio-ports/${mirror.port}";
   mirrorDevice = "${utils.escapeSystemdPath mirrorPort}.device";
-  workspaceMount = "${utils.escapeSystemdPath ws.mountpoint}.mount";
+  workspaceMount = "vmctl-workspace.service";
   guestIp = lib.splitString "/" net.guest_address;
   fwCfgDest =
     key:
@@ -82,6 +82,8 @@ let
     ];
     contract = contract.version;
     features = lib.unique cfg.features;
+    # vmctl-workspace.service mounts each transport the contract defines.
+    transports = builtins.attrNames ws.transports;
   };
 in
 {
@@ -189,9 +191,8 @@ in
     boot.initrd.availableKernelModules = [
       "virtio_pci"
       "virtio_mmio"
-      "9p"
-      "9pnet_virtio"
-    ];
+    ]
+    ++ ws.transports."9p".modules;
     boot.initrd.kernelModules = [ "virtio_console" ];
     boot.kernelModules = [ "qemu_fw_cfg" ];
     # As the micro image (vmctl/images/micro.py, CMDLINE): no crypto
@@ -239,29 +240,50 @@ in
       neededForBoot = true;
     };
 
-    # The workspace is a mount unit rather than a `fileSystems` entry: test
-    # VMs (qemu-vm.nix) replace `fileSystems` wholesale, and the guest must
-    # boot without it (`vmctl.workspace=none`).
-    systemd.mounts = [
-      {
-        what = ws.tag;
-        where = ws.mountpoint;
-        type = ws.fstype;
-        options = lib.concatStringsSep "," (
-          lib.unique (
-            lib.splitString "," ws.options
-            ++ [
-              "nosuid"
-              "nodev"
-            ]
-          )
-        );
-        wantedBy = [ "multi-user.target" ];
-        requires = [ "modprobe@9pnet_virtio.service" ];
-        after = [ "modprobe@9pnet_virtio.service" ];
-        unitConfig.ConditionKernelCommandLine = "!${cmdline.workspace}=none";
-      }
-    ];
+    # The workspace is mounted by a unit rather than a `fileSystems` entry:
+    # test VMs (qemu-vm.nix) replace `fileSystems` wholesale, the guest must
+    # boot without it (`vmctl.workspace=0` or `none`), and its transport
+    # (9p or virtio-fs, contract `workspace.transports`) is the host's
+    # choice on the kernel command line; none given means the default.
+    systemd.services.vmctl-workspace = {
+      description = "vmctl: mount the workspace at ${ws.mountpoint}";
+      wantedBy = [ "multi-user.target" ];
+      before = [ "multi-user.target" ];
+      unitConfig.DefaultDependencies = false;
+      after = [ "local-fs.target" ];
+      path = [
+        pkgs.kmod
+        pkgs.util-linux
+        pkgs.coreutils
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        transport=${lib.escapeShellArg ws.default_transport}
+        for arg in $(cat /proc/cmdline); do
+          case $arg in ${cmdline.workspace}=*) transport=''${arg#*=} ;; esac
+        done
+        [ "$transport" = 1 ] && transport=9p
+        mkdir -p ${lib.escapeShellArg ws.mountpoint}
+        case $transport in
+          0 | none) exit 0 ;;
+        ${lib.concatMapStrings (
+          name:
+          let
+            t = ws.transports.${name};
+          in
+          ''
+            ${name})
+              modprobe -a ${lib.escapeShellArgs t.modules}
+              exec mount -t ${t.fstype} -o ${lib.escapeShellArg t.options} ${lib.escapeShellArg ws.tag} ${lib.escapeShellArg ws.mountpoint} ;;
+          ''
+        ) (builtins.attrNames ws.transports)}
+          *) echo "vmctl: unknown workspace transport $transport" >&2; exit 1 ;;
+        esac
+      '';
+    };
 
     users.mutableUsers = false;
     users.allowNoPasswordLogin = true; # nobody logs in: autologin and the exec port only

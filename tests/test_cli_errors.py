@@ -7,6 +7,7 @@ fix exists, and no Python traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, vmctl_cmd
+from vmctl import contract
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -103,6 +105,29 @@ def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
     out = run("up", "-d", str(tmp_path), "--accel", "fast", "--detach")
     assert_one_line(out, "--accel 'fast'", "tcg")
     assert "image:" not in out.stderr
+    out = run("up", "-d", str(tmp_path), "--share", "vfs", "--net", "none", "--detach")
+    assert_one_line(out, "--share 'vfs'", "virtiofs")
+    out = run("up", "-d", str(tmp_path), "--share", "virtiofs", "--review", "--net", "none")
+    assert_one_line(out, "--review", "drop --share virtiofs")
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("reviews/*"))
+
+
+def test_up_virtiofs_on_an_image_without_it_is_refused(tmp_path: Path, qemu_bin: Path) -> None:
+    """An image whose guest cannot mount virtio-fs: one line before QEMU, never a 9p fallback."""
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "vmlinux").write_bytes(b"\x7fELF")
+    (img / "initrd").write_bytes(b"")
+    manifest = {"format": "vmctl-image/1", "contract": contract.raw()["version"], "name": "old",
+                "system": "x86_64-linux", "kernel": "vmlinux", "initrd": "initrd",
+                "cmdline": "quiet", "transports": ["9p"]}  # fmt: skip
+    (img / "manifest.json").write_text(json.dumps(manifest))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    out = run("up", "-d", str(ws), "--share", "virtiofs", "--image", str(img / "manifest.json"),
+              "--net", "none", "--accel", "tcg", "--ephemeral")  # fmt: skip
+    assert_one_line(out, "--share virtiofs: the image's guest cannot mount virtio-fs", "--share 9p")
+    assert not list(Path(os.environ["VMCTL_HOME"]).glob("instances/*"))
 
 
 def test_up_with_a_busy_host_port_is_one_line(tmp_path: Path, qemu_bin: Path) -> None:

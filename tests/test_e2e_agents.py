@@ -9,8 +9,10 @@ configuration, tools on, the model-only network, the workspace share and
 the audit. Each test asserts that the host's files changed exactly as
 scripted and that every request the stand-in answered is in vmctl's audit.
 
-Guest: one boot carries opencode, Claude Code and llm (few boots: each
-agent turn under TCG takes minutes). Host: both agents under `vmctl run`.
+Guest: one boot carries opencode, Claude Code, Codex and llm (few boots:
+each agent turn under TCG takes minutes), its workspace over virtio-fs
+(`--share virtiofs`; the default 9p carries tests/test_e2e.py's guest and
+tests/test_workspace.py's). Host: the agents under `vmctl run`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from conftest import need, vmctl_cmd
 from fakes.scripted_model import FINAL_TEXT, TITLE_TEXT, Script, ScriptedModel
 from vmctl import agents, events, paths
 from vmctl.clients import registry as clients
+from vmctl.vm import virtiofs
 
 GUEST_AGENTS = ("opencode", "claude", "codex", "llm")
 PROMPT = "Do the job in notes.txt."
@@ -89,6 +92,7 @@ def _guest_run(name: str, cmd: str, timeout: float) -> subprocess.CompletedProce
 def test_agents_in_a_guest_edit_the_workspace(
     model: ScriptedModel, qemu_bin: Path, tmp_path: Path, vmctl_home: Path
 ) -> None:
+    need(virtiofs.find_daemon() is not None, "virtiofsd (qemu-system-common)")
     ws = tmp_path / "ws"
     ws.mkdir()
     name = "agents"
@@ -96,6 +100,7 @@ def test_agents_in_a_guest_edit_the_workspace(
         vmctl_cmd(
             "up", "-d", str(ws), "--ephemeral", "--detach", "--name", name, "--image", "micro",
             *[x for a in GUEST_AGENTS for x in ("--with", a)], "--net", "model",
+            "--share", "virtiofs",
             "--model-endpoint", f"127.0.0.1:{model.port}", "--json",
             "--accel", "tcg",  # KVM's probe can pass where a real boot then hangs
         ),

@@ -42,13 +42,13 @@ def test_userns_prefix_execs_qemu_in_place() -> None:
         "qemu-system-x86_64",
     ]  # fmt: skip
     append = out[out.index("-append") + 1]
-    assert append == "console=ttyS0 vmctl.instance=t1 vmctl.net=none vmctl.workspace=1"
+    assert append == "console=ttyS0 vmctl.instance=t1 vmctl.net=none vmctl.workspace=9p"
 
 
 def test_guest_ids_go_on_the_kernel_command_line() -> None:
     out = argv(idmap.IdMap("guest", 501, 20))
     assert out[0] == "qemu-system-x86_64"
-    assert out[out.index("-append") + 1].endswith("vmctl.workspace=1 vmctl.uid=501 vmctl.gid=20")
+    assert out[out.index("-append") + 1].endswith("vmctl.workspace=9p vmctl.uid=501 vmctl.gid=20")
 
 
 @pytest.fixture
@@ -146,6 +146,6 @@ def test_both_images_read_the_agent_ids_from_the_contract() -> None:
     init = micro.render_init(["kernel/fs/9p/9p.ko"], ())
     assert f"{keys['uid']}=*) auid=" in init and f"{keys['gid']}=*) agid=" in init
     assert 'chown "$auid:$agid" /run/vmctl' in init
-    assert "access=user" in contract.raw()["workspace"]["options"]
+    assert "access=user" in contract.transports()["9p"].options
     nix = (Path(__file__).parent.parent / "nixos-modules/guest.nix").read_text()
     assert "${cmdline.uid}=*) uid=" in nix and "${cmdline.gid}=*) gid=" in nix

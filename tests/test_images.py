@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -148,7 +149,10 @@ def test_cpio_states_owners_and_modes(tmp_path: Path) -> None:
 
 
 def test_init_renders_the_contract() -> None:
-    text = micro.render_init(["kernel/fs/9p/9p.ko"], ("opencode",))
+    text = micro.render_init(
+        ["kernel/fs/9p/9p.ko", "kernel/fs/fuse/fuse.ko", "kernel/fs/fuse/virtiofs.ko"],
+        ("opencode",),
+    )
     c = contract.raw()
     for marker in ("boot_marker", "ready_marker", "poweroff_marker"):
         assert c["console"][marker] in text
@@ -157,8 +161,11 @@ def test_init_renders_the_contract() -> None:
     assert 'umask 0177\n    cat "$fw/"opt/vmctl/env/raw >/etc/vmctl/env' in text
     assert 'chown "$auid:$agid" $owned' in text  # the agent's files, in one process
     assert "chmod 0755 /  #" in text  # the root is not world-writable
-    assert c["workspace"]["options"] in text and "mount_tag" not in text
-    assert "modprobe -a 9p 2>" in text  # one process loads every module, by name
+    for t in contract.transports().values():  # each transport, with the contract's options
+        assert f"wsfs={t.fstype} wsopts={shlex.quote(t.options)}" in text
+    assert "mount_tag" not in text
+    assert "modprobe -a 9p 2>" in text  # one process loads every boot module, by name
+    assert "modprobe -a fuse virtiofs 2>" in text  # virtio-fs's only when the host asks
     subprocess.run(["busybox", "sh", "-n", "-c", text], check=True)
     for shell in (["busybox", "sh"], ["bash", "--posix"]):
         subprocess.run([*shell, "-n", str(AGENT)], check=True)
@@ -224,7 +231,7 @@ class Guest:
         argv += ["-kernel", str(manifest.kernel), "-initrd", str(manifest.initrd)]
         argv += [
             "-append",
-            f"{manifest.cmdline} vmctl.instance=t vmctl.net=model vmctl.workspace=1",
+            f"{manifest.cmdline} vmctl.instance=t vmctl.net=model vmctl.workspace=9p",
         ]
         argv += [
             "-fsdev",

@@ -85,7 +85,7 @@ def contract_literals() -> list[str]:
         *(f.name for f in contract.fw_cfg_files()),
         *raw["kernel_cmdline"].values(),
         raw["workspace"]["mountpoint"],
-        raw["workspace"]["options"],
+        *(t.options for t in contract.transports().values()),
         raw["store"]["mountpoint"],
         f'"{raw["workspace"]["tag"]}"',
         f'"{raw["store"]["tag"]}"',
@@ -167,6 +167,7 @@ def rendered_smoke_script() -> str:
         "model": "smoke-model",
         "baseUrl": f"http://{net['model_host']}:{net['model_port']}/v1",
         "toString (net.model_port + 1)": str(net["model_port"] + 1),
+        "wsFs": contract.transports()[contract.default_transport()].fstype,
     }
     short = {"contract": "", "ws": "workspace.", "net": "network."}
 

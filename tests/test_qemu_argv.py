@@ -65,8 +65,8 @@ def argv(**kw: object) -> list[str]:
     return qemu_argv(spec, Manifest(), ROOT, TCG)
 
 
-def append(net: str) -> list[str]:
-    line = f"console=ttyS0 panic=-1 vmctl.instance=t1 vmctl.net={net} vmctl.workspace=1"
+def append(net: str, share: str = "9p") -> list[str]:
+    line = f"console=ttyS0 panic=-1 vmctl.instance=t1 vmctl.net={net} vmctl.workspace={share}"
     return ["-append", line]
 
 
@@ -99,6 +99,19 @@ def test_net_model_golden_restricts_and_relays() -> None:
         "-snapshot", "-d", "guest_errors",
     ]  # fmt: skip
     assert got == [*HEAD, *append("model"), *CHANNELS, *tail]
+
+
+def test_virtiofs_golden_shares_ram_and_drops_the_9p_workspace() -> None:
+    """vhost-user maps the guest's RAM: a memfd backend the machine names; no 9p workspace."""
+    got = argv(net="none", share="virtiofs")
+    head = [a.replace("vmport=off", "vmport=off,memory-backend=mem") for a in HEAD]
+    workspace = [
+        "-object", "memory-backend-memfd,id=mem,size=2G,share=on",
+        "-chardev", "socket,id=vfs,path=/st/instances/t1/virtiofs.sock",
+        "-device", "vhost-user-fs-pci,chardev=vfs,tag=workspace,queue-size=1024",
+    ]  # fmt: skip
+    channels = CHANNELS[: CHANNELS.index("-fsdev")]
+    assert got == [*head, *append("none", "virtiofs"), *channels, *workspace, "-nic", "none"]
 
 
 def test_commas_are_doubled_in_option_values() -> None:

@@ -24,6 +24,7 @@ from conftest import free_port, need
 from vmctl import agents, events
 from vmctl.images.choose import resolve_image
 from vmctl.procs import ProcessRef
+from vmctl.vm import virtiofs
 from vmctl.vm.console import wait_for_marker
 
 pytestmark = pytest.mark.qemu
@@ -174,7 +175,7 @@ def test_opencode_json_in_guest_is_exact(shared: tuple[str, Path], env: dict[str
 def test_status_json(shared: tuple[str, Path], env: dict[str, str], model: int) -> None:
     r = vmctl(env, "status", "shared", "--json")
     data = json.loads(r.stdout)
-    assert data["state"] == "running" and data["net"] == "model"
+    assert data["state"] == "running" and data["net"] == "model" and data["share"] == "9p"
     assert data["model_endpoint"] == f"127.0.0.1:{model}"
     assert ProcessRef.of(data["pid"]).alive() and data["uptime_s"] > 0
 
@@ -189,22 +190,31 @@ def _no_trace(env: dict[str, str], name: str, pid: int, within: float) -> None:
 def test_second_instance_net_none_then_ephemeral_down(
     shared: tuple[str, Path], env: dict[str, str], tmp_path: Path
 ) -> None:
-    r = vmctl(env, *up_args(env, tmp_path, "second", "--detach", "--ephemeral", "--net", "none"))
+    """A second, detached guest beside the first, its workspace over virtio-fs."""
+    args = up_args(env, tmp_path, "second", "--detach", "--ephemeral", "--net", "none")
+    r = vmctl(env, *args, *_share_args("virtiofs"))
     assert r.returncode == 0, r.stderr
     try:
         r = vmctl(env, "exec", "second", "--", "ls", "/sys/class/net")
         assert r.stdout.split() == ["lo"]
         assert vmctl(env, "exec", "shared", "--", "true").returncode == 0
-        pid = json.loads(vmctl(env, "status", "second", "--json").stdout)["pid"]
+        status = json.loads(vmctl(env, "status", "second", "--json").stdout)
+        pid = status["pid"]
+        assert status["share"] == "virtiofs" and _daemons_of(tmp_path)
+        r = vmctl(env, "exec", "second", "--", "sh", "-c", "echo vfs > /workspace/w")
+        assert (tmp_path / "w").read_text() == "vfs\n", r.stderr
     finally:
         assert vmctl(env, "down", "second").returncode == 0
     _no_trace(env, "second", pid, 5)
     assert not instance_dir(env, "second").exists()
+    assert _daemons_of(tmp_path) == []
 
 
-def _foreground_up(env: dict[str, str], ws: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+def _foreground_up(
+    env: dict[str, str], ws: Path, name: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
-        [*VMCTL, *up_args(env, ws, name, "--ephemeral", "--net", "none")],
+        [*VMCTL, *up_args(env, ws, name, "--ephemeral", "--net", "none", *extra)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     log = instance_dir(env, name) / "console.log"
@@ -219,8 +229,28 @@ def _foreground_up(env: dict[str, str], ws: Path, name: str) -> tuple[subprocess
     return proc, meta["qemu"]["pid"]
 
 
-def test_ctrl_c_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
-    proc, pid = _foreground_up(env, tmp_path, "intr")
+def _daemons_of(ws: Path) -> list[int]:
+    """Pids of virtio-fs daemons serving `ws` (from /proc: whoever started them)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"source={ws}".encode() in args:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def _share_args(share: str) -> tuple[str, ...]:
+    if share == "virtiofs":
+        need(virtiofs.find_daemon() is not None, "virtiofsd (qemu-system-common)")
+    return ("--share", share)
+
+
+@pytest.mark.parametrize("share", ["9p", "virtiofs"])
+def test_ctrl_c_leaves_nothing(env: dict[str, str], tmp_path: Path, share: str) -> None:
+    proc, pid = _foreground_up(env, tmp_path, "intr", *_share_args(share))
     try:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
@@ -229,17 +259,25 @@ def test_ctrl_c_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
         ProcessRef.of(pid).terminate(2)
     _no_trace(env, "intr", pid, 2)
     assert not instance_dir(env, "intr").exists()
+    assert _daemons_of(tmp_path) == []
 
 
+@pytest.mark.parametrize("share", ["9p", "virtiofs"])
 def test_sigkill_of_vmctl_leaves_no_qemu_and_next_run_reaps(
-    env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path, share: str
 ) -> None:
-    proc, pid = _foreground_up(env, tmp_path, "killed")
+    proc, pid = _foreground_up(env, tmp_path, "killed", *_share_args(share))
     ref = ProcessRef.of(pid)
     try:
+        if share == "virtiofs":
+            assert len(_daemons_of(tmp_path)) >= 1  # the daemon, in its own pid namespace
         proc.kill()
         proc.wait(5)
         _no_trace(env, "killed", pid, 5)
+        deadline = time.monotonic() + 5
+        while _daemons_of(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _daemons_of(tmp_path) == [], "a virtio-fs daemon outlived vmctl"
     finally:
         ref.terminate(2)
     assert instance_dir(env, "killed").exists()

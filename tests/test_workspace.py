@@ -2,10 +2,13 @@
 
 One real micro guest per host user (root, and uid 501 created here as on a
 Mac's first account), booted and driven through the `vmctl` CLI run as that
-user. The agent (what `vmctl exec` runs as) must be able to change the
+user, over each workspace transport (9p, and virtio-fs for root and uid
+501). The agent (what `vmctl exec` runs as) must be able to change the
 user's files; what it makes must be the user's on the host; nothing the
-guest does may become a setuid bit, special file or symlink on the host.
-docs/guest-contract.md ("Whose files") explains the mechanism.
+guest does may become a setuid bit, device node, fifo or foreign owner on
+the host, and no symlink may read through to a host file outside the
+workspace. docs/guest-contract.md ("Whose files", "The transport")
+explains the mechanism.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,7 @@ import pytest
 from conftest import need
 from vmctl import contract
 from vmctl.images.choose import resolve_image
+from vmctl.vm import virtiofs
 
 pytestmark = pytest.mark.qemu
 TEST_UID = 501
@@ -43,6 +48,8 @@ class HostUser:
     ws: Path
     #: The ids the guest shows for this user's files (the agent's).
     seen_as: tuple[int, int]
+    #: The workspace transport (`vmctl up --share`).
+    share: str = "9p"
 
     def argv(self, *args: str) -> list[str]:
         if self.uid == os.geteuid():
@@ -130,15 +137,20 @@ def image() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=["root", "uid501", "uid501-lima"])
+@pytest.fixture(
+    scope="module", params=["root", "uid501", "uid501-lima", "root-virtiofs", "uid501-virtiofs"]
+)
 def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
-    """One guest per host user; its workspace holds files that user made before boot.
+    """One guest per host user and transport; its workspace holds files that user made.
 
     `uid501-lima` forces the fallback for hosts without user namespaces
     (macOS): the guest's agent takes the host user's uid/gid.
     """
     need(os.geteuid() == 0, "running vmctl as root and creating a test user need root")
-    uid, gid = (0, 0) if request.param == "root" else make_test_user()
+    share = "virtiofs" if request.param.endswith("-virtiofs") else "9p"
+    if share == "virtiofs":
+        need(virtiofs.find_daemon() is not None, "virtiofsd (qemu-system-common)")
+    uid, gid = (0, 0) if request.param.startswith("root") else make_test_user()
     top = Path(tempfile.mkdtemp(prefix="vmctl-ws-", dir="/tmp"))
     top.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMCTL_")}
@@ -164,8 +176,9 @@ def user(request: pytest.FixtureRequest, image: Path) -> Iterator[HostUser]:
     (ws / "rel-link").symlink_to("../secret")
     for p in [top, *top.rglob("*")]:
         os.chown(p, uid, gid, follow_symlinks=False)
-    host = HostUser(uid, gid, env, ws, seen_as)
+    host = HostUser(uid, gid, env, ws, seen_as, share)
     up = ["up", "-d", str(ws), "--name", "box", "--image", str(image), "--accel", "tcg"]
+    up += ["--share", share]
     r = host.vmctl(*up, "--detach", "--timeout", "120", timeout=180)
     try:
         assert r.returncode == 0, r.stdout + r.stderr
@@ -234,6 +247,8 @@ def test_file_the_host_makes_while_the_guest_runs(user: HostUser) -> None:
 
 
 def test_nothing_special_reaches_the_host(user: HostUser) -> None:
+    if user.share == "virtiofs":
+        return nothing_special_over_virtiofs(user)
     ws = user.ws
     script = (
         "echo x > suid; chmod 4755 suid; echo x > sgid; chmod 2755 sgid;"
@@ -262,6 +277,39 @@ def test_nothing_special_reaches_the_host(user: HostUser) -> None:
     assert (ws / "guest-link").read_text() == "/etc/passwd"
 
 
+def nothing_special_over_virtiofs(user: HostUser) -> None:
+    """virtio-fs has no mapped modes: what would be special is refused outright.
+
+    Its daemon's seccomp filter refuses setuid/setgid/sticky bits and
+    mknod; its user namespace refuses foreign owners and device nodes; its
+    own sandbox and the guest's resolving keep symlinks from reading through.
+    """
+    ws = user.ws
+    script = (
+        "echo x > suid; chmod 4755 suid; echo x > sgid; chmod 2755 sgid; mkdir sgid-dir;"
+        " chmod 2775 sgid-dir; chmod 1777 sgid-dir; mkfifo fifo; chown 0 suid; echo end"
+    )
+    out = user.guest("{ " + script + "; } 2>&1").splitlines()
+    assert out[-1] == "end" and len(out) == 7, out  # six refusals, then the end
+    assert all("Operation not permitted" in line for line in out[:6]), out
+    assert user.guest("stat -c '%a %u' suid sgid sgid-dir") == "644 {0}\n644 {0}\n755 {0}\n".format(
+        user.seen_as[0]
+    )
+    for name, mode in [("suid", 0o100644), ("sgid", 0o100644), ("sgid-dir", 0o040755)]:
+        assert (ws / name).lstat().st_mode == mode, name
+        assert owned_by(user, ws / name), name
+    assert not (ws / "fifo").exists()
+    # Symlinks are real (npm's .bin, venvs), and resolved inside the guest:
+    # the host's own links and the guest's never reach a host file outside.
+    out = user.guest(
+        "ln -s /etc/passwd guest-link; ln -s ../secret guest-rel; cat guest-link >/dev/null &&"
+        " echo guest-passwd; cat abs-link rel-link guest-rel 2>/dev/null; echo end"
+    )
+    assert out == "guest-passwd\nend\n"
+    assert os.readlink(ws / "guest-link") == "/etc/passwd"
+    assert owned_by(user, ws / "guest-link")
+
+
 def test_executable_bits(user: HostUser) -> None:
     """The x bits cross both ways: see docs/guest-contract.md, "The executable bit"."""
     ws = user.ws
@@ -284,6 +332,8 @@ def test_executable_bits(user: HostUser) -> None:
         assert owned_by(user, ws / name), name
     r = user.run(str(ws / "m.sh"))
     assert (r.returncode, r.stdout) == (0, "made\n")
+    if user.share == "virtiofs":
+        return executable_bits_over_virtiofs(user)
     # A host chmod of a file the guest made: its x bits are what the guest sees
     # next (only the x bits: g.sh keeps the guest's r/w bits, 0744).
     assert user.run("chmod", "700", str(ws / "g.sh")).returncode == 0
@@ -292,5 +342,25 @@ def test_executable_bits(user: HostUser) -> None:
     assert out == "744\n755\nx\n"
     # chmod -x in the guest takes it away on the host; setuid never arrives.
     assert user.guest("chmod -x g.sh; chmod 4755 h.sh; stat -c %a g.sh h.sh") == "644\n4755\n"
+    assert (ws / "g.sh").stat().st_mode == 0o100600
+    assert (ws / "h.sh").stat().st_mode == 0o100755
+
+
+def executable_bits_over_virtiofs(user: HostUser) -> None:
+    """virtio-fs carries the real mode: a host chmod shows in the guest within its
+    one-second attribute cache (`cache=auto`), a guest chmod on the host at once."""
+    ws = user.ws
+    assert user.run("chmod", "700", str(ws / "g.sh")).returncode == 0
+    assert user.run("chmod", "+x", str(ws / "n.txt")).returncode == 0
+    deadline = time.monotonic() + 5
+    while True:
+        out = user.guest("stat -c %a g.sh n.txt; test -x n.txt && echo x")
+        if out == "700\n755\nx\n" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert out == "700\n755\nx\n"
+    assert user.guest("chmod -x g.sh; chmod 4755 h.sh 2>/dev/null; stat -c %a g.sh h.sh") == (
+        "600\n755\n"
+    )
     assert (ws / "g.sh").stat().st_mode == 0o100600
     assert (ws / "h.sh").stat().st_mode == 0o100755

@@ -55,3 +55,27 @@ def ready_marker() -> str:
 
 def workspace_tag() -> str:
     return str(raw()["workspace"]["tag"])
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How the guest mounts the workspace over one transport (9p, virtio-fs)."""
+
+    name: str
+    fstype: str
+    options: str
+    #: Kernel modules the guest loads for it (dependencies resolved by each image).
+    modules: tuple[str, ...]
+
+
+def transports() -> dict[str, Transport]:
+    """The workspace transports the contract defines, by name."""
+    ws = raw()["workspace"]
+    return {
+        name: Transport(name, t["fstype"], t["options"], tuple(t["modules"]))
+        for name, t in ws["transports"].items()
+    }
+
+
+def default_transport() -> str:
+    return str(raw()["workspace"]["default_transport"])

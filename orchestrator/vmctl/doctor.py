@@ -104,6 +104,21 @@ def _workspace_ids() -> Check:
     return Check("workspace owner", True, detail)
 
 
+def _workspace_share() -> Check:
+    """9p always works; virtio-fs (`--share virtiofs`) where its daemon can be confined."""
+    from vmctl import contract
+    from vmctl.vm import idmap, virtiofs
+
+    try:
+        ids = idmap.choose()
+    except VmctlError:
+        ids = idmap.IdMap("guest", 0, 0)
+    refused = virtiofs.unsupported(ids, tuple(contract.transports()))
+    if refused is None:
+        return Check("workspace share", True, f"9p (default); virtiofs: {virtiofs.find_daemon()}")
+    return Check("workspace share", True, f"9p (default); virtiofs unavailable: {refused[0]}")
+
+
 def _llama() -> Check:
     try:
         path = find_llama_server()
@@ -174,6 +189,7 @@ CHECKS: list[Callable[[], Check]] = [
     _accel,
     _sandbox,
     _workspace_ids,
+    _workspace_share,
     _llama,
     _nix,
     _models,

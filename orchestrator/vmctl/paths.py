@@ -269,6 +269,15 @@ class InstancePaths(_Folder):
     def mirror_log(self) -> Path:
         return self.root / "mirror.log"
 
+    @property
+    def virtiofs_socket(self) -> Path:
+        """The workspace's vhost-user socket (`--share virtiofs`), bound by vmctl."""
+        return check_socket_path(self.root / "virtiofs.sock")
+
+    @property
+    def virtiofs_log(self) -> Path:
+        return self.root / "virtiofsd.log"
+
 
 class ReviewPaths(_Folder):
     """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""

@@ -182,7 +182,7 @@ def _mirror_line(m: dict[str, Any]) -> str:
 _SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
 _GUEST_KEYS = (
     "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
-    "review", "mirror", "workspace", "console_log",
+    "review", "mirror", "workspace", "share", "console_log",
 )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.launch import check_workspace
-from vmctl.vm import instance, terminal
+from vmctl.vm import instance, terminal, virtiofs
 from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
@@ -106,6 +106,12 @@ def up(
     no_mirror: bool = typer.Option(
         False, "--no-mirror", help="Do not mirror the guest's listening ports on 127.0.0.1."
     ),
+    share: str = typer.Option(
+        "auto",
+        "--share",
+        envvar="VMCTL_SHARE",
+        help="Workspace transport: auto (= 9p) | 9p | virtiofs (Linux, faster; see docs).",
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     signal.signal(signal.SIGTERM, _sigterm)
@@ -128,6 +134,7 @@ def up(
         preset = preset or "locked"
     elif resolve:
         raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
+    transport = virtiofs.requested(share, review)
     shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,
@@ -144,6 +151,7 @@ def up(
         extra_args=tuple(passthrough()),
         fw_cfg=tuple(files),
         mirror=not no_mirror,
+        share=transport,
     )
     agents_wanted = tuple(with_agents) if with_agents else None
     try:

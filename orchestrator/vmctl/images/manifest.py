@@ -27,6 +27,7 @@ _KEYS = {
     "shares",
     "contract",
     "features",
+    "transports",
 }
 _SYSTEMS = {"x86_64-linux", "aarch64-linux"}
 _SHARE_KEYS = {"tag", "path", "readonly"}
@@ -54,6 +55,8 @@ class ImageManifest:
     shares: tuple[Share, ...] = ()
     contract: int = CONTRACT
     features: tuple[str, ...] = field(default_factory=tuple)
+    #: Workspace transports its guest can mount (guest contract); 9p when unsaid.
+    transports: tuple[str, ...] = ("9p",)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest with absolute paths, for `--json` output."""
@@ -70,6 +73,7 @@ class ImageManifest:
             ],
             "contract": self.contract,
             "features": list(self.features),
+            "transports": list(self.transports),
         }
 
 
@@ -147,6 +151,10 @@ def load_manifest(path: Path) -> ImageManifest:
     features = data.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise _bad(path, "'features' must be a list of strings")
+    transports = data.get("transports", ["9p"])
+    known = guest_contract.transports()
+    if not isinstance(transports, list) or not all(t in known for t in transports):
+        raise _bad(path, f"'transports' must be a list of {sorted(known)}")
     base = path.parent
     return ImageManifest(
         path=path,
@@ -157,6 +165,7 @@ def load_manifest(path: Path) -> ImageManifest:
         cmdline=_str(data, "cmdline", path),
         shares=_shares(data, base, path),
         features=tuple(features),
+        transports=tuple(transports),
     )
 
 

@@ -26,7 +26,7 @@ from vmctl.images.cpio import Archive
 from vmctl.images.manifest import write_manifest
 from vmctl.images.micro_kernel import Kernel, run
 
-REVISION = 5  # bump when the image layout below changes
+REVISION = 6  # bump when the image layout below changes
 OPENCODE_VERSION = micro_agents.AGENTS["opencode"].version
 KNOWN_AGENTS = tuple(sorted(micro_agents.AGENTS))
 #: cryptomgr.notests: the crypto self-tests were the two slowest initcalls
@@ -111,9 +111,11 @@ def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:
 def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
     """/init from the template and the contract (pure: testable without a guest).
 
-    `modules` are paths in load order; /init names them to one `modprobe -a`.
+    `modules` are paths in load order; /init names those it needs at boot
+    to one `modprobe -a`, and virtio-fs's only when the workspace uses it.
     """
     c = contract.raw()
+    names = [micro_kernel.module_name(m) for m in modules]
     import jinja2  # only when building: `vmctl up` finds a built image without it
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -134,7 +136,9 @@ def render_init(modules: list[str], agents: tuple[str, ...]) -> str:
         network=c["network"],
         mirror=c["mirror"],
         fw_cfg=_fw_cfg_entries(c["user"]),
-        modules=[micro_kernel.module_name(m) for m in modules],
+        modules=[n for n in names if n not in micro_kernel.ON_DEMAND],
+        on_demand=[n for n in names if n in micro_kernel.ON_DEMAND],
+        transports=contract.transports(),
         shares=shares,
     )
 
@@ -345,7 +349,7 @@ def micro_inputs(
     libs = needed_libs([*natives, *tools]) if agents else {}
     inputs = {
         **_own_inputs(agents),
-        "kernel": [package, version, list(micro_kernel.MODULES)],
+        "kernel": [package, version, [*micro_kernel.MODULES, *micro_kernel.ON_DEMAND]],
         "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
         "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
         "extra": [*(_sha(t.read_bytes()) for t in tools), _sha(_ca_bundle())] if agents else [],
@@ -378,6 +382,7 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
             ]
             fields: dict[str, Any] = {"name": "micro", "system": "x86_64-linux"}
             fields |= {"kernel": "vmlinux", "initrd": "initrd.cpio", "cmdline": CMDLINE}
+            fields["transports"] = list(contract.transports())
             write_manifest(tmp, {**fields, "shares": shares, "features": list(agents)})
             micro_agents.publish(tmp, folder)
         finally:

@@ -9,6 +9,7 @@ Cached under `paths.kernels_dir()/<package>_<version>/`.
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import re
 import shutil
@@ -17,21 +18,23 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmctl import paths, ui
+from vmctl import contract, paths, ui
 from vmctl.errors import VMError
 
-#: What the guest loads: 9p, virtio transport, net, serial ports, fw_cfg,
-#: and the ACPI power button with evdev (QMP system_powerdown).
+#: What the guest loads at boot: 9p (the workspace's portable transport and
+#: every read-only share), virtio transport, net, serial ports, fw_cfg, and
+#: the ACPI power button with evdev (QMP system_powerdown).
 MODULES = (
     "virtio_pci",
     "virtio_net",
     "virtio_console",
-    "9pnet_virtio",
-    "9p",
+    *contract.transports()["9p"].modules,
     "qemu_fw_cfg",
     "button",
     "evdev",
 )
+#: Loaded only when the workspace comes over virtio-fs (vmctl.workspace=virtiofs).
+ON_DEMAND = contract.transports()["virtiofs"].modules
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _DONE = ".complete"
 
@@ -178,8 +181,10 @@ def _copy_module(mods: Path, rel: str, into: Path) -> str:
 def fetch_kernel(package: str, version: str) -> Kernel:
     """Download, unpack and trim the kernel package once; reuse it afterwards."""
     kernel = Kernel(package, version, paths.kernels_dir() / f"{package}_{version}")
-    if (kernel.root / _DONE).exists():
-        return kernel
+    done = f"{package} {version} {' '.join(MODULES + ON_DEMAND)}\n"
+    with contextlib.suppress(OSError):
+        if (kernel.root / _DONE).read_text() == done:
+            return kernel
     hint = "install the Debian tools: apt-get install kmod dpkg apt"
     with ui.step(f"fetching {package} {version}"), tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -190,7 +195,7 @@ def fetch_kernel(package: str, version: str) -> Kernel:
         run(["depmod", "-b", str(work / "x"), release], "depmod (package kmod)", hint)
         mods = work / "x" / "lib" / "modules" / release
         deps = parse_modules_dep((mods / "modules.dep").read_text())
-        order = load_order(deps, MODULES)
+        order = load_order(deps, MODULES + ON_DEMAND)
         if kernel.root.exists():
             shutil.rmtree(kernel.root)
         (kernel.modules_dir).mkdir(parents=True)
@@ -198,5 +203,5 @@ def fetch_kernel(package: str, version: str) -> Kernel:
         (kernel.root / "load-order").write_text("\n".join(plain) + "\n")
         bzimage = (work / "x" / "boot" / f"vmlinuz-{release}").read_bytes()
         kernel.vmlinux.write_bytes(extract_vmlinux(bzimage))
-        (kernel.root / _DONE).write_text(f"{package} {version}\n")
+        (kernel.root / _DONE).write_text(done)
     return kernel

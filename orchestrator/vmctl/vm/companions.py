@@ -30,7 +30,8 @@ def spawn_sidecar(
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
     config = guestpath.SidecarConfig(
         spec.name, str(ipaths.sidecar), str(ipaths.meta), host, port, max_conns,
-        workspace=str(spec.workspace),
+        # virtio-fs carries real modes itself; only 9p's mapped modes need the reconciler.
+        workspace=str(spec.workspace) if spec.share == "9p" else "",
     )  # fmt: skip
     try:
         proc = guestpath.spawn(ipaths, config)

@@ -30,6 +30,7 @@ class InstanceInfo:
     model_endpoint: str | None
     forwards: list[str]
     workspace: str
+    share: str  # the workspace's transport: 9p or virtiofs
     image: str
     root: Path
     console_log: Path
@@ -60,6 +61,7 @@ def info_of(ipaths: paths.InstancePaths, rec: InstanceRecord) -> InstanceInfo:
         model_endpoint=rec.model_endpoint,
         forwards=[f"{h}:{g}" for h, g in rec.forwards],
         workspace=rec.workspace,
+        share=rec.share,
         image=rec.image,
         root=ipaths.root,
         console_log=ipaths.console_log,

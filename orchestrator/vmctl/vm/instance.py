@@ -27,7 +27,7 @@ from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
 from vmctl.sidecars import guestpath, mirror
 from vmctl.state import StateError
-from vmctl.vm import accel, companions, idmap
+from vmctl.vm import accel, companions, idmap, virtiofs
 from vmctl.vm.console import ExecChannel, expect_ready
 from vmctl.vm.info import InstanceInfo, info_of
 from vmctl.vm.qemu import ManifestLike, qemu_argv
@@ -194,6 +194,7 @@ class Instance:
             self.shutdown(powerdown_timeout)
         finally:
             companions.stop_sidecar(self.record)
+            virtiofs.stop(self.record.virtiofsd)
             mirror.stop(self.record.mirror_sidecar)
             companions.stop_proxy(self.record)
             if self.ephemeral or not self.paths.meta.exists():
@@ -204,7 +205,8 @@ class Instance:
                     for n in range(len(contract.exec_ports()))
                     for f in self.paths.exec_fifos(n)[:2]
                 ]
-                for sock in (self.paths.qmp, self.paths.console, *fifos):
+                socks = (self.paths.qmp, self.paths.console, self.paths.virtiofs_socket)
+                for sock in (*socks, *fifos):
                     sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Instance:
@@ -253,6 +255,8 @@ def up(
     if acc.reason:
         ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
+    if spec.share == "virtiofs":
+        virtiofs.check(ids, tuple(getattr(manifest, "transports", ("9p",))))
     check_forwards_free([host for host, _ in spec.forwards])
     inst = new_instance(spec, image, notices)
     try:
@@ -270,6 +274,10 @@ def up(
         for n in range(len(contract.exec_ports())):
             for fifo in inst.paths.exec_fifos(n)[:2]:
                 os.mkfifo(fifo, 0o600)
+        if spec.share == "virtiofs":
+            ref = virtiofs.spawn(inst.paths, ids, spec.workspace, detach)
+            inst.record = replace(inst.record, virtiofsd=ref)
+            inst.save()
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
@@ -305,6 +313,7 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         qemu.terminate(timeout=5.0)
     if qemu is None or not qemu.alive():
         companions.stop_sidecar(record)
+        virtiofs.stop(record.virtiofsd)
     companions.stop_proxy(record)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)

@@ -88,7 +88,8 @@ def relay_path(path: Path) -> str:
 
 def kernel_cmdline(spec: InstanceSpec, base: str, ids: str = "") -> str:
     keys = contract.raw()["kernel_cmdline"]
-    extra = f"{keys['instance']}={spec.name} {keys['net']}={spec.net} {keys['workspace']}=1"
+    extra = f"{keys['instance']}={spec.name} {keys['net']}={spec.net}"
+    extra += f" {keys['workspace']}={spec.share}"
     return " ".join(p for p in (base.strip(), extra, ids) if p)
 
 
@@ -112,11 +113,28 @@ def net_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
     return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
 
-def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
-    """The workspace (writable, mapped) plus the image's read-only shares."""
+def workspace_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
+    """The writable workspace: 9p mapped by QEMU, or virtio-fs from vmctl.vm.virtiofs's daemon.
+
+    vhost-user needs the guest's RAM in shared memory (the daemon maps it);
+    `machine_option` names the backend defined here.
+    """
     tag = contract.workspace_tag()
-    out = ["-fsdev", f"local,id=ws,path={opt(spec.workspace)},{WORKSPACE_9P}"]
-    out += ["-device", f"virtio-9p-pci,fsdev=ws,mount_tag={opt(tag)}"]
+    if spec.share == "virtiofs":
+        return [
+            "-object", f"memory-backend-memfd,id=mem,size={spec.mem},share=on",
+            "-chardev", f"socket,id=vfs,path={opt(paths.virtiofs_socket)}",
+            "-device", f"vhost-user-fs-pci,chardev=vfs,tag={opt(tag)},queue-size=1024",
+        ]  # fmt: skip
+    return [
+        "-fsdev", f"local,id=ws,path={opt(spec.workspace)},{WORKSPACE_9P}",
+        "-device", f"virtio-9p-pci,fsdev=ws,mount_tag={opt(tag)}",
+    ]  # fmt: skip
+
+
+def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
+    """The image's read-only shares (over 9p)."""
+    out: list[str] = []
     for i, share in enumerate(manifest.shares):
         ro = ",readonly=on" if share.readonly else ""
         model = "security_model=none" if share.readonly else WORKSPACE_9P
@@ -173,9 +191,13 @@ def fw_cfg_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
     return out
 
 
-def machine_option(accel: Accel) -> str:
-    """`-M`'s value: the accelerator's machine, trimmed where it is q35."""
-    return f"{accel.machine},{Q35_OPTIONS}" if accel.machine == "q35" else accel.machine
+def machine_option(accel: Accel, share: str = "9p") -> str:
+    """`-M`'s value: the accelerator's machine, trimmed where it is q35.
+
+    Under virtio-fs the RAM is `workspace_argv`'s shared memory backend.
+    """
+    value = f"{accel.machine},{Q35_OPTIONS}" if accel.machine == "q35" else accel.machine
+    return value + (",memory-backend=mem" if share == "virtiofs" else "")
 
 
 def qemu_argv(
@@ -192,7 +214,7 @@ def qemu_argv(
     kernel command-line keys after vmctl's.
     """
     argv = list(ids.prefix) if ids else []
-    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", machine_option(accel)]
+    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", machine_option(accel, spec.share)]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
     # -S: the CPU waits until vmctl is attached to the serial console and
     # continues it over QMP, so no line of the boot is ever missed.
@@ -207,6 +229,7 @@ def qemu_argv(
         argv += ["-drive", f"if=virtio,format=qcow2,file={opt(paths.overlay)}"]
     argv += channel_argv(paths)
     argv += ["-device", "virtio-rng-pci"]
+    argv += workspace_argv(spec, paths)
     argv += share_argv(spec, manifest)
     argv += fw_cfg_argv(spec, paths)
     argv += net_argv(spec, paths)

@@ -83,6 +83,9 @@ class InstanceSpec:
     resolve: tuple[str, ...] = ()
     #: Mirror the guest's listening TCP ports on the host's loopback (needs a network).
     mirror: bool = False
+    #: The workspace's transport (guest contract `workspace.transports`), chosen
+    #: by vmctl.vm.virtiofs.choose.
+    share: str = "9p"
 
     @property
     def mirrors(self) -> bool:
@@ -121,6 +124,11 @@ class InstanceSpec:
             raise ConfigError("-p names the same host port twice")
         if not self.workspace.is_absolute():
             raise ConfigError(f"workspace {self.workspace} is not absolute")
+        from vmctl import contract
+
+        if self.share not in contract.transports():
+            known = ", ".join(contract.transports())
+            raise ConfigError(f"--share {self.share!r} is not one of {known}")
 
 
 def _ref(data: dict[str, Any], key: str, path: Path) -> ProcessRef | None:
@@ -161,6 +169,7 @@ class InstanceRecord:
     policy: str | None = None
     resolve: tuple[str, ...] = ()
     mirror: bool = False
+    share: str = "9p"
     owner: ProcessRef | None = None
     qemu: ProcessRef | None = None
     #: The guest's egress proxy sidecar, while it has one.
@@ -169,6 +178,8 @@ class InstanceRecord:
     mirror_sidecar: ProcessRef | None = None
     #: The guest's model path and watchdog (vmctl.sidecars.guestpath), while it runs.
     sidecar: ProcessRef | None = None
+    #: The workspace's virtio-fs daemon (vmctl.vm.virtiofs), while it runs.
+    virtiofsd: ProcessRef | None = None
     #: What `vmctl up` warned about (agents' tools off for a small context), for `status`.
     notices: tuple[str, ...] = ()
 
@@ -186,7 +197,7 @@ class InstanceRecord:
             name=spec.name, started=started, image=image, workspace=str(spec.workspace),
             net=spec.net, model_endpoint=endpoint, forwards=spec.forwards, mem=spec.mem,
             cpus=spec.cpus, ephemeral=spec.ephemeral, policy=spec.policy, resolve=spec.resolve,
-            mirror=spec.mirror,
+            mirror=spec.mirror, share=spec.share,
             owner=owner, notices=notices,
         )  # fmt: skip
 
@@ -200,6 +211,7 @@ class InstanceRecord:
             "proxy": self.proxy.to_json() if self.proxy else None,
             "mirror": self.mirror_sidecar.to_json() if self.mirror_sidecar else None,
             "sidecar": self.sidecar.to_json() if self.sidecar else None,
+            "virtiofsd": self.virtiofsd.to_json() if self.virtiofsd else None,
             "notices": list(self.notices),
             "spec": {
                 "workspace": self.workspace,
@@ -212,6 +224,7 @@ class InstanceRecord:
                 "policy": self.policy,
                 "resolve": list(self.resolve),
                 "mirror": self.mirror,
+                "share": self.share,
             },
         }
 
@@ -246,11 +259,13 @@ class InstanceRecord:
             policy=policy,
             resolve=tuple(resolve),
             mirror=_typed({"mirror": False, **spec}, "mirror", bool, path),
+            share=_typed({"share": "9p", **spec}, "share", str, path),
             owner=_ref(data, "owner", path),
             qemu=_ref(data, "qemu", path),
             proxy=_ref(data, "proxy", path),
             mirror_sidecar=_ref(data, "mirror", path),
             sidecar=_ref(data, "sidecar", path),
+            virtiofsd=_ref(data, "virtiofsd", path),
             notices=_notices(data, path),
         )
 
