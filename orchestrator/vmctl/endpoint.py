@@ -21,8 +21,6 @@ import json
 import os
 import re
 import stat
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -201,6 +199,9 @@ def locate(
 
 def _get(url: str, api_key: str | None) -> tuple[int, Any]:
     """(HTTP status, parsed JSON or None); OSError when nothing answers."""
+    import urllib.error  # here: ~25 ms that a guest without a model never needs
+    import urllib.request
+
     req = urllib.request.Request(url, headers={"Accept": "application/json"})
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
