@@ -112,17 +112,17 @@ def _guest_path(home: Path) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "orchestrator"))
     from vmctl import paths
     from vmctl.procs import ProcessRef
-    from vmctl.sidecars import guestpath
+    from vmctl.sidecars import guestlaunch
 
     ip = paths.instance("bench")
     paths.private_dir(ip.root)
     meta = {"name": "bench", "started": time.time(), "spec": {}, "owner": None}
     meta["qemu"] = ProcessRef.of(os.getpid()).to_json()
     ip.meta.write_text(json.dumps(meta))
-    config = guestpath.SidecarConfig(
+    config = guestlaunch.SidecarConfig(
         "bench", str(ip.sidecar), str(ip.meta), "127.0.0.1", PORT, max_conns=HELD
     )
-    pid = guestpath.launch(ip, config)
+    pid = guestlaunch.launch(ip, config)
     gateway = json.loads((home / "servers/c1/server.json").read_text())["supervisor"]["pid"]
     time.sleep(0.5)
     before = _rss_kb(pid) + _rss_kb(gateway)

@@ -26,7 +26,7 @@ from aiohttp import web
 from vmctl import events, paths
 from vmctl.procs import ProcessRef
 from vmctl.serve.gateway import Gateway, GatewayConfig
-from vmctl.sidecars import guestpath
+from vmctl.sidecars import guestlaunch
 from vmctl.sidecars.httpclock import RequestClock
 
 REQ = b"GET /v1/models HTTP/1.1\r\nHost: 10.0.2.2\r\nX-Vmctl-Who: host\r\n\r\n"
@@ -80,7 +80,7 @@ def start_sidecar(
     meta["qemu"] = ProcessRef.of(qemu or os.getpid()).to_json()
     meta["owner"] = ProcessRef.of(owner).to_json() if owner else None
     ip.meta.write_text(json.dumps(meta))
-    config = guestpath.SidecarConfig(
+    config = guestlaunch.SidecarConfig(
         "box",
         str(ip.sidecar),
         str(ip.meta),
@@ -88,8 +88,8 @@ def start_sidecar(
         port,
         **kw,  # type: ignore[arg-type]
     )
-    guestpath.write_config(ip.sidecar_config, config)
-    guestpath.write_forwarder(ip.relay, ip.sidecar, "box")
+    guestlaunch.write_config(ip.sidecar_config, config)
+    guestlaunch.write_forwarder(ip.relay, ip.sidecar, "box")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmctl.sidecars.guestpath", str(ip.sidecar_config)],
         env={**os.environ, "VMCTL_HOME": str(home)},
@@ -203,7 +203,7 @@ async def test_slow_and_idle_connections_are_closed(
 async def test_no_sidecar_the_forwarder_answers_502_and_audits(home: Path, served: int) -> None:
     ip = paths.instance("box")
     paths.private_dir(ip.root)
-    guestpath.write_forwarder(ip.relay, ip.sidecar, "box")
+    guestlaunch.write_forwarder(ip.relay, ip.sidecar, "box")
     g = await asyncio.to_thread(guest_connect, ip)
     assert (await read_until_closed(g)).startswith(b"HTTP/1.1 502")
     (e,) = guest_events(home)

@@ -23,7 +23,7 @@ import pytest
 
 from vmctl import paths
 from vmctl.procs import ProcessRef
-from vmctl.sidecars import guestpath, modes
+from vmctl.sidecars import guestlaunch, modes
 from vmctl.vm.execchan import ExecChannel, settle
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
@@ -177,8 +177,8 @@ def test_exec_settles_through_the_real_sidecar(
     meta = {"name": "box", "qemu": ProcessRef.of(os.getpid()).to_json(), "owner": None}
     ip.meta.write_text(json.dumps(meta))
     assert ExecChannel.for_instance(ip.root, "box").sidecar == str(ip.sidecar)
-    config = guestpath.SidecarConfig("box", str(ip.sidecar), str(ip.meta), workspace=str(ws))
-    guestpath.write_config(ip.sidecar_config, config)
+    config = guestlaunch.SidecarConfig("box", str(ip.sidecar), str(ip.meta), workspace=str(ws))
+    guestlaunch.write_config(ip.sidecar_config, config)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmctl.sidecars.guestpath", str(ip.sidecar_config)],
         env={**os.environ, "VMCTL_HOME": str(tmp_path / "h")},

@@ -37,44 +37,25 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmctl import events, paths, routes
 from vmctl.events import Event, EventLog
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import modes
+from vmctl.sidecars.guestlaunch import SidecarConfig
 from vmctl.sidecars.httpclock import RequestClock
 from vmctl.state import StateError, read_json
 
-MAX_CONNS = 32
-IDLE_S = 300.0
-SLOW_S = 30.0
 WATCH_S = 0.5
 CHUNK = 65536
 BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
 )
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    """One guest's sidecar; written to the instance folder as JSON."""
-
-    name: str
-    listen: str  # sidecar.sock
-    meta: str  # instance.json: QEMU's and the owner's identity
-    target_host: str = ""  # the model endpoint; "" when the guest has none
-    target_port: int = 0
-    max_conns: int = MAX_CONNS
-    idle_s: float = IDLE_S
-    slow_s: float = SLOW_S
-    workspace: str = ""  # the writable workspace whose x bits cross (vmctl.sidecars.modes)
 
 
 def _json_error(message: str) -> bytes:
@@ -317,82 +298,6 @@ async def run(config: SidecarConfig) -> None:
             loop.remove_reader(sidecar.modes.fd)
             sidecar.modes.close()
         sidecar.log.close()
-
-
-def write_config(path: Path, config: SidecarConfig) -> None:
-    path.write_text(json.dumps(asdict(config)))
-    path.chmod(0o600)
-
-
-FORWARDER = """#!{python} -IS
-# vmctl: QEMU's guestfwd starts this per guest connection; it hands the
-# connection (its stdin) to the guest's sidecar and exits.
-import socket, sys
-try:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect({sock!r})
-    socket.send_fds(s, [{dest!r}], [0])
-except OSError as e:
-    sys.stdout.write({reply!r})
-    sys.stdout.flush()
-    import json, os, datetime
-    t = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-    line = json.dumps(dict(kind="connection", who_kind="guest", who={name!r}, by="forwarder",
-        action="refuse", decision="deny", reason="sidecar_unreachable", detail=str(e)[:200],
-        time=t.replace("+00:00", "Z")), sort_keys=True) + "\\n"
-    fd = os.open({events!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.write(fd, line.encode())
-"""
-
-
-def write_forwarder(script: Path, sock: Path, name: str, dest: str = "model") -> None:
-    """The guestfwd `cmd:` program: a comma-free path (it sits inside -netdev)."""
-    body = json.dumps({"error": {"message": "vmctl's guest sidecar is not running"}})
-    reply = (
-        f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n{body}"
-    )
-    events_file = events.subject_file(paths.events_dir(), "guest", name)
-    script.write_text(
-        FORWARDER.format(
-            python=sys.executable, sock=str(sock), dest=dest.encode(), reply=reply,
-            name=name, events=str(events_file),
-        )
-    )  # fmt: skip
-    script.chmod(0o700)
-
-
-def launch(ipaths: paths.InstancePaths, config: SidecarConfig, timeout: float = 15.0) -> int:
-    """Start the sidecar in its own session; its pid once its socket listens."""
-    return listening(ipaths, spawn(ipaths, config), timeout)
-
-
-def spawn(ipaths: paths.InstancePaths, config: SidecarConfig) -> subprocess.Popen[bytes]:
-    """Start the sidecar in its own session, not waiting for it (see `listening`)."""
-    write_config(ipaths.sidecar_config, config)
-    if config.target_host:
-        write_forwarder(ipaths.relay, ipaths.sidecar, config.name)
-    with open(ipaths.sidecar_log, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "vmctl.sidecars.guestpath", str(ipaths.sidecar_config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ipaths.root,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def listening(
-    ipaths: paths.InstancePaths, proc: subprocess.Popen[bytes], timeout: float = 15.0
-) -> int:
-    """The spawned sidecar's pid once its socket listens; OSError if it died or hung."""
-    deadline = time.monotonic() + timeout
-    while not ipaths.sidecar.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = ipaths.sidecar_log.read_text(errors="replace")[-400:]
-            raise OSError(f"the guest sidecar did not start: {tail.strip()}")
-        time.sleep(0.02)
-    return proc.pid
 
 
 def main(argv: list[str] | None = None) -> int:

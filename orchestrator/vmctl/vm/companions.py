@@ -15,7 +15,7 @@ from collections.abc import Callable
 from vmctl import paths
 from vmctl.errors import VMError
 from vmctl.procs import ProcessRef
-from vmctl.sidecars import guestpath
+from vmctl.sidecars import guestlaunch
 from vmctl.vm.spec import InstanceRecord, InstanceSpec
 
 
@@ -28,19 +28,19 @@ def spawn_sidecar(
     guest was ready.
     """
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
-    config = guestpath.SidecarConfig(
+    config = guestlaunch.SidecarConfig(
         spec.name, str(ipaths.sidecar), str(ipaths.meta), host, port, max_conns,
         # virtio-fs carries real modes itself; only 9p's mapped modes need the reconciler.
         workspace=str(spec.workspace) if spec.share == "9p" else "",
     )  # fmt: skip
     try:
-        proc = guestpath.spawn(ipaths, config)
+        proc = guestlaunch.spawn(ipaths, config)
     except OSError as e:
         raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
 
     def listening() -> None:
         try:
-            guestpath.listening(ipaths, proc)
+            guestlaunch.listening(ipaths, proc)
         except OSError as e:
             raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
 

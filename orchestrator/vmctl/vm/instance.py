@@ -25,7 +25,7 @@ from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, wait_gone
-from vmctl.sidecars import guestpath, mirror
+from vmctl.sidecars import guestlaunch, mirror
 from vmctl.state import StateError
 from vmctl.vm import accel, companions, idmap, virtiofs
 from vmctl.vm.console import ExecChannel, expect_ready
@@ -247,7 +247,7 @@ def up(
     timeout: float = 120.0,
     detach: bool = False,
     notices: list[str] | None = None,
-    max_conns: int = guestpath.MAX_CONNS,
+    max_conns: int = guestlaunch.MAX_CONNS,
 ) -> Instance:
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel.qemu_binary()
