@@ -4,7 +4,7 @@ Nothing here starts a process or touches the disk: `qemu_argv` maps an
 `InstanceSpec`, an image manifest, the instance's paths and the chosen
 accelerator to a list of strings, so golden tests pin every flag.
 
-The workspace share uses `security_model=mapped-xattr` on purpose. With
+The 9p workspace share uses `security_model=mapped-xattr` on purpose. With
 `passthrough` (or `none`, when QEMU runs as root) a hostile guest's
 chown/chmod/mknod are applied for real on the host: setuid-root binaries,
 device nodes and symlinks pointing anywhere could appear in the user's
@@ -16,7 +16,8 @@ symlink is a regular file on the host). QEMU alone would keep the guest's
 executable bits in the xattr too; the guest's sidecar carries a regular
 file's three x bits both ways on Linux (`vmctl.sidecars.modes`; never
 setuid/setgid). The host filesystem must support user xattrs. Who the user
-is inside the guest: `vmctl.vm.idmap`.
+is inside the guest: `vmctl.vm.idmap`. Under `--share virtiofs` QEMU only
+connects to vmctl.vm.virtiofs's daemon, which is confined instead.
 """
 
 from __future__ import annotations
