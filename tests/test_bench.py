@@ -1,0 +1,42 @@
+"""The share benchmark still runs end to end, on a tiny tree.
+
+Benchmarks are run by hand and their figures recorded in the README; this
+only keeps bench/share.py from rotting (it once lost its guest's second
+UART to a boot speed-up, and an import to a module move, unnoticed). It
+checks that every figure is printed for a real guest with both
+transports, not what the figures are: timing belongs to the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+from vmctl.vm import virtiofs
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_share_bench_prints_every_figure_for_both_transports(tmp_path: Path) -> None:
+    need(virtiofs.find_daemon() is not None, "virtiofsd (qemu-system-common)")
+    env = {**os.environ, "VMCTL_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "share.py"), "--files", "40", "--runs", "1",
+         "--modes", "today,virtiofs,ram"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    for op in ("find", "rg", "grep", "tar", "cp", "rm"):
+        host = [f"{op}_host_s"] if op != "rg" or shutil.which("rg") else []  # rg: if installed
+        for key in (f"{op}_today_s", f"{op}_virtiofs_s", f"{op}_ram_s", *host):
+            assert float(figures[key]) >= 0, key  # a 40-file RAM copy may take 0.00 s
+        assert float(figures[f"speedup_{op}"]) > 0 and float(figures[f"share_vs_ram_{op}"]) > 0
+    assert figures["coherent_today"] == "1" and figures["coherent_1s_virtiofs"] == "1"
