@@ -10,7 +10,7 @@ turn, `--runs` times, so all see the same host load:
   <op>_<mode>_s        median seconds (mode: today, host, ram and the candidates)
   speedup_<op>_<mode>  today / mode
   speedup_<op>         today / chosen (`--chosen`, the contract's virtio-fs)
-  share_vs_ram_<op>    chosen / ram
+  share_vs_ram_<op>    chosen / ram (share_vs_ram_<op>_<mode>: every mode's)
   coherent_<mode>      1 if a host edit shows at once in the guest (file held open there)
   coherent_1s_<mode>   1 if it shows within a second
 The guest's init runs the bench through an appended initramfs (an extra
@@ -276,6 +276,8 @@ def main() -> None:
         for m in modes:
             if m not in ("today", "ram") and today and med.get((op, m)):
                 print(f"speedup_{op}_{m}={today / max(med[op, m], 0.01):.2f}")
+            if m != "ram" and ram and (op, m) in med:
+                print(f"share_vs_ram_{op}_{m}={med[op, m] / max(ram, 0.01):.1f}")
         if chosen and today:
             print(f"speedup_{op}={today / max(chosen, 0.01):.2f}")
         if chosen and ram:
