@@ -127,3 +127,9 @@ def test_macos_keeps_9p_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="needs Linux") as e:
         virtiofs.check(USERNS, ("9p", "virtiofs"))
     assert "--share 9p" in (e.value.hint or "")
+
+
+def test_commas_in_the_folder_are_escaped_for_the_daemon() -> None:
+    """The daemon's `-o` list splits on commas: `/w/a,b` must stay one path."""
+    argv = virtiofs.daemon_argv(Path("/usr/lib/qemu/virtiofsd"), USERNS, Path("/w/a,b\\c"), 3)
+    assert "source=/w/a\\,b\\\\c" in argv

@@ -365,3 +365,20 @@ def test_kernel_panic_fails_fast_with_the_panic_line(env: dict[str, str], tmp_pa
     assert "Kernel panic" in r.stderr
     assert time.monotonic() - start < 60
     assert not instance_dir(env, "panics").exists()
+
+
+def test_a_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon's own words reach the user, not only QEMU's "Connection refused"."""
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\n# -o source=PATH\necho 'cannot serve this folder' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    args = up_args(env, ws, "vfsdead", "--ephemeral", "--detach", "--net", "none")
+    r = vmctl({**env, "VMCTL_VIRTIOFSD": str(fake)}, *args, "--share", "virtiofs")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "error: guest vfsdead failed to boot" in r.stderr, r.stderr
+    assert "virtiofsd: cannot serve this folder" in r.stderr, r.stderr
+    assert not instance_dir(env, "vfsdead").exists()

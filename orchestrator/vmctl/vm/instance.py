@@ -132,11 +132,12 @@ class Instance:
                 self.paths.console, contract.ready_marker(), timeout, start=start, abort=self._died
             )
         except VMError as e:
-            raise VMError(
-                f"guest {self.name} failed to boot: {e.message}",
-                logs,
-                details=tail_lines(self.paths.console_log, 8) or tail_lines(self.paths.qemu_log),
-            ) from None
+            details = tail_lines(self.paths.console_log, 8) or tail_lines(self.paths.qemu_log)
+            daemon = self.record.virtiofsd
+            if daemon is not None and not daemon.alive():  # what QEMU's socket error hides
+                details = f"virtiofsd: {tail_lines(self.paths.virtiofs_log, 3)}\n{details}"
+            why = f"guest {self.name} failed to boot: {e.message}"
+            raise VMError(why, logs, details=details) from None
         except TimeoutError:
             raise VMError(
                 f"guest {self.name} did not become ready within {timeout:.0f} s",

@@ -108,6 +108,11 @@ def check(ids: IdMap, transports: tuple[str, ...]) -> None:
         raise ConfigError(f"--share virtiofs: {refused[0]}", refused[1])
 
 
+def fuse_opt(value: Path | str) -> str:
+    """One value for the daemon's `-o` list, which splits on commas unless escaped."""
+    return str(value).replace("\\", "\\\\").replace(",", "\\,")
+
+
 def daemon_argv(
     daemon: Path, ids: IdMap, workspace: Path, fd: int, cache: str = "auto"
 ) -> list[str]:
@@ -121,7 +126,7 @@ def daemon_argv(
     return [
         unshare, "--user", f"--map-user={user['uid']}", f"--map-group={user['gid']}",
         "--keep-caps", "--", str(daemon), f"--fd={fd}", "--rlimit-nofile=0",
-        "-o", f"source={workspace}", "-o", "sandbox=namespace", "-o", f"cache={cache}",
+        "-o", f"source={fuse_opt(workspace)}", "-o", "sandbox=namespace", "-o", f"cache={cache}",
         "-o", "no_posix_lock", "-o", "no_flock", "-o", "no_xattr",
     ]  # fmt: skip
 
