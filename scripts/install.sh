@@ -14,6 +14,7 @@ as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 apt_packages=(
   python3 python3-venv python3-dev build-essential ninja-build git
   qemu-system-x86 qemu-utils bubblewrap busybox-static kmod cpio zstd xz-utils
+  flex bison bc libelf-dev
   ripgrep nix-bin ca-certificates curl
 )
 
@@ -27,7 +28,7 @@ install_system() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
-  # Always refresh the lists: the micro image fetches Debian's kernel package.
+  # Always refresh the lists: the micro image fetches Debian's kernel source (or package).
   log "apt-get update"
   as_root apt-get update -qq
   if ((${#missing[@]})); then

@@ -358,7 +358,9 @@ def test_kernel_panic_fails_fast_with_the_panic_line(env: dict[str, str], tmp_pa
     args = up_args(
         env, tmp_path, "panics", "--ephemeral", "--net", "none", "--timeout", "100", "--detach"
     )
-    r = vmctl(env, *args, "--", "-append", "console=ttyS0 rdinit=/nonexistent", timeout=120)
+    # No init anywhere: every kernel panics (one with a block layer at mounting a root).
+    boot = "console=ttyS0 rdinit=/nonexistent init=/nonexistent"
+    r = vmctl(env, *args, "--", "-append", boot, timeout=120)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert "error: guest panics failed to boot" in r.stderr

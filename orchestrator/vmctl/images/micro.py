@@ -317,6 +317,7 @@ def _own_inputs(agents: tuple[str, ...]) -> dict[str, Any]:
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: micro_agents.AGENTS[a].version for a in agents},
+        "kernel_kind": [micro_kernel.kind(), _sha(micro_kernel.guest_config().encode())],
     }
 
 
@@ -340,7 +341,7 @@ def micro_inputs(
     agents: tuple[str, ...],
 ) -> tuple[dict[str, Any], dict[str, Path], dict[str, Path]]:
     """Everything the image is made of: (key inputs, libraries, agent shares)."""
-    package, version = micro_kernel.find_package()
+    kernel = micro_kernel.kernel_inputs()
     folders = {a: micro_agents.install(micro_agents.AGENTS[a]) for a in agents}
     tools = micro_agents.host_tools(agents)
     natives = [
@@ -349,7 +350,7 @@ def micro_inputs(
     libs = needed_libs([*natives, *tools]) if agents else {}
     inputs = {
         **_own_inputs(agents),
-        "kernel": [package, version, [*micro_kernel.MODULES, *micro_kernel.ON_DEMAND]],
+        "kernel": kernel,
         "busybox": [busybox_version(), _sha(BUSYBOX.read_bytes())],
         "libs": {k: _sha(v.read_bytes()) for k, v in libs.items()},
         "extra": [*(_sha(t.read_bytes()) for t in tools), _sha(_ca_bundle())] if agents else [],
@@ -361,13 +362,12 @@ def build_micro(with_agents: tuple[str, ...] = (), force: bool = False) -> Path:
     """Build (or reuse) the micro image; returns its manifest path."""
     agents = _check_agents(with_agents)
     inputs, libs, folders = micro_inputs(agents)
-    package, version = inputs["kernel"][:2]
     folder = paths.images_dir() / f"micro-{image_key(inputs)}"
     manifest = folder / "manifest.json"
     if manifest.exists() and not force:
         (folder / "own-key").write_text(own_key(agents) + "\n")
         return manifest
-    kernel = micro_kernel.fetch_kernel(package, version)
+    kernel = micro_kernel.get_kernel(inputs["kernel"])
     with ui.step(f"building the micro image{' with ' + ', '.join(agents) if agents else ''}"):
         tmp = Path(tempfile.mkdtemp(prefix=".micro-", dir=paths.images_dir()))
         try:
