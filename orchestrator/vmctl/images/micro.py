@@ -1,4 +1,4 @@
-"""The micro image: Debian's kernel plus a busybox initramfs built here.
+"""The micro image: a kernel (vmctl.images.micro_kernel) plus a busybox initramfs built here.
 
 Everything it contains is named in its cache key (kernel package, busybox
 and library contents, the init template, the exec agent, the agents), so
