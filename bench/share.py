@@ -72,19 +72,23 @@ def _root(m: str) -> str:
 
 def guest_script(modes: list[str], runs: int) -> str:
     """The root-run script: mount, copy to RAM, then run the ops as the agent."""
+    from vmctl import contract
+
     lines = [
         "#!/bin/sh",
         "exec >/dev/console 2>&1",
         "while ! grep -qs ' /workspace ' /proc/mounts; do usleep 50000; done",
         "exec 3</dev/ttyS1",
     ]
+    vfs = contract.transports()["virtiofs"]  # mounted as the guest's init mounts it
     if any(m in VIRTIOFS for m in modes):
-        lines += ["modprobe -a fuse virtiofs"]
+        lines += [f"modprobe -a {' '.join(vfs.modules)} 2>/dev/null"]  # built in: nothing to do
     for m in modes:
         if m in CANDIDATES:
             lines += [f"mkdir -p /mnt/{m}", f"mount -t 9p -o {CANDIDATES[m][1]} {m} /mnt/{m}"]
         elif m in VIRTIOFS:
-            lines += [f"mkdir -p /mnt/{m}", f"mount -t virtiofs -o nosuid,nodev {m} /mnt/{m}"]
+            mount = f"mount -t {vfs.fstype} -o {vfs.options} {m} /mnt/{m}"
+            lines += [f"mkdir -p /mnt/{m}", mount]
     lines += ["mkdir -p /mnt/ram/tree && cp -r /workspace/tree/. /mnt/ram/tree/"]
     lines += ["chown -R agent:agent /mnt/ram", "echo BENCH-START"]
     lines += ["su -s /bin/sh agent -c /bench/ops.sh", "sync; echo BENCH-DONE; poweroff -f"]
@@ -158,6 +162,7 @@ def run_guest(scratch: Path, modes: list[str], runs: int) -> tuple[list[str], di
     from vmctl.images.choose import resolve_image
     from vmctl.images.micro import INITTAB
     from vmctl.vm import accel, idmap, virtiofs
+    from vmctl.vm.qemu import SHARED_RAM
 
     mf = images.load_manifest(resolve_image("micro").path)
     initrd = scratch / "initrd.cpio"
@@ -170,10 +175,10 @@ def run_guest(scratch: Path, modes: list[str], runs: int) -> tuple[list[str], di
     os.mkfifo(f"{ttys1}.out")
     ids = idmap.choose()
     q = accel.qemu_binary()
-    machine = "q35,memory-backend=mem" if any(m in VIRTIOFS for m in modes) else "q35"
+    machine = "q35" + (f",memory-backend={SHARED_RAM}" if any(m in VIRTIOFS for m in modes) else "")
     argv = [*ids.prefix, q, "-M", machine, "-accel", "tcg", "-cpu", "max", "-m", "2G"]
     argv += ["-smp", "2", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-    argv += ["-object", "memory-backend-memfd,id=mem,size=2G,share=on"]
+    argv += ["-object", f"memory-backend-memfd,id={SHARED_RAM},size=2G,share=on"]
     argv += ["-kernel", str(mf.kernel), "-initrd", str(initrd)]
     # Two UARTs (the image allows one): ttyS1 carries the host's acks.
     keys = "vmctl.instance=bench vmctl.net=none vmctl.workspace=9p 8250.nr_uarts=2"

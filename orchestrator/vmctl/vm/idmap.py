@@ -82,9 +82,14 @@ def check_forwards(ids: IdMap, host_ports: list[int]) -> None:
         )
 
 
-def userns_argv(unshare: str, uid: int, gid: int) -> list[str]:
-    """The prefix that execs QEMU with the invoking uid/gid mapped to uid/gid."""
-    return [unshare, "--user", f"--map-user={uid}", f"--map-group={gid}", "--"]
+def userns_argv(unshare: str, uid: int, gid: int, keep_caps: bool = False) -> list[str]:
+    """The prefix that execs a program with the invoking uid/gid mapped to uid/gid.
+
+    `keep_caps`: the program keeps its capabilities inside the namespace
+    (the virtio-fs daemon needs them for its own sandbox; QEMU runs without).
+    """
+    caps = ["--keep-caps"] if keep_caps else []
+    return [unshare, "--user", f"--map-user={uid}", f"--map-group={gid}", *caps, "--"]
 
 
 def probe_userns(unshare: str, uid: int, gid: int) -> str | None:

@@ -24,7 +24,7 @@ from types import TracebackType
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
-from vmctl.procs import ProcessRef, wait_gone
+from vmctl.procs import ProcessRef, die_with_parent, wait_gone
 from vmctl.sidecars import guestlaunch, mirror
 from vmctl.state import StateError
 from vmctl.vm import accel, companions, idmap, virtiofs
@@ -37,14 +37,6 @@ from vmctl.vm.spec import InstanceRecord, InstanceSpec, check_forwards_free
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
 QEMU_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
-
-
-def _pdeathsig() -> None:
-    """In the child before exec: die with the parent (Linux), so no orphan QEMU."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
 class Instance:
@@ -98,7 +90,7 @@ class Instance:
                     cwd=self.paths.root,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=None if detach or sys.platform != "linux" else _pdeathsig,
+                    preexec_fn=None if detach or sys.platform != "linux" else die_with_parent,
                 )
             except OSError as e:
                 raise VMError(f"cannot start {argv[0]}: {e.strerror}") from e

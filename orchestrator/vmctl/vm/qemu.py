@@ -41,6 +41,8 @@ WORKSPACE_9P = "security_model=mapped-xattr,fmode=0644,dmode=0755"
 #: (bench/boot.py's boot_firmware_*).
 Q35_OPTIONS = "sata=off,smbus=off,i8042=off,vmport=off"
 X86_FIRMWARE = "qboot.rom"
+#: The guest RAM's shared memory backend under virtio-fs (`workspace_argv`, `machine_option`).
+SHARED_RAM = "mem"
 
 
 class ShareLike(Protocol):
@@ -123,7 +125,7 @@ def workspace_argv(spec: InstanceSpec, paths: InstancePaths) -> list[str]:
     tag = contract.workspace_tag()
     if spec.share == "virtiofs":
         return [
-            "-object", f"memory-backend-memfd,id=mem,size={spec.mem},share=on",
+            "-object", f"memory-backend-memfd,id={SHARED_RAM},size={spec.mem},share=on",
             "-chardev", f"socket,id=vfs,path={opt(paths.virtiofs_socket)}",
             "-device", f"vhost-user-fs-pci,chardev=vfs,tag={opt(tag)},queue-size=1024",
         ]  # fmt: skip
@@ -198,7 +200,7 @@ def machine_option(accel: Accel, share: str = "9p") -> str:
     Under virtio-fs the RAM is `workspace_argv`'s shared memory backend.
     """
     value = f"{accel.machine},{Q35_OPTIONS}" if accel.machine == "q35" else accel.machine
-    return value + (",memory-backend=mem" if share == "virtiofs" else "")
+    return value + (f",memory-backend={SHARED_RAM}" if share == "virtiofs" else "")
 
 
 def qemu_argv(

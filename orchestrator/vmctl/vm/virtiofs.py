@@ -34,8 +34,9 @@ from pathlib import Path
 
 from vmctl import contract, paths
 from vmctl.errors import ConfigError, VMError
-from vmctl.procs import ProcessRef
+from vmctl.procs import ProcessRef, die_with_parent
 from vmctl.sandbox import seccomp
+from vmctl.vm import idmap
 from vmctl.vm.idmap import IdMap
 
 #: Where distributions put QEMU's C virtiofsd (Debian/Ubuntu; Fedora, Arch).
@@ -121,11 +122,10 @@ def daemon_argv(
     `cache=auto`: the guest trusts what it cached for a second (host edits
     show within it); `none` re-asks the daemon every time (bench/share.py).
     """
-    unshare = ids.prefix[0]
     user = contract.raw()["user"]
     return [
-        unshare, "--user", f"--map-user={user['uid']}", f"--map-group={user['gid']}",
-        "--keep-caps", "--", str(daemon), f"--fd={fd}", "--rlimit-nofile=0",
+        *idmap.userns_argv(ids.prefix[0], int(user["uid"]), int(user["gid"]), keep_caps=True),
+        str(daemon), f"--fd={fd}", "--rlimit-nofile=0",
         "-o", f"source={fuse_opt(workspace)}", "-o", "sandbox=namespace", "-o", f"cache={cache}",
         "-o", "no_posix_lock", "-o", "no_flock", "-o", "no_xattr",
     ]  # fmt: skip
@@ -137,9 +137,7 @@ def _confine(pdeathsig: bool) -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if pdeathsig:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        die_with_parent()
     seccomp.install()
 
 
