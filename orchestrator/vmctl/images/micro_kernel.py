@@ -189,6 +189,21 @@ def _copy_module(mods: Path, rel: str, into: Path) -> str:
     return rel
 
 
+def _only(folder: Path, pattern: str, package: str) -> Path:
+    """The one file `pattern` names in `folder`, or a VMError about the package's layout."""
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        raise VMError(f"{package}: expected one {pattern} in {folder.name}, found {len(found)}")
+    return found[0]
+
+
+def _unpack_deb(package: str, version: str, work: Path, hint: str) -> None:
+    """`apt-get download` one package into `work` and unpack it into `work/x`."""
+    run(["apt-get", "download", f"{package}={version}"], "apt-get download", hint, cwd=work)
+    deb = _only(work, "*.deb", package)
+    run(["dpkg-deb", "-x", str(deb), str(work / "x")], "dpkg-deb", hint)
+
+
 def fetch_kernel(package: str, version: str) -> Kernel:
     """Download, unpack and trim the kernel package once; reuse it afterwards."""
     kernel = Kernel(package, version, paths.kernels_dir() / f"{package}_{version}")
@@ -199,9 +214,7 @@ def fetch_kernel(package: str, version: str) -> Kernel:
     hint = "install the Debian tools: apt-get install kmod dpkg apt"
     with ui.step(f"fetching {package} {version}"), tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run(["apt-get", "download", f"{package}={version}"], "apt-get download", hint, cwd=work)
-        deb = next(work.glob("*.deb"))
-        run(["dpkg-deb", "-x", str(deb), str(work / "x")], "dpkg-deb", hint)
+        _unpack_deb(package, version, work, hint)
         release = package.removeprefix("linux-image-")
         run(["depmod", "-b", str(work / "x"), release], "depmod (package kmod)", hint)
         mods = work / "x" / "lib" / "modules" / release
@@ -280,12 +293,10 @@ def build_kernel(source: str, keyed_version: str) -> Kernel:
     step = f"building the guest kernel from {source} {version} (once; ~4 min on 2 cores)"
     with ui.step(step), tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run(["apt-get", "download", f"{source}={version}"], "apt-get download", _BUILD_HINT, work)
-        deb = next(work.glob("*.deb"))
-        run(["dpkg-deb", "-x", str(deb), str(work / "x")], "dpkg-deb", _BUILD_HINT)
-        tarball = next((work / "x" / "usr" / "src").glob("linux-source-*.tar.*"))
+        _unpack_deb(source, version, work, _BUILD_HINT)
+        tarball = _only(work / "x" / "usr" / "src", "linux-source-*.tar.*", source)
         run(["tar", "xf", str(tarball), "-C", str(work)], "tar", _BUILD_HINT)
-        src = next(p for p in work.glob("linux-source-*") if p.is_dir())
+        src = _only(work, "linux-source-*/", source)
         run(["make", "-s", "tinyconfig"], "make tinyconfig", _BUILD_HINT, src)
         (src / "vmctl.config").write_text(config)
         merge = ["scripts/kconfig/merge_config.sh", "-m", ".config", "vmctl.config"]
