@@ -369,10 +369,14 @@ def test_kernel_panic_fails_fast_with_the_panic_line(env: dict[str, str], tmp_pa
     assert not instance_dir(env, "panics").exists()
 
 
-def test_a_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(
+def test_a_stand_in_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    """The daemon's own words reach the user, not only QEMU's "Connection refused"."""
+    """The daemon's own words reach the user, not only QEMU's "Connection refused".
+
+    A stand-in daemon: the real one cannot be made to fail on cue once vmctl
+    has checked the folder it serves.
+    """
     fake = tmp_path / "virtiofsd"
     fake.write_text("#!/bin/sh\n# -o source=PATH\necho 'cannot serve this folder' >&2\nexit 1\n")
     fake.chmod(0o755)
