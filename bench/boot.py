@@ -3,6 +3,7 @@
 One run, side by side, alternating so both see the same host load:
   up_ratio        median(vmctl up --detach -> ready) / median(raw QEMU -> same marker)
                   (raw QEMU gets the very argv vmctl builds, started by this script)
+  up_before_qemu_s  of that, the median from vmctl's start to QEMU's (10 ms clock ticks)
   up_cpu_ratio    the same with CPU seconds (vmctl's own plus its QEMU's, against QEMU's):
                   steadier than wall time when other work shares the host
   boot_<phase>_s / boot_<phase>_cpu_s  where a raw boot's time goes, wall and QEMU's
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,8 +42,10 @@ _SCRIPT = Path(sys.executable).with_name("vmctl")
 VMCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "vmctl"]
 
 
-def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> tuple[float, float]:
-    """(wall s, CPU s of vmctl and its QEMU) from `vmctl up --detach` to ready."""
+def timed_vmctl_up(
+    env: dict[str, str], ws: Path, manifest: str, name: str
+) -> tuple[float, float, float]:
+    """(wall s, CPU s of vmctl and its QEMU, s from vmctl's start to QEMU's) to ready."""
     import json
     import resource
 
@@ -50,7 +54,10 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> t
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", name]
-    subprocess.run([*argv, "--net", "none", "--ephemeral", "--detach"], env=env, check=True)
+    proc = subprocess.Popen([*argv, "--net", "none", "--ephemeral", "--detach"], env=env)
+    started = start_ticks(proc.pid)
+    if proc.wait() != 0:
+        raise SystemExit(f"vmctl up failed with status {proc.returncode}")
     took = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     meta = paths.InstancePaths(Path(env["VMCTL_HOME"]) / "instances" / name).meta
@@ -58,15 +65,27 @@ def timed_vmctl_up(env: dict[str, str], ws: Path, manifest: str, name: str) -> t
     cpu = cpu_seconds(qemu_pid) + sum(
         getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime")
     )
+    before_qemu = (start_ticks(qemu_pid) - started) / os.sysconf("SC_CLK_TCK")
     subprocess.run([*VMCTL, "down", name], env=env, check=True, timeout=60)
-    return took, cpu
+    return took, cpu, before_qemu
 
 
-def raw_argv(ws: Path, manifest: str, scratch: Path, append: str = "") -> tuple[list[str], Path]:
-    """The argv `vmctl up` builds (user namespace included), unpaused; its console log."""
+def start_ticks(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat's 22nd field)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def raw_argv(
+    ws: Path, manifest: str, scratch: Path, append: str = ""
+) -> tuple[list[str], Path, list[socket.socket]]:
+    """The argv `vmctl up` builds (user namespace included); its console log and sockets.
+
+    The console is bound and connected as vmctl does (console.listen):
+    QEMU waits for that connection, and the caller passes the listener on.
+    """
     from vmctl import contract, paths
     from vmctl.images.manifest import load_manifest
-    from vmctl.vm import accel, idmap
+    from vmctl.vm import accel, console, idmap
     from vmctl.vm.qemu import qemu_argv
     from vmctl.vm.spec import InstanceSpec
 
@@ -75,17 +94,28 @@ def raw_argv(ws: Path, manifest: str, scratch: Path, append: str = "") -> tuple[
     qemu = accel.qemu_binary()
     mf = load_manifest(Path(manifest))
     acc = accel.choose("auto", qemu, kernel=mf.kernel)
-    argv = qemu_argv(spec, mf, ip, acc, qemu, ids=idmap.choose())
-    # vmctl starts QEMU paused (-S) and continues it once attached to the
-    # console; raw QEMU just runs.
-    argv = [a for a in argv if a != "-S"]
+    listener, client = console.listen(ip.console)
+    argv = qemu_argv(spec, mf, ip, acc, qemu, ids=idmap.choose(), console_fd=listener.fileno())
     if append:
         i = argv.index("-append") + 1
         argv[i] = f"{argv[i]} {append}"
     for n in range(len(contract.exec_ports())):
         for fifo in ip.exec_fifos(n)[:2]:
             os.mkfifo(fifo, 0o600)
-    return argv, ip.console_log
+    return argv, ip.console_log, [listener, client]
+
+
+def spawn_raw(argv: list[str], socks: list[socket.socket]) -> subprocess.Popen[bytes]:
+    """Start raw QEMU with the console listener.
+
+    The queued connection is closed at once: QEMU accepts it, sees it end
+    and boots on, its console going only to console.log, which is watched.
+    """
+    quiet = subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=quiet, stderr=quiet, pass_fds=(socks[0].fileno(),))
+    for sock in socks:
+        sock.close()
+    return proc
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,9 +149,9 @@ PHASES = (
 
 def boot_breakdown(ws: Path, manifest: str, scratch: Path) -> dict[str, tuple[float, float]]:
     """phase -> (wall s, QEMU CPU s) of one raw boot with the kernel's messages shown."""
-    argv, log = raw_argv(ws, manifest, scratch, "loglevel=7")
+    argv, log, socks = raw_argv(ws, manifest, scratch, "loglevel=7")
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_raw(argv, socks)
     marks: list[tuple[float, float]] = []
     try:
         while len(marks) < len(PHASES) and time.monotonic() - t0 < 300:
@@ -144,9 +174,9 @@ def timed_raw_qemu(ws: Path, manifest: str, scratch: Path) -> tuple[float, float
     from vmctl import contract
     from vmctl.vm.console import wait_for_marker
 
-    argv, console_log = raw_argv(ws, manifest, scratch)
+    argv, console_log, socks = raw_argv(ws, manifest, scratch)
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_raw(argv, socks)
     try:
         wait_for_marker(console_log, contract.ready_marker(), 120)
         return time.monotonic() - t0, cpu_seconds(proc.pid)
@@ -312,6 +342,7 @@ def boot_figures(env: dict[str, str], ws: Path, manifest: str, scratch: Path, ru
     print(f"up_cpu_s={up_cpu:.2f}")
     print(f"raw_cpu_s={raw_cpu:.2f}")
     print(f"up_cpu_ratio={up_cpu / raw_cpu:.2f}")
+    print(f"up_before_qemu_s={statistics.median(u[2] for u in ups):.2f}")
     argv = [*VMCTL, "up", "-d", str(ws), "--image", manifest, "--name", "ex", "--net", "none"]
     subprocess.run([*argv, "--detach", "--ephemeral"], env=env, check=True)
     try:

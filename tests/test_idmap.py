@@ -31,7 +31,7 @@ class Manifest:
 def argv(ids: idmap.IdMap) -> list[str]:
     spec = InstanceSpec(name="t1", workspace=Path("/home/u/proj"))
     tcg = Accel("tcg", "max", "q35", "x86_64")
-    return qemu_argv(spec, Manifest(), InstancePaths(Path("/st/t1")), tcg, ids=ids)
+    return qemu_argv(spec, Manifest(), InstancePaths(Path("/st/t1")), tcg, ids=ids, console_fd=7)
 
 
 def test_userns_prefix_execs_qemu_in_place() -> None:

@@ -36,13 +36,13 @@ HEAD = [
     "qemu-system-x86_64", "-name", "guest=vmctl-t1",
     "-M", "q35,sata=off,smbus=off,i8042=off,vmport=off",
     "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "2",
-    "-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+    "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
     "-bios", "qboot.rom", "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.cpio",
 ]  # fmt: skip
 CHANNELS = [
     "-chardev", "socket,id=qmp,path=/st/instances/t1/qmp.sock,server=on,wait=off",
     "-mon", "chardev=qmp,mode=control",
-    "-chardev", "socket,id=con,path=/st/instances/t1/console.sock,server=on,wait=off"
+    "-chardev", "socket,id=con,fd=7,server=on,wait=on"
     ",logfile=/st/instances/t1/console.log,logappend=on",
     "-serial", "chardev:con",
     "-device", "virtio-serial-pci,id=vser0",
@@ -62,7 +62,7 @@ CHANNELS = [
 
 def argv(**kw: object) -> list[str]:
     spec = InstanceSpec(name="t1", workspace=Path("/home/u/proj"), **kw)  # type: ignore[arg-type]
-    return qemu_argv(spec, Manifest(), ROOT, TCG)
+    return qemu_argv(spec, Manifest(), ROOT, TCG, console_fd=7)
 
 
 def append(net: str, share: str = "9p") -> list[str]:
@@ -118,7 +118,7 @@ def test_commas_are_doubled_in_option_values() -> None:
     spec = InstanceSpec(name="t1", workspace=Path("/w/a,b"))
     paths = InstancePaths(Path("/st,x/t1"))
     m = Manifest(shares=(Share("store", Path("/nix/st,ore")),))
-    got = qemu_argv(spec, m, paths, TCG)
+    got = qemu_argv(spec, m, paths, TCG, console_fd=7)
     assert "local,id=ws,path=/w/a,,b,security_model=mapped-xattr,fmode=0644,dmode=0755" in got
     assert "local,id=sh0,path=/nix/st,,ore,security_model=none,readonly=on" in got
     assert "socket,id=qmp,path=/st,,x/t1/qmp.sock,server=on,wait=off" in got
@@ -128,20 +128,22 @@ def test_relay_path_with_comma_or_space_is_refused() -> None:
     spec = InstanceSpec(name="t1", workspace=Path("/w"), net="model", model_endpoint=("h", 1))
     for bad in ("/st,x/t1", "/st x/t1"):
         with pytest.raises(ConfigError, match="relay script path"):
-            qemu_argv(spec, Manifest(), InstancePaths(Path(bad)), TCG)
+            qemu_argv(spec, Manifest(), InstancePaths(Path(bad)), TCG, console_fd=7)
 
 
 def test_kernel_path_with_comma_is_refused() -> None:
     spec = InstanceSpec(name="t1", workspace=Path("/w"))
     with pytest.raises(ConfigError, match="comma"):
-        qemu_argv(spec, Manifest(kernel=Path("/i,mg/vmlinux")), ROOT, TCG)
+        qemu_argv(spec, Manifest(kernel=Path("/i,mg/vmlinux")), ROOT, TCG, console_fd=7)
 
 
 def test_kvm_uses_host_cpu_and_aarch64_uses_virt() -> None:
     spec = InstanceSpec(name="t1", workspace=Path("/w"))
-    kvm = qemu_argv(spec, Manifest(), ROOT, Accel("kvm", "host", "q35", "x86_64"))
+    kvm = qemu_argv(spec, Manifest(), ROOT, Accel("kvm", "host", "q35", "x86_64"), console_fd=7)
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
-    arm = qemu_argv(spec, Manifest(), ROOT, Accel("tcg", "max", "virt", "aarch64"), "qa")
+    arm = qemu_argv(
+        spec, Manifest(), ROOT, Accel("tcg", "max", "virt", "aarch64"), "qa", console_fd=7
+    )
     assert arm[:5] == ["qa", "-name", "guest=vmctl-t1", "-M", "virt"]
     assert "-bios" not in arm  # qboot is x86 firmware; virt boots the kernel itself
 
@@ -163,7 +165,7 @@ def test_kvm_uses_host_cpu_and_aarch64_uses_virt() -> None:
 def test_spec_is_validated_naming_the_option(kw: dict[str, object], msg: str) -> None:
     args: dict[str, object] = {"name": "t1", "workspace": Path("/w"), **kw}
     with pytest.raises(ConfigError, match=msg):
-        qemu_argv(InstanceSpec(**args), Manifest(), ROOT, TCG)  # type: ignore[arg-type]
+        qemu_argv(InstanceSpec(**args), Manifest(), ROOT, TCG, console_fd=7)  # type: ignore[arg-type]
 
 
 def test_endpoint_and_forward_parsing() -> None:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from vmctl import contract
 from vmctl.errors import VMError
-from vmctl.poll import Timeout, wait_until
 from vmctl.vm.execchan import ExecChannel
 
-__all__ = ["ExecChannel", "attach", "wait_for_marker"]
+__all__ = ["ExecChannel", "attach", "expect_ready", "listen", "wait_for_marker"]
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
 RESPAWN_NOTE = (
@@ -67,28 +66,43 @@ FATAL = (
 )
 
 
-def expect_ready(
-    sock_path: Path,
-    marker: str,
-    timeout: float,
-    *,
-    start: Callable[[], None],
-    abort: Callable[[], str | None],
-) -> float:
-    """Attach to the console with pexpect, call `start`, expect `marker`.
+def listen(sock_path: Path) -> tuple[socket.socket, socket.socket]:
+    """The console's listening socket for QEMU, and vmctl's connection to it.
 
-    The guest is paused until `start` (QMP `cont`) runs, so the whole boot
-    passes through this connection. A kernel panic or QEMU exiting ends the
-    wait at once (VMError); the timeout raises TimeoutError.
+    vmctl binds the console itself and connects before QEMU exists: the
+    connection waits in the backlog, and QEMU (`wait=on` on the inherited
+    fd, vmctl.vm.qemu.channel_argv) accepts it before the guest's first
+    instruction. No polling for a socket to appear, and no pause.
+    """
+    sock_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX)
+    client = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(sock_path))
+        listener.listen(1)
+        client.connect(str(sock_path))
+    except OSError as e:
+        listener.close()
+        client.close()
+        raise VMError(f"cannot create the console socket {sock_path}: {e.strerror or e}") from e
+    listener.set_inheritable(True)
+    return listener, client
+
+
+def expect_ready(
+    sock: socket.socket, marker: str, timeout: float, *, abort: Callable[[], str | None]
+) -> float:
+    """Follow the console on `sock` (from `listen`) with pexpect until `marker`.
+
+    The whole boot passes through this connection. A kernel panic or QEMU
+    exiting ends the wait at once (VMError); the timeout raises TimeoutError.
     """
     # Here, not at the top: pexpect costs ~20 ms CPU on every `vmctl` start-up (measured).
     from pexpect import EOF, TIMEOUT, fdpexpect
 
-    sock = _connect(sock_path, abort)
+    began = time.monotonic()
     try:
         child = fdpexpect.fdspawn(sock.fileno(), timeout=0.5, maxread=65536)
-        began = time.monotonic()
-        start()
         patterns = [marker.encode(), *(p.encode() for p in FATAL), EOF, TIMEOUT]
         while True:
             i = child.expect(patterns)
@@ -108,26 +122,6 @@ def expect_ready(
         raise  # an OSError too, but not a console failure
     except OSError as e:
         raise VMError(f"lost the console: {e.strerror or e}") from e
-    finally:
-        sock.close()
-
-
-def _connect(sock_path: Path, abort: Callable[[], str | None]) -> socket.socket:
-    """Connect to QEMU's console socket, which appears shortly after QEMU starts."""
-
-    def attempt() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX)
-        try:
-            sock.connect(str(sock_path))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    try:
-        return wait_until(attempt, timeout=10.0, what="the console", interval=0.02, abort=abort)
-    except Timeout as e:
-        raise VMError(f"cannot attach to the console: {e.last}") from None
 
 
 def attach(

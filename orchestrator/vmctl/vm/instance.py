@@ -14,12 +14,14 @@ import contextlib
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from vmctl import contract, paths, ui
 from vmctl.errors import NotFoundError, VMError
@@ -27,12 +29,14 @@ from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, die_with_parent, wait_gone
 from vmctl.sidecars import guestlaunch, mirror
 from vmctl.state import StateError
-from vmctl.vm import accel, companions, idmap, virtiofs
-from vmctl.vm.console import ExecChannel, expect_ready
+from vmctl.vm import accel, companions, console, idmap, virtiofs
+from vmctl.vm.console import ExecChannel
 from vmctl.vm.info import InstanceInfo, info_of
 from vmctl.vm.qemu import ManifestLike, qemu_argv
-from vmctl.vm.qmp import QMP
 from vmctl.vm.spec import InstanceRecord, InstanceSpec, check_forwards_free
+
+if TYPE_CHECKING:  # qemu.qmp brings asyncio (~50 ms): imported when a monitor is needed
+    from vmctl.vm.qmp import QMP
 
 POWERDOWN_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 5.0
@@ -47,6 +51,9 @@ class Instance:
         self.paths = paths.instance(record.name)
         self.record = record
         self.proc: subprocess.Popen[bytes] | None = None
+        # console.listen's pair while booting: QEMU's listener, vmctl's connection.
+        self._listener: socket.socket | None = None
+        self._console: socket.socket | None = None
         self._closed = False
 
     # ---- lookup ----
@@ -75,8 +82,19 @@ class Instance:
         return info_of(self.paths, self.record)
 
     # ---- start ----
+    def listen_console(self) -> int:
+        """Bind the console and connect to it (console.listen); the fd for QEMU's argv."""
+        self._listener, self._console = console.listen(self.paths.console)
+        return self._listener.fileno()
+
     def start(self, argv: list[str], *, detach: bool) -> None:
-        """Start QEMU in its own session, output to qemu.log, and record it."""
+        """Start QEMU in its own session, output to qemu.log, and record it.
+
+        QEMU inherits `listen_console`'s listener; vmctl keeps its
+        connection for `wait_ready`.
+        """
+        assert self._listener is not None, "start follows listen_console"
+        listener = self._listener
         env = {k: v for k, v in os.environ.items() if k in QEMU_ENV_KEEP}
         with open(self.paths.qemu_log, "ab") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
@@ -90,10 +108,14 @@ class Instance:
                     cwd=self.paths.root,
                     env=env,
                     start_new_session=True,
+                    pass_fds=(listener.fileno(),),
                     preexec_fn=None if detach or sys.platform != "linux" else die_with_parent,
                 )
             except OSError as e:
                 raise VMError(f"cannot start {argv[0]}: {e.strerror}") from e
+            finally:
+                listener.close()  # QEMU's now
+                self._listener = None
         self.record = replace(self.record, qemu=ProcessRef.of(self.proc.pid))
         self.save()
 
@@ -108,20 +130,19 @@ class Instance:
         return None
 
     def wait_ready(self, timeout: float) -> float:
-        """Block until the guest prints its ready marker; seconds waited."""
+        """Block until the guest prints its ready marker; seconds waited.
 
-        def start() -> None:
-            with self.qmp(timeout=10.0) as mon:
-                mon.cont()
-
+        Then vmctl lets go of the console, for `vmctl console` to attach.
+        """
+        assert self._console is not None, "wait_ready follows start"
         logs = (
             "the lines above end its console log (ephemeral: nothing is kept)"
             if self.ephemeral
             else f"see {self.paths.console_log} and {self.paths.qemu_log}"
         )
         try:
-            return expect_ready(
-                self.paths.console, contract.ready_marker(), timeout, start=start, abort=self._died
+            return console.expect_ready(
+                self._console, contract.ready_marker(), timeout, abort=self._died
             )
         except VMError as e:
             details = tail_lines(self.paths.console_log, 8) or tail_lines(self.paths.qemu_log)
@@ -136,6 +157,8 @@ class Instance:
                 f"its init never printed the ready marker; {logs}",
                 details=tail_lines(self.paths.console_log),
             ) from None
+        finally:
+            self._console.close()
 
     def release(self) -> None:
         """Detach: the guest lives on after this vmctl exits, until `vmctl down`."""
@@ -147,6 +170,8 @@ class Instance:
         return ExecChannel.for_instance(self.paths.root, self.name)
 
     def qmp(self, timeout: float = 5.0) -> QMP:
+        from vmctl.vm.qmp import QMP
+
         return QMP(self.paths.qmp, what=f"instance {self.name}").connect(timeout)
 
     # ---- stop ----
@@ -183,6 +208,9 @@ class Instance:
         if self._closed:
             return
         self._closed = True
+        for held in (self._listener, self._console):
+            if held is not None:
+                held.close()
         try:
             self.shutdown(powerdown_timeout)
         finally:
@@ -245,8 +273,6 @@ def up(
     """Boot a guest and return it once ready; on any failure nothing is left behind."""
     qemu_bin = accel.qemu_binary()
     acc = accel.choose(spec.accel, qemu_bin, kernel=manifest.kernel)
-    if acc.reason:
-        ui.warn(acc.reason)
     ids = idmap.prepare(spec.workspace, [host for host, _ in spec.forwards])
     if spec.share == "virtiofs":
         virtiofs.check(ids, tuple(getattr(manifest, "transports", ("9p",))))
@@ -256,24 +282,29 @@ def up(
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])
-        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
-        inst.record = replace(inst.record, sidecar=ref)
-        inst.save()
-        proxy_listening = None
-        if spec.policy is not None:
-            ref, proxy_listening = companions.spawn_proxy(inst.paths, spec)
-            inst.record = replace(inst.record, proxy=ref)
-            inst.save()
         for n in range(len(contract.exec_ports())):
             for fifo in inst.paths.exec_fifos(n)[:2]:
                 os.mkfifo(fifo, 0o600)
-        if spec.share == "virtiofs":
+        if spec.share == "virtiofs":  # QEMU connects to the daemon as it starts
             ref = virtiofs.spawn(inst.paths, ids, spec.workspace, detach)
             inst.record = replace(inst.record, virtiofsd=ref)
             inst.save()
-        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids)
+        fd = inst.listen_console()
+        argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids, console_fd=fd)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
+            if acc.reason:  # said while the guest boots: rich's import waits until QEMU runs
+                ui.warn(acc.reason)
+            # The sidecar and proxy start while the guest boots: it reaches
+            # them only through SLiRP's guestfwd, which connects per use.
+            ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
+            inst.record = replace(inst.record, sidecar=ref)
+            inst.save()
+            proxy_listening = None
+            if spec.policy is not None:
+                ref, proxy_listening = companions.spawn_proxy(inst.paths, spec)
+                inst.record = replace(inst.record, proxy=ref)
+                inst.save()
             inst.wait_ready(timeout)
             sidecar_listening()  # long since: it started while QEMU and the guest did
             if proxy_listening is not None:

@@ -146,8 +146,14 @@ def share_argv(spec: InstanceSpec, manifest: ManifestLike) -> list[str]:
     return out
 
 
-def channel_argv(paths: InstancePaths) -> list[str]:
+def channel_argv(paths: InstancePaths, console_fd: int) -> list[str]:
     """QMP and the log console on sockets; each exec port on a FIFO pair.
+
+    The console's listening socket is `console_fd`, bound by vmctl, which
+    has already connected to it (vmctl.vm.console.listen): `wait=on` makes
+    QEMU take that connection before the CPU starts, so the boot runs at
+    once (no `-S` and QMP `cont`) and no line of it is missed on the way
+    to the ready marker. Later `vmctl console` clients connect by path.
 
     The exec ports use `pipe` chardevs: QEMU holds both FIFOs open, so the
     guest's side of a port stays connected between `vmctl exec` calls
@@ -162,7 +168,7 @@ def channel_argv(paths: InstancePaths) -> list[str]:
         "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-chardev",
-        f"socket,id=con,path={opt(paths.console)},server=on,wait=off"
+        f"socket,id=con,fd={console_fd},server=on,wait=on"
         f",logfile={opt(paths.console_log)},logappend=on",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
@@ -210,18 +216,19 @@ def qemu_argv(
     accel: Accel,
     qemu: str = "qemu-system-x86_64",
     ids: IdMap | None = None,
+    *,
+    console_fd: int,
 ) -> list[str]:
     """The full QEMU command line; the user's extra arguments go last, verbatim.
 
     `ids` (vmctl.vm.idmap) puts its user-namespace prefix first and its
-    kernel command-line keys after vmctl's.
+    kernel command-line keys after vmctl's; `console_fd` is the console's
+    listening socket, which QEMU inherits.
     """
     argv = list(ids.prefix) if ids else []
     argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", machine_option(accel, spec.share)]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
-    # -S: the CPU waits until vmctl is attached to the serial console and
-    # continues it over QMP, so no line of the boot is ever missed.
-    argv += ["-S", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
+    argv += ["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     if accel.arch == "x86_64":
         argv += ["-bios", X86_FIRMWARE]
     argv += ["-kernel", no_comma(manifest.kernel, "kernel")]
@@ -230,7 +237,7 @@ def qemu_argv(
     disk = getattr(manifest, "disk", None)
     if disk is not None:
         argv += ["-drive", f"if=virtio,format=qcow2,file={opt(paths.overlay)}"]
-    argv += channel_argv(paths)
+    argv += channel_argv(paths, console_fd)
     argv += ["-device", "virtio-rng-pci"]
     argv += workspace_argv(spec, paths)
     argv += share_argv(spec, manifest)
