@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from vmctl import budget, contract
 from vmctl.errors import ConfigError
 
@@ -187,6 +185,8 @@ def llm_models_yaml(ep: AgentEndpoint) -> str:
         if ep.api_key:
             entry["api_key_name"] = LLM_KEY_NAME
         entries.append(entry)
+    import yaml  # here: ~15 ms to import, for llm's file only
+
     text: str = yaml.safe_dump(entries, sort_keys=True, default_flow_style=False)
     return text
 

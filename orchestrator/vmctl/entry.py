@@ -71,10 +71,38 @@ def fast_exec(args: list[str]) -> int | None:
         return 130
 
 
+def exit_now(status: int) -> None:
+    """Exit without the interpreter's teardown once a verb is done.
+
+    Freeing every module the CLI imported takes 60-90 ms after the last
+    line is printed (measured on `vmctl up --detach`: a third of its own
+    overhead over raw QEMU). Exit handlers still run and output is
+    flushed; only while a non-daemon thread is alive is the normal exit kept.
+    """
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        sys.exit(status)
+    import atexit
+    import contextlib
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(status)
+
+
 def main() -> None:
     status = fast_exec(sys.argv[1:])
     if status is not None:
         sys.exit(status)
     from vmctl.cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as e:
+        code = e.code
+        if code is not None and not isinstance(code, int):
+            raise  # a message to print: the interpreter's own exit does that
+        exit_now(code or 0)
+    exit_now(0)

@@ -11,12 +11,48 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+_err: Console | None = None
 _forced_quiet = False
 _verbose = False
+
+
+def console() -> Console:
+    """rich's stderr console, made on first use.
+
+    rich costs about 25 ms to import, and `vmctl up` needs it for nothing
+    before its guest starts (see `_say`).
+    """
+    global _err
+    if _err is None:
+        from rich.console import Console
+
+        _err = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _err
+
+
+def _say(message: str) -> None:
+    """Print a line on stderr.
+
+    One that rich would print unchanged (no markup, no `:emoji:` code)
+    skips rich, so a verb's first progress line costs no import.
+    """
+    if "[" in message or ":" in message:
+        console().print(message)
+    else:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def escape(text: str) -> str:
+    """Text shown literally inside a rich markup message."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def quiet(flag: bool = True) -> None:
@@ -37,18 +73,18 @@ def is_quiet() -> bool:
 
 def info(message: str) -> None:
     if not is_quiet():
-        err.print(message)
+        _say(message)
 
 
 def debug(message: str) -> None:
     """Shown only under `-v`."""
     if _verbose and not is_quiet():
-        err.print(f"[dim]{message}[/]")
+        console().print(f"[dim]{message}[/]")
 
 
 def warn(message: str) -> None:
     """Warnings are shown even when quiet: they change what the user gets."""
-    err.print(f"[yellow]warning:[/] {message}")
+    console().print(f"[yellow]warning:[/] {message}")
 
 
 @contextlib.contextmanager
@@ -56,15 +92,15 @@ def step(message: str) -> Iterator[None]:
     """Log a timed phase: `message ...` then `ready in 4.2 s`."""
     start = time.monotonic()
     if not is_quiet():
-        err.print(f"{message} ...")
+        _say(f"{message} ...")
     try:
         yield
     except BaseException:
         if not is_quiet():
-            err.print(f"[red]{message}: failed after {time.monotonic() - start:.1f} s[/]")
+            console().print(f"[red]{message}: failed after {time.monotonic() - start:.1f} s[/]")
         raise
     if not is_quiet():
-        err.print(f"[dim]{message}: done in {time.monotonic() - start:.1f} s[/]")
+        console().print(f"[dim]{message}: done in {time.monotonic() - start:.1f} s[/]")
 
 
 def tty() -> bool:

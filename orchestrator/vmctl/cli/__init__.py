@@ -83,11 +83,11 @@ def compose(verb: str | None = None) -> typer.Typer:
 
 def report(e: VmctlError) -> None:
     """Render a user-fixable error: one line, then details and a hint."""
-    ui.err.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+    ui.console().print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
     if e.details:
-        ui.err.print(e.details, markup=False, highlight=False)
+        ui.console().print(e.details, markup=False, highlight=False)
     if e.hint:
-        ui.err.print(f"[cyan]hint:[/] {e.hint}", markup=True, highlight=False)
+        ui.console().print(f"[cyan]hint:[/] {e.hint}", markup=True, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         report(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        ui.err.print("interrupted")
+        ui.console().print("interrupted")
         sys.exit(130)
     except typer.Abort:
         sys.exit(130)

@@ -20,7 +20,7 @@ from vmctl import endpoint, paths, ui
 from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
-from vmctl.sandbox.launch import check_workspace
+from vmctl.sandbox.workspace import check_workspace
 from vmctl.vm import instance, terminal, virtiofs
 from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary

@@ -25,8 +25,6 @@ import subprocess
 from collections import deque
 from pathlib import Path
 
-from rich.markup import escape
-
 from vmctl import ui
 from vmctl.errors import ConfigError, VMError
 
@@ -129,7 +127,7 @@ def _run_nix(argv: list[str]) -> tuple[int, str, list[str]]:
             line = raw.rstrip()
             if line:
                 tail.append(line)
-                ui.info(f"[dim]  nix: {escape(line)}[/]")
+                ui.info(f"[dim]  nix: {ui.escape(line)}[/]")
         out = proc.stdout.read()
         status = proc.wait()
     finally:

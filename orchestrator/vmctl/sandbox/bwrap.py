@@ -29,7 +29,8 @@ import subprocess
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.sandbox.resolve import Resolved, check_path_text, minimal, within
+from vmctl.sandbox.resolve import Resolved, minimal, within
+from vmctl.sandbox.workspace import check_path_text
 
 PROBE_TIMEOUT = 15.0
 

@@ -24,7 +24,8 @@ from vmctl import paths
 from vmctl.errors import ConfigError, SandboxError
 from vmctl.sandbox import bwrap, policy, seatbelt
 from vmctl.sandbox.policy import SECRET_RE
-from vmctl.sandbox.resolve import Resolved, SandboxContext, check_path_text, resolve, within
+from vmctl.sandbox.resolve import Resolved, SandboxContext, resolve, within
+from vmctl.sandbox.workspace import check_path_text, check_workspace
 
 __all__ = [
     "SandboxContext",
@@ -198,45 +199,6 @@ def run_sandboxed(
         return subprocess.run(cmd.argv, env=cmd.env, cwd=cmd.cwd, check=False).returncode
     except OSError as e:
         raise SandboxError(f"cannot start {cmd.argv[0]}: {e.strerror}") from e
-
-
-#: Folders an agent may never have as its workspace, nor anything inside them:
-#: the system's, credentials under $HOME, and vmctl's own state and cache
-#: (the cache holds guest images and the client binaries the host runs).
-SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/boot", "/dev",
-               "/proc", "/sys", "/System", "/Library", "/private/etc")  # fmt: skip
-HOME_SECRETS = (".ssh", ".gnupg", ".aws", ".kube", ".docker")
-
-
-def check_workspace(path: Path | str) -> Path:
-    """Canonical workspace folder.
-
-    Refused: /, $HOME, vmctl's state and their ancestors; system and credential
-    folders, vmctl's state and cache, and anything inside them.
-    """
-    text = check_path_text(str(path), "workspace")
-    real = Path(os.path.realpath(Path(text).expanduser()))
-    if not real.is_dir():
-        what = "is not a folder" if real.exists() else "does not exist"
-        raise ConfigError(f"workspace {text} {what}", "create it or pass another with -w DIR")
-    home = Path(os.path.realpath(Path.home()))
-    guarded = {Path("/"), home, Path(os.path.realpath(paths.home()))}
-    for g in guarded:
-        if real == g or real in g.parents:
-            raise ConfigError(
-                f"refusing workspace {real}: it is or contains {g}",
-                "pass a project folder with -w DIR",
-            )
-    inside = [Path(os.path.realpath(d)) for d in SYSTEM_DIRS if os.path.isdir(d)]
-    inside += [home / d for d in HOME_SECRETS]
-    inside += [Path(os.path.realpath(paths.home())), Path(os.path.realpath(paths.cache_home()))]
-    for g in inside:
-        if real == g or g in real.parents:
-            raise ConfigError(
-                f"refusing workspace {real}: it is inside {g}, which no agent may write",
-                "pass a project folder with -w DIR",
-            )
-    return real
 
 
 def which(name: str) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vmctl.errors import ConfigError
+from vmctl.sandbox.workspace import BAD_CHARS
 
 PROFILE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # iokit classes, mach services, sysctl prefixes
@@ -27,7 +28,6 @@ ENV_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 #: Variable names that never pass into a sandbox, whatever a profile says.
 SECRET_RE = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|_KEY$|_KEY_|^AWS_|^SSH_AUTH", re.I)
 PLACEHOLDER_RE = re.compile(r"^\{([a-z_]+)\}")
-BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 NETWORK_MODES = ("none", "bind", "connect")
 GPU_KINDS = ("nvidia", "rocm", "vulkan")
 GPU_KEYS = ("devices", "read", "env")

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmctl.errors import SandboxError
-from vmctl.sandbox.policy import BAD_CHARS, PLACEHOLDER_RE, Policy, Rules, current_platform
+from vmctl.sandbox.policy import PLACEHOLDER_RE, Policy, Rules, current_platform
+from vmctl.sandbox.workspace import check_path_text
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,6 @@ class Resolved:
     endpoint_socket: Path | None
     darwin: Rules = field(default_factory=Rules)  # resolved darwin-only lists
     devices: tuple[Path, ...] = ()  # device nodes bound in read-write (GPU)
-
-
-def check_path_text(text: str, what: str = "path") -> str:
-    """Refuse text that cannot be passed safely (NUL, newline, control chars)."""
-    if BAD_CHARS.search(text):
-        raise SandboxError(
-            f"refusing {what} with a control character (NUL, newline, ...): {text!r}",
-            "rename the file or folder; such paths cannot be passed to a sandbox safely",
-        )
-    return text
 
 
 def _darwin_dir(name: str, example: str) -> Path:

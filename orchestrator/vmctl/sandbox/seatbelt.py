@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import jinja2
 
 from vmctl.errors import SandboxError
-from vmctl.sandbox.resolve import Resolved, check_path_text
+from vmctl.sandbox.resolve import Resolved
+from vmctl.sandbox.workspace import check_path_text
 
 SANDBOX_EXEC = "/usr/bin/sandbox-exec"  # by absolute path: a fake on PATH never runs
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
