@@ -168,6 +168,33 @@ def test_fake_nix_hanging_is_bounded(fake_nix: FakeNix) -> None:
     assert reason and "did not answer" in reason
 
 
+def test_fake_nix_probe_is_remembered_until_the_flake_changes(
+    fake_nix: FakeNix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMCTL_CACHE", str(tmp_path / "cache"))
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    (flake / "flake.nix").write_text("{ }")
+    log = fake_nix('[ "$1" = --version ] && exit 0\necho \'["agent"]\'')
+    assert nixos.nix_probe(str(flake)) is None
+    assert nixos.nix_probe(str(flake)) is None
+    assert len(log.read_text().splitlines()) == 2  # one probe: --version and eval
+    (flake / "flake.nix").write_text("{ outputs = _: { }; }")
+    assert nixos.nix_probe(str(flake)) is None
+    assert len(log.read_text().splitlines()) == 4
+
+
+def test_fake_nix_probe_that_timed_out_is_asked_again(
+    fake_nix: FakeNix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nixos, "nix_available", lambda flake: "`nix eval` did not answer in 5 s")
+    fake_nix("exit 0")
+    assert nixos.nix_probe("/src") == "`nix eval` did not answer in 5 s"
+    monkeypatch.setattr(nixos, "nix_available", lambda flake: None)
+    assert nixos.nix_probe("/src") is None
+
+
 def test_fake_nix_offline_eval_failure_is_the_reason(fake_nix: FakeNix) -> None:
     fake_nix(
         '[ "$1" = --version ] && exit 0\n'

@@ -114,7 +114,7 @@ def test_missing_nix_is_one_line_under_verbose(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     why = "nix cannot evaluate . offline: cannot fetch nixpkgs"
-    monkeypatch.setattr(choose.nixos, "nix_available", lambda flake=None: why)
+    monkeypatch.setattr(choose.nixos, "nix_probe", lambda flake=None: why)
     monkeypatch.setattr(choose, "resolve_image", lambda image, *a, **k: image)
     monkeypatch.delenv("VMCTL_QUIET", raising=False)
     monkeypatch.setattr(ui, "_forced_quiet", False)  # an earlier `--json` test may have set it

@@ -27,7 +27,7 @@ def choose_image(
     the main path here, and why nixos was not used is one line under `-v`.
     """
     if image == "auto":
-        reason = nixos.nix_available(flake)
+        reason = nixos.nix_probe(flake)
         image = "micro" if reason else "nixos"
         ui.info(f"image: {image}" + ("" if reason else " (Nix can build it here)"))
         if reason:

@@ -25,7 +25,7 @@ import subprocess
 from collections import deque
 from pathlib import Path
 
-from vmctl import ui
+from vmctl import paths, ui
 from vmctl.errors import ConfigError, VMError
 
 #: Where an installed (non-checkout) vmctl finds its flake; override with VMCTL_FLAKE.
@@ -109,6 +109,44 @@ def nix_available(flake: str | None = None, *, timeout: float = 5.0) -> str | No
             errors = [ln.removeprefix("error:").strip() for ln in lines if ln.startswith("error:")]
             return f"nix cannot evaluate {flake} offline: {(errors or lines)[-1]}"
     return None
+
+
+def nix_probe(flake: str | None = None) -> str | None:
+    """`nix_available` for `--image auto`, remembered per boot, nix binary and flake.
+
+    The probe evaluates the flake: 70 ms where Nix cannot, seconds where
+    it can, before every `vmctl up` would start its guest. A changed nix,
+    flake.nix or flake.lock asks again, and so does a probe that timed out.
+    """
+    nix = shutil.which("nix")
+    if nix is None:
+        return "nix is not installed"
+    flake = flake or default_flake()
+    cache = _probe_file(nix, flake)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(cache.read_text())["reason"]
+        return saved if isinstance(saved, str) else None
+    reason = nix_available(flake)
+    if reason is None or reason.startswith("nix cannot evaluate"):  # answers, not accidents
+        with contextlib.suppress(OSError):
+            cache.write_text(json.dumps({"reason": reason}) + "\n")
+    return reason
+
+
+def _probe_file(nix: str, flake: str) -> Path:
+    import hashlib
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "noboot"
+    parts = [boot, nix, flake]
+    for path in (Path(nix), Path(flake) / "flake.nix", Path(flake) / "flake.lock"):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            parts += [str(path), str(st.st_mtime_ns), str(st.st_size)]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return paths.private_dir(paths.cache_home() / "nix") / f"probe-{key[:24]}.json"
 
 
 def _run_nix(argv: list[str]) -> tuple[int, str, list[str]]:
