@@ -1,10 +1,10 @@
-"""The share benchmark still runs end to end, on a tiny tree.
+"""The guest benchmarks still run end to end, at their smallest size.
 
 Benchmarks are run by hand and their figures recorded in the README; this
-only keeps bench/share.py from rotting (it once lost its guest's second
-UART to a boot speed-up, and an import to a module move, unnoticed). It
-checks that every figure is printed for a real guest with both
-transports, not what the figures are: timing belongs to the benchmark.
+only keeps bench/share.py and bench/boot.py from rotting (share.py once
+lost its guest's second UART to a boot speed-up, and an import to a module
+move, unnoticed). It checks that every figure is printed for real guests,
+not what the figures are: timing belongs to the benchmark.
 """
 
 from __future__ import annotations
@@ -40,3 +40,21 @@ def test_share_bench_prints_every_figure_for_both_transports(tmp_path: Path) -> 
             assert float(figures[key]) >= 0, key  # a 40-file RAM copy may take 0.00 s
         assert float(figures[f"speedup_{op}"]) > 0 and float(figures[f"share_vs_ram_{op}"]) > 0
     assert figures["coherent_today"] == "1" and figures["coherent_1s_virtiofs"] == "1"
+
+
+def test_boot_bench_prints_every_figure(tmp_path: Path) -> None:
+    """One vmctl and one raw boot (the same argv, console fd included), the breakdown, exec."""
+    env = {**os.environ, "VMCTL_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "boot.py"), "--only", "boot,breakdown",
+         "--runs", "1"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    timed = ("up_median_s", "raw_median_s", "up_ratio", "up_cpu_ratio", "exec_median_ms")
+    phases = [f"boot_{p}_s" for p in ("firmware", "kernel", "init", "userspace", "total")]
+    for key in (*timed, *phases):
+        assert float(figures[key]) > 0, key
+    assert 0 < float(figures["up_before_qemu_s"]) < float(figures["up_median_s"])
+    assert float(figures["vmctl_rss_mb"]) > 0

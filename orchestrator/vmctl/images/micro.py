@@ -67,9 +67,13 @@ while read -r _ mnt _; do [ "$mnt" = /workspace ] && { cd /workspace; break; }; 
 """
 #: The log console's shell tells the host when it exits, from inside the
 #: shell while it still holds the terminal (printed by init afterwards, the
-#: line was sometimes lost to the session's hang-up); `vmctl shell` (a pty) does not.
+#: line was sometimes lost to the session's hang-up); `vmctl shell` (a pty)
+#: does not. The hang-up also discards output the UART has not sent yet,
+#: which under a loaded TCG host was the marker itself: `stty` applies its
+#: settings only once the output has drained (TCSETSW), so the pair of
+#: them waits for the line to reach QEMU and leaves the terminal as it was.
 CONSOLE_EXIT = """if [ "$(tty 2>/dev/null)" = /dev/ttyS0 ]; then
-    trap 'printf "\\036%s\\n" {marker}' EXIT
+    trap 'printf "\\036%s\\n" {marker}; stty -echo; stty echo' EXIT
 fi
 """
 
@@ -314,6 +318,7 @@ def _own_inputs(agents: tuple[str, ...]) -> dict[str, Any]:
         "agent": _sha(guest_file("vmctl-exec-agent.sh").encode()),
         "mux": _sha(guest_file("vmctl-exec-mux.c").encode()),
         "ports": _sha(guest_file("vmctl-ports-watch.sh").encode()),
+        "profile": _sha((PROFILE + CONSOLE_EXIT).encode()),
         "contract": contract.raw(),
         "cmdline": CMDLINE,
         "agents": {a: micro_agents.AGENTS[a].version for a in agents},
