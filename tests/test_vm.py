@@ -369,6 +369,19 @@ def test_kernel_panic_fails_fast_with_the_panic_line(env: dict[str, str], tmp_pa
     assert not instance_dir(env, "panics").exists()
 
 
+def test_qemu_refusing_its_arguments_is_named_with_its_own_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """QEMU exits before it takes the console vmctl connected: its status and error, not a reset."""
+    args = up_args(env, tmp_path, "badarg", "--ephemeral", "--net", "none", "--detach")
+    r = vmctl(env, *args, "--", "-no-such-option", timeout=60)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "error: guest badarg failed to boot: QEMU exited with status 1" in r.stderr, r.stderr
+    assert "-no-such-option: invalid option" in r.stderr
+    assert not instance_dir(env, "badarg").exists()
+
+
 def test_a_stand_in_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -112,7 +112,7 @@ def expect_ready(
                 line = child.after.decode(errors="replace").strip()
                 raise VMError(f"the guest's kernel failed: {line}")
             if i == len(FATAL) + 1:  # EOF: QEMU closed the console
-                raise VMError(abort() or "the console closed")
+                raise VMError(_gone(abort) or "the console closed")
             reason = abort()
             if reason:
                 raise VMError(reason)
@@ -120,8 +120,16 @@ def expect_ready(
                 raise TimeoutError(f"{marker} not seen within {timeout:.0f} s")
     except TimeoutError:
         raise  # an OSError too, but not a console failure
-    except OSError as e:
-        raise VMError(f"lost the console: {e.strerror or e}") from e
+    except OSError as e:  # a QEMU that failed at start resets the queued connection
+        raise VMError(_gone(abort) or f"lost the console: {e.strerror or e}") from e
+
+
+def _gone(abort: Callable[[], str | None], wait: float = 2.0) -> str | None:
+    """Why QEMU went, once it has: its sockets close a moment before it can be reaped."""
+    deadline = time.monotonic() + wait
+    while (reason := abort()) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return reason
 
 
 def attach(
