@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ def _say(message: str) -> None:
     One that rich would print unchanged (no markup, no `:emoji:` code)
     skips rich, so a verb's first progress line costs no import.
     """
-    if "[" in message or ":" in message:
+    if "[" in message or re.search(r":\S*:", message):
         console().print(message)
     else:
         sys.stderr.write(message + "\n")
