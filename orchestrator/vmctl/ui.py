@@ -42,7 +42,7 @@ def _say(message: str) -> None:
     One that rich would print unchanged (no markup, no `:emoji:` code)
     skips rich, so a verb's first progress line costs no import.
     """
-    if "[" in message or re.search(r":\S*:", message):
+    if "[" in message or re.search(r":[a-z0-9_+-]+:", message):  # rich's emoji names
         console().print(message)
     else:
         sys.stderr.write(message + "\n")
