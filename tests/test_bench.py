@@ -1,10 +1,11 @@
 """The guest benchmarks still run end to end, at their smallest size.
 
 Benchmarks are run by hand and their figures recorded in the README; this
-only keeps bench/share.py and bench/boot.py from rotting (share.py once
-lost its guest's second UART to a boot speed-up, and an import to a module
-move, unnoticed). It checks that every figure is printed for real guests,
-not what the figures are: timing belongs to the benchmark.
+only keeps bench/share.py, bench/boot.py and bench/serve.py from rotting
+(share.py once lost its guest's second UART to a boot speed-up, and an
+import to a module move, unnoticed). It checks that every figure is
+printed for real guests and servers, not what the figures are: timing
+belongs to the benchmark.
 """
 
 from __future__ import annotations
@@ -58,3 +59,20 @@ def test_boot_bench_prints_every_figure(tmp_path: Path) -> None:
         assert float(figures[key]) > 0, key
     assert 0 < float(figures["up_before_qemu_s"]) < float(figures["up_median_s"])
     assert float(figures["vmctl_rss_mb"]) > 0
+
+
+def test_serve_bench_prints_every_figure(tmp_path: Path, llama_server_bin: Path) -> None:
+    """The gateway's ceiling (stand-in server), then two real sandboxed servers of the model."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "VMCTL_LLAMA_SERVER": str(llama_server_bin)}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--rounds", "1", "--tokens", "8"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    for key in (
+        "ceiling_chunks_ratio", "guest_conn_kb", "gateway_ratio", "sandbox_ratio",
+        "ttft_ratio", "gateway_tokens_per_s", "serve_to_healthy_s",
+    ):  # fmt: skip
+        assert float(figures[key]) > 0, key
+    float(figures["ttfb_added_median_ms"])  # a difference: may come out below zero
