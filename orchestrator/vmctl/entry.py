@@ -93,13 +93,16 @@ def exit_now(status: int) -> None:
 
 
 def main() -> None:
-    status = fast_exec(sys.argv[1:])
-    if status is not None:
-        sys.exit(status)
-    from vmctl.cli import main as cli_main
-
     try:
+        status = fast_exec(sys.argv[1:])
+        if status is not None:
+            sys.exit(status)
+        from vmctl.cli import main as cli_main
+
         cli_main()
+    except KeyboardInterrupt:  # a Ctrl-C before the CLI's own handler is in place
+        print("interrupted", file=sys.stderr)
+        exit_now(130)
     except SystemExit as e:
         code = e.code
         if code is not None and not isinstance(code, int):

@@ -13,6 +13,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
+
+#: The Popen objects `hold` keeps for this process's life.
+_HELD: list[subprocess.Popen[bytes]] = []
 
 
 def die_with_parent() -> None:
@@ -108,6 +115,19 @@ class ProcessRef:
             return
         self.signal(signal.SIGKILL)
         wait_gone(self, 5.0)
+
+
+def hold(proc: subprocess.Popen[bytes]) -> ProcessRef:
+    """Keep a companion's Popen referenced for this process's life; its identity.
+
+    A Popen dropped while its child runs warns from `__del__`, and a Ctrl-C
+    that lands there is swallowed ("Exception ignored"): under load a
+    foreground `vmctl up` then waited on its guest for ever instead of
+    stopping it. The companions (sidecar, proxy, virtio-fs daemon, mirror)
+    run on after their spawn returns, so their Popen objects stay here.
+    """
+    _HELD.append(proc)
+    return ProcessRef.of(proc.pid)
 
 
 def wait_gone(ref: ProcessRef, timeout: float) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 from vmctl import contract
 from vmctl.events import Event, EventLog, now, subject_file
 from vmctl.paths import InstancePaths, events_dir
-from vmctl.procs import ProcessRef, wait_gone
+from vmctl.procs import ProcessRef, hold, wait_gone
 from vmctl.state import StateError, read_json, write_json
 
 NETDEV = "n0"
@@ -266,7 +266,7 @@ def start(ipaths: InstancePaths, name: str, static: list[int]) -> ProcessRef:
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             cwd=ipaths.root, env=env, start_new_session=True,
         )  # fmt: skip
-    return ProcessRef.of(proc.pid)
+    return hold(proc)
 
 
 def stop(ref: ProcessRef | None) -> None:

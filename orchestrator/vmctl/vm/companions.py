@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmctl import paths
+from vmctl import paths, procs
 from vmctl.errors import VMError
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import guestlaunch
@@ -44,7 +44,7 @@ def spawn_sidecar(
         except OSError as e:
             raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
 
-    return ProcessRef.of(proc.pid), listening
+    return procs.hold(proc), listening
 
 
 def spawn_proxy(
@@ -68,7 +68,7 @@ def spawn_proxy(
         except OSError as e:
             raise VMError(str(e)) from None
 
-    return ProcessRef.of(proc.pid), listening
+    return procs.hold(proc), listening
 
 
 def stop_sidecar(record: InstanceRecord) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from vmctl import contract, paths
 from vmctl.errors import ConfigError, VMError
-from vmctl.procs import ProcessRef, die_with_parent
+from vmctl.procs import ProcessRef, die_with_parent, hold
 from vmctl.sandbox import seccomp
 from vmctl.vm import idmap
 from vmctl.vm.idmap import IdMap
@@ -182,7 +182,7 @@ def start_daemon(
 def spawn(ipaths: paths.InstancePaths, ids: IdMap, workspace: Path, detach: bool) -> ProcessRef:
     """The instance's daemon, recorded by vmctl.vm.instance and stopped with the guest."""
     proc = start_daemon(ids, workspace, ipaths.virtiofs_socket, ipaths.virtiofs_log, detach=detach)
-    return ProcessRef.of(proc.pid)
+    return hold(proc)
 
 
 def stop(ref: ProcessRef | None) -> None:
