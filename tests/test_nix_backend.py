@@ -182,6 +182,7 @@ def test_fake_nix_probe_is_remembered_until_the_flake_changes(
     (flake / "flake.nix").write_text("{ outputs = _: { }; }")
     assert nixos.nix_probe(str(flake)) is None
     assert len(log.read_text().splitlines()) == 4
+    assert len(list((tmp_path / "cache" / "nix").glob("probe-*.json"))) == 1  # the old one went
 
 
 def test_fake_nix_probe_that_timed_out_is_asked_again(

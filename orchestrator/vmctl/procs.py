@@ -33,6 +33,15 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def boot_id() -> str:
+    """This host boot's id (Linux), for probe results that hold until a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "noboot"
+
+
 def start_time(pid: int) -> str | None:
     """An opaque token that changes when `pid` is reused; None if gone."""
     if sys.platform.startswith("linux"):

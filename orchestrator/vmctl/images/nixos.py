@@ -25,7 +25,7 @@ import subprocess
 from collections import deque
 from pathlib import Path
 
-from vmctl import paths, ui
+from vmctl import paths, procs, ui
 from vmctl.errors import ConfigError, VMError
 
 #: Where an installed (non-checkout) vmctl finds its flake; override with VMCTL_FLAKE.
@@ -129,6 +129,8 @@ def nix_probe(flake: str | None = None) -> str | None:
     reason = nix_available(flake)
     if reason is None or reason.startswith("nix cannot evaluate"):  # answers, not accidents
         with contextlib.suppress(OSError):
+            for stale in cache.parent.glob("probe-*.json"):  # one answer kept: a bounded folder
+                stale.unlink(missing_ok=True)
             cache.write_text(json.dumps({"reason": reason}) + "\n")
     return reason
 
@@ -136,10 +138,7 @@ def nix_probe(flake: str | None = None) -> str | None:
 def _probe_file(nix: str, flake: str) -> Path:
     import hashlib
 
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = "noboot"
+    boot = procs.boot_id()
     parts = [boot, nix, flake]
     for path in (Path(nix), Path(flake) / "flake.nix", Path(flake) / "flake.lock"):
         with contextlib.suppress(OSError):

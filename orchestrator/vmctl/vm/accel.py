@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmctl import paths
+from vmctl import paths, procs
 from vmctl.errors import ConfigError, VMError
 
 ACCELS = ("auto", "kvm", "hvf", "tcg")
@@ -71,10 +71,7 @@ def _make(name: str, arch: str, reason: str | None = None) -> Accel:
 
 
 def _cache_file(qemu: str, kernel: Path | None) -> Path:
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = "noboot"
+    boot = procs.boot_id()
     st = os.stat(qemu)
     key = f"{PROBE_VERSION}\0{boot}\0{qemu}\0{st.st_mtime_ns}\0{st.st_size}\0{kernel}"
     key = hashlib.sha256(key.encode()).hexdigest()
