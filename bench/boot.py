@@ -72,7 +72,12 @@ def timed_vmctl_up(
 
 def start_ticks(pid: int) -> int:
     """When `pid` started, in clock ticks since boot (/proc/PID/stat's 22nd field)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return int(stat_fields(pid)[19])
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def raw_argv(
@@ -123,7 +128,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0.0
     for p in [pid, *_children(pid)]:
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(p)
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
