@@ -4,7 +4,8 @@ Every module imported on the way to QEMU is paid on every `vmctl up`
 (bench/boot.py's `up_before_qemu_s`). These imports were measured and
 moved out of that path: rich (~25 ms), yaml (~15 ms), asyncio through
 qemu.qmp (~50 ms), pydantic through typer 0.29 (~80 ms), the sandbox's
-policy modules (~30 ms). This keeps them out.
+policy modules (~30 ms), importlib.resources (~7 ms, for reading vmctl's
+own data files), platformdirs on Linux (~5 ms). This keeps them out.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-HEAVY = ("rich", "yaml", "asyncio", "pydantic", "jinja2", "aiohttp", "qemu.qmp", "pexpect")
+import pytest
+
+HEAVY = (
+    *("rich", "yaml", "asyncio", "pydantic", "jinja2", "aiohttp", "qemu.qmp", "pexpect"),
+    *("importlib.resources", *(["platformdirs"] if sys.platform.startswith("linux") else [])),
+)
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
@@ -54,3 +61,19 @@ def test_a_plain_progress_line_skips_rich_and_markup_still_renders() -> None:
         "styled line :)",
     ]
     assert r.stderr.splitlines() == lines
+
+
+def test_linux_folders_are_platformdirs_answers_without_its_import(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import platformdirs
+
+    from vmctl import paths
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("paths asks platformdirs itself off Linux")
+    monkeypatch.delenv("VMCTL_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for xdg in ("", str(tmp_path / "xdg")):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert paths.cache_home() == Path(platformdirs.user_cache_dir("vmctl", appauthor=False))

@@ -13,7 +13,6 @@ test compare exact bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -371,6 +370,8 @@ def with_base_url(ep: AgentEndpoint, base_url: str) -> AgentEndpoint:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the guest files into a folder (the Nix smoke test's expectations)."""
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m vmctl.agents", description=main.__doc__)
     p.add_argument("--base-url", default=GUEST_BASE_URL)
     p.add_argument("--model", action="append", required=True, help="repeat for several")

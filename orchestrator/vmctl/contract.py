@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
+
+from vmctl import paths
 
 
 @cache
 def raw() -> dict[str, Any]:
     """The contract as parsed JSON."""
-    text = resources.files("vmctl").joinpath("data/guest-contract.json").read_text()
+    text = paths.data_text("guest-contract.json")
     data: dict[str, Any] = json.loads(text)
     return data
 

@@ -24,7 +24,6 @@ import re
 import tomllib
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +181,7 @@ class Preset:
 @cache
 def presets() -> dict[str, Preset]:
     """The presets of data/egress-presets.toml, every rule parsed."""
-    text = resources.files("vmctl").joinpath("data/egress-presets.toml").read_text()
+    text = paths.data_text("egress-presets.toml")
     out: dict[str, Preset] = {}
     for name, body in tomllib.loads(text).items():
         extra = set(body) - {"description", "allow", "public"}

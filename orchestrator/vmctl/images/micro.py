@@ -15,7 +15,6 @@ import shlex
 import shutil
 import struct
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ fi
 
 def guest_file(name: str) -> str:
     """A file of data/guest/ (the init template, the exec agent)."""
-    return resources.files("vmctl").joinpath(f"data/guest/{name}").read_text()
+    return paths.data_text(f"guest/{name}")
 
 
 def _fw_cfg_entries(user: dict[str, Any]) -> list[dict[str, Any]]:

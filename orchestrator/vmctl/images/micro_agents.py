@@ -27,7 +27,6 @@ import sysconfig
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from vmctl import paths, ui
@@ -39,7 +38,7 @@ from vmctl.images.micro_kernel import run
 VERSIONS: dict[str, str] = {
     k: v
     for k, v in json.loads(
-        resources.files("vmctl").joinpath("data/agent-versions.json").read_text()
+        paths.data_text("agent-versions.json")
     ).items()
     if not k.startswith("_")
 }

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from vmctl import contract, paths, ui
@@ -247,7 +246,7 @@ def kind() -> str:
 
 
 def guest_config() -> str:
-    return resources.files("vmctl").joinpath("data/guest/kernel.config").read_text()
+    return paths.data_text("guest/kernel.config")
 
 
 def kernel_inputs() -> list[object]:

@@ -13,10 +13,10 @@ import functools
 import json
 import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vmctl import paths
 from vmctl.errors import ModelError
 from vmctl.models.names import ALIAS_RE, check_quant, check_repo_file, check_repo_id
 
@@ -173,7 +173,7 @@ def parse_catalog(text: str, origin: str = "catalog.toml") -> dict[str, CatalogE
 def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
     """The packaged catalog (or `path`), validated; cached per path."""
     if path is None:
-        text = resources.files("vmctl").joinpath("data/catalog.toml").read_text("utf-8")
+        text = paths.data_text("catalog.toml")
         return parse_catalog(text)
     return parse_catalog(path.read_text("utf-8"), str(path))
 

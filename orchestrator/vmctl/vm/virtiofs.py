@@ -30,12 +30,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vmctl import contract, paths
 from vmctl.errors import ConfigError, VMError
 from vmctl.procs import ProcessRef, die_with_parent, hold
-from vmctl.sandbox import seccomp
 from vmctl.vm import idmap
 from vmctl.vm.idmap import IdMap
 
@@ -74,6 +74,8 @@ def unsupported(ids: IdMap, transports: tuple[str, ...]) -> tuple[str, str] | No
     if "virtiofs" not in transports:
         why = "the image's guest cannot mount virtio-fs"
         return why, f"rebuild it (vmctl image build) or {FIX_9P}"
+    from vmctl.sandbox import seccomp  # ctypes: imported only when virtio-fs is asked for
+
     if not seccomp.supported():
         return "virtio-fs is confined with seccomp only on x86_64 and aarch64", FIX_9P
     if ids.how != "userns":
@@ -131,14 +133,18 @@ def daemon_argv(
     ]  # fmt: skip
 
 
-def _confine(pdeathsig: bool) -> None:
-    """In the child before exec: file limit up to the hard limit, die with vmctl, filter."""
+def _confine(pdeathsig: bool, install_filter: Callable[[], None]) -> None:
+    """In the child before exec: file limit up to the hard limit, die with vmctl, filter.
+
+    The filter comes imported: a fork must not import (another thread may
+    hold the import lock).
+    """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if pdeathsig:
         die_with_parent()
-    seccomp.install()
+    install_filter()
 
 
 def start_daemon(
@@ -155,6 +161,8 @@ def start_daemon(
     A foreground guest's daemon dies with vmctl (as QEMU does); either way
     it exits when QEMU disconnects.
     """
+    from vmctl.sandbox import seccomp
+
     daemon = find_daemon()
     if daemon is None:
         raise VMError("virtiofsd is not installed", FIX_9P)
@@ -173,7 +181,7 @@ def start_daemon(
                     pass_fds=(sock.fileno(),),
                     cwd=log_path.parent,
                     start_new_session=True,
-                    preexec_fn=lambda: _confine(not detach),
+                    preexec_fn=lambda: _confine(not detach, seccomp.install),
                 )
             except (OSError, subprocess.SubprocessError) as e:
                 raise VMError(f"cannot start {daemon}: {e}", f"see {log_path}") from e
