@@ -1,7 +1,10 @@
-"""Golden QEMU command lines: every flag of every network policy, and escaping."""
+"""Golden QEMU command lines (every flag of every network policy, escaping) and the
+accelerator choice behind them."""
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +181,30 @@ def test_endpoint_and_forward_parsing() -> None:
     for bad in ("80", "0:80", "a:b", "1:2:3"):
         with pytest.raises(ConfigError):
             parse_forward(bad)
+
+
+def test_kvm_verdicts_are_remembered_and_the_folder_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmctl import paths
+    from vmctl.vm import accel
+
+    monkeypatch.setenv("VMCTL_CACHE", str(tmp_path / "cache"))
+    asked: list[Path | None] = []
+
+    def probe(qemu: str, arch: str, kernel: Path | None = None) -> str | None:
+        asked.append(kernel)
+        return f"no KVM for {kernel}"
+
+    monkeypatch.setattr(accel, "probe_kvm", probe)
+    qemu = sys.executable  # any file: the key is its path, size and mtime
+    kernels = [tmp_path / f"vmlinux-{i}" for i in range(accel.KEEP_VERDICTS + 4)]
+    for i, kernel in enumerate(kernels):
+        assert accel.kvm_problem(qemu, "x86_64", kernel) == f"no KVM for {kernel}"
+        os.utime(accel._cache_file(qemu, kernel), (1000 + i, 1000 + i))
+    assert len(list(paths.accel_dir().glob("kvm-*.json"))) == accel.KEEP_VERDICTS
+    asked.clear()
+    assert accel.kvm_problem(qemu, "x86_64", kernels[-1]) == f"no KVM for {kernels[-1]}"
+    assert asked == []  # the newest verdict is remembered, not probed again
+    accel.kvm_problem(qemu, "x86_64", kernels[0])
+    assert asked == [kernels[0]]  # the oldest went, so it is probed again

@@ -37,9 +37,7 @@ from vmctl.images.micro_kernel import run
 #: The pinned versions, one file for this module and scripts/install-agents.sh.
 VERSIONS: dict[str, str] = {
     k: v
-    for k, v in json.loads(
-        paths.data_text("agent-versions.json")
-    ).items()
+    for k, v in json.loads(paths.data_text("agent-versions.json")).items()
     if not k.startswith("_")
 }
 MOUNT_ROOT = "/opt/vmctl/agents"
