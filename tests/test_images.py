@@ -357,3 +357,16 @@ def test_a_kernel_with_everything_built_in_loads_no_module() -> None:
     config = micro_kernel.guest_config()
     for driver in ("CONFIG_PVH=y", "CONFIG_9P_FS=y", "CONFIG_VIRTIO_FS=y", "CONFIG_FW_CFG_SYSFS=y"):
         assert driver in config.splitlines()
+
+
+def test_a_kernel_config_request_kconfig_dropped_or_turned_back_on_is_named() -> None:
+    wanted = "CONFIG_9P_FS=y\n# CONFIG_LEGACY_PTYS is not set\n# CONFIG_VT is not set\n"
+    kept = "CONFIG_9P_FS=y\n# CONFIG_LEGACY_PTYS is not set\n"  # VT absent: off too
+    assert micro_kernel.config_misses(wanted, kept) == []
+    got = "CONFIG_LEGACY_PTYS=y\nCONFIG_LEGACY_PTY_COUNT=256\n"
+    assert micro_kernel.config_misses(wanted, got) == [
+        "CONFIG_9P_FS",
+        "CONFIG_LEGACY_PTYS (meant off)",
+    ]
+    shipped = micro_kernel.guest_config()
+    assert "# CONFIG_LEGACY_PTYS is not set" in shipped.splitlines()

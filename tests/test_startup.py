@@ -24,7 +24,7 @@ HEAVY = (
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "VMCTL_QUIET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("VMCTL_QUIET", "FORCE_COLOR")}
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
         check=False,
@@ -49,8 +49,11 @@ def test_a_plain_progress_line_skips_rich_and_markup_still_renders() -> None:
         "from vmctl import ui\n"
         "ui.info('image: micro (a plain line)')\n"
         "ui.info('model endpoint: http://127.0.0.1:8080')\n"
+        "ui.warn('KVM unusable')\n"  # vmctl's own styles, off a terminal: plain
+        "with ui.step('booting'):\n"
+        "    pass\n"
         "print('rich' in sys.modules)\n"
-        "ui.info('[dim]styled[/] line :)')\n"
+        "ui.info('[bold]x[/bold] [link=https://example.org]y[/link] :)')\n"
         "print('rich' in sys.modules)\n"
     )
     assert r.returncode == 0, r.stderr
@@ -58,9 +61,25 @@ def test_a_plain_progress_line_skips_rich_and_markup_still_renders() -> None:
     lines = [
         "image: micro (a plain line)",
         "model endpoint: http://127.0.0.1:8080",
-        "styled line :)",
+        "warning: KVM unusable",
+        "booting ...",
+        "booting: done in 0.0 s",
+        "x y :)",
     ]
     assert r.stderr.splitlines() == lines
+
+
+def test_where_colour_is_asked_for_styled_lines_go_through_rich() -> None:
+    r = python(
+        "import os, sys\n"
+        "os.environ['FORCE_COLOR'] = '1'\n"
+        "from vmctl import ui\n"
+        "ui.warn('KVM unusable')\n"
+        "print('rich' in sys.modules)\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True"]
+    assert "\x1b[" in r.stderr and "KVM unusable" in r.stderr
 
 
 def test_linux_folders_are_platformdirs_answers_without_its_import(

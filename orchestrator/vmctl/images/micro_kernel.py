@@ -232,6 +232,7 @@ def fetch_kernel(package: str, version: str) -> Kernel:
 
 KINDS = ("guest", "debian")
 CONFIG_RE = re.compile(r"^(CONFIG_[A-Z0-9_]+)=(\S+)$", re.M)
+OFF_RE = re.compile(r"^# (CONFIG_[A-Z0-9_]+) is not set$", re.M)
 _BUILD_HINT = (
     "apt-get install build-essential flex bison bc libelf-dev (or VMCTL_MICRO_KERNEL=debian)"
 )
@@ -243,6 +244,17 @@ def kind() -> str:
     if chosen not in KINDS:
         raise VMError(f"VMCTL_MICRO_KERNEL={chosen!r} is not one of {', '.join(KINDS)}")
     return chosen
+
+
+def config_misses(wanted: str, got: str) -> list[str]:
+    """What of `wanted` (kernel.config) the final .config `got` did not keep.
+
+    Kconfig drops a request silently when a dependency is missing, and
+    turns an option back on when something selects it: both are named.
+    """
+    have = dict(CONFIG_RE.findall(got))
+    lost = [k for k, v in CONFIG_RE.findall(wanted) if have.get(k) != v]
+    return lost + [f"{k} (meant off)" for k in OFF_RE.findall(wanted) if k in have]
 
 
 def guest_config() -> str:
@@ -301,8 +313,7 @@ def build_kernel(source: str, keyed_version: str) -> Kernel:
         merge = ["scripts/kconfig/merge_config.sh", "-m", ".config", "vmctl.config"]
         run(merge, "merging kernel.config", _BUILD_HINT, src)
         run(["make", "-s", "olddefconfig"], "make olddefconfig", _BUILD_HINT, src)
-        got = dict(CONFIG_RE.findall((src / ".config").read_text()))
-        lost = [k for k, v in CONFIG_RE.findall(config) if got.get(k) != v]
+        lost = config_misses(config, (src / ".config").read_text())
         if lost:
             raise VMError(f"the guest kernel's config lost {', '.join(lost)}", "fix kernel.config")
         jobs = f"-j{os.cpu_count() or 1}"
