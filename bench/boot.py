@@ -3,6 +3,8 @@
 One run, side by side, alternating so both see the same host load:
   up_ratio        median(vmctl up --detach -> ready) / median(raw QEMU -> same marker)
                   (raw QEMU gets the very argv vmctl builds, started by this script)
+  up_ratio_paired median of each vmctl boot / the raw boot run just before it
+                  (a shared host's speed drifts by up to a third within an hour)
   up_before_qemu_s  of that, the median from vmctl's start to QEMU's (10 ms clock ticks)
   up_cpu_ratio    the same with CPU seconds (vmctl's own plus its QEMU's, against QEMU's):
                   steadier than wall time when other work shares the host
@@ -344,6 +346,10 @@ def boot_figures(env: dict[str, str], ws: Path, manifest: str, scratch: Path, ru
     print(f"up_median_s={up_s:.2f}")
     print(f"raw_median_s={raw_s:.2f}")
     print(f"up_ratio={up_s / raw_s:.2f}")
+    # Each vmctl boot against the raw boot just before it: steadier than the
+    # ratio of medians when the host's speed drifts during the run.
+    paired = statistics.median(u[0] / r[0] for u, r in zip(ups, raws, strict=True))
+    print(f"up_ratio_paired={paired:.2f}")
     print(f"up_cpu_s={up_cpu:.2f}")
     print(f"raw_cpu_s={raw_cpu:.2f}")
     print(f"up_cpu_ratio={up_cpu / raw_cpu:.2f}")
