@@ -29,6 +29,7 @@ Usage: .venv/bin/python bench/boot.py [--runs 5] [--image micro|MANIFEST]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -113,15 +114,25 @@ def raw_argv(
 
 
 def spawn_raw(argv: list[str], socks: list[socket.socket]) -> subprocess.Popen[bytes]:
-    """Start raw QEMU with the console listener.
+    """Start raw QEMU with the console listener, its console read as vmctl reads it.
 
-    The queued connection is closed at once: QEMU accepts it, sees it end
-    and boots on, its console going only to console.log, which is watched.
+    The queued connection stays open and a thread drains it, as pexpect
+    does under `vmctl up`: a console nobody reads, or one that hung up,
+    would make QEMU's UART retry and the raw boot slower than vmctl's.
     """
+    import threading
+
     quiet = subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdout=quiet, stderr=quiet, pass_fds=(socks[0].fileno(),))
-    for sock in socks:
-        sock.close()
+    listener, client = socks
+    listener.close()
+
+    def drain() -> None:
+        with client, contextlib.suppress(OSError):  # QEMU killed: the console ends
+            while client.recv(65536):
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
     return proc
 
 
