@@ -123,7 +123,9 @@ def spawn_raw(argv: list[str], socks: list[socket.socket]) -> subprocess.Popen[b
     import threading
 
     quiet = subprocess.DEVNULL
-    proc = subprocess.Popen(argv, stdin=quiet, stdout=quiet, stderr=quiet, pass_fds=(socks[0].fileno(),))
+    proc = subprocess.Popen(
+        argv, stdin=quiet, stdout=quiet, stderr=quiet, pass_fds=(socks[0].fileno(),)
+    )
     listener, client = socks
     listener.close()
 
