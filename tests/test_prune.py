@@ -105,3 +105,26 @@ def test_prune_never_names_the_image_install_sh_built(
     keep.add(built.parent.parent / "kernels" / f"{inputs['kernel'][0]}_{inputs['kernel'][1]}")
     assert not keep & named, keep & named
     assert all(p.exists() for p in keep) and report["dry_run"] is True
+
+
+def test_a_build_names_what_prune_would_free_once_it_is_worth_a_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmctl.images import prune
+
+    monkeypatch.setenv("VMCTL_CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "cache" / "images"
+    key = micro.own_key(("llm",))
+    _image(images, "micro-newest", ("llm",), key, age=2)
+    assert prune.hint(min_bytes=1) is None  # nothing stale
+    _image(images, "micro-older", ("llm",), key, age=1)
+    _image(images, "micro-stale", ("llm",), "0123456789abcdef", age=3)
+    old_kernel = images / "kernels" / "linux-image-test_0"
+    old_kernel.mkdir(parents=True)
+    (old_kernel / "vmlinux").write_bytes(b"x" * 100)
+    line = prune.hint(min_bytes=1)
+    assert line is not None
+    assert line.startswith("the image cache also holds 2 older images and 1 kernels (")
+    assert line.endswith("`vmctl image prune` removes them")
+    assert prune.hint(min_bytes=10**9) is None  # too little to mention
+    assert (images / "micro-older").exists()  # a hint removes nothing

@@ -38,6 +38,8 @@ def build(
         ui.quiet()
     manifest = load_manifest(micro.build_micro(tuple(with_agents), force=force))
     print(json.dumps(manifest.to_json(), indent=2) if as_json else manifest.path)
+    if note := pruning.hint():
+        ui.info(note)
 
 
 @group.command("show")

@@ -54,7 +54,12 @@ def resolve_image(
             built = micro.find_built(agents)
             if built is not None:
                 return load_manifest(built)
-        return load_manifest(micro.build_micro(wanted[-1]))
+        manifest = load_manifest(micro.build_micro(wanted[-1]))
+        from vmctl.images import prune
+
+        if note := prune.hint():
+            ui.info(note)
+        return manifest
     if name_or_path == "nixos":
         return load_manifest(Path(nixos.build_manifest(flake, config)))
     path = Path(name_or_path).expanduser()

@@ -125,3 +125,23 @@ def remove(found: Plan) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+#: A fresh build mentions `vmctl image prune` once what it would free passes this.
+HINT_BYTES = 500_000_000
+
+
+def hint(min_bytes: int = HINT_BYTES) -> str | None:
+    """After a build: one line naming what prune would free, if it is worth a line.
+
+    Agent installs are left out (a running guest may read them), so the
+    figure is what prune frees at least.
+    """
+    found = plan(guests_running=True)
+    if found.size < min_bytes:
+        return None
+    return (
+        f"the image cache also holds {len(found.images)} older images and "
+        f"{len(found.kernels)} kernels ({found.size / 1e6:.0f} MB): "
+        "`vmctl image prune` removes them"
+    )
