@@ -198,13 +198,15 @@ def test_sigkill_of_up_detach_during_boot_leaves_no_qemu(
     qemu: ProcessRef | None = None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and qemu is None:
-        time.sleep(0.2)
+        time.sleep(0.02)
         try:
-            qemu = ProcessRef.from_json(meta(env, "killed").get("qemu"))
+            record = meta(env, "killed")
+            qemu = ProcessRef.from_json(record.get("qemu"))
         except (OSError, ValueError):
             continue
     assert qemu is not None and qemu.alive()
-    sidecar = ProcessRef.from_json(meta(env, "killed")["sidecar"])
+    # Killed as soon as QEMU is on record: its watchdog is on record already.
+    sidecar = ProcessRef.from_json(record["sidecar"])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10

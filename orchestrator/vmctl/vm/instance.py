@@ -289,17 +289,20 @@ def up(
             ref = virtiofs.spawn(inst.paths, ids, spec.workspace, detach)
             inst.record = replace(inst.record, virtiofsd=ref)
             inst.save()
+        # The sidecar is recorded before QEMU exists: it is what stops a
+        # detached guest whose `vmctl up` is killed while it boots, so there
+        # is no moment with a QEMU and nobody watching. It starts up while
+        # QEMU and the guest do; the guest reaches it (and the proxy) only
+        # through SLiRP's guestfwd, which connects per use.
+        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
+        inst.record = replace(inst.record, sidecar=ref)
+        inst.save()
         fd = inst.listen_console()
         argv = qemu_argv(spec, manifest, inst.paths, acc, qemu=qemu_bin, ids=ids, console_fd=fd)
         with ui.step(f"booting {spec.name} ({acc.name}, net {spec.net})"):
             inst.start(argv, detach=detach)
-            if acc.reason:  # said while the guest boots: rich's import waits until QEMU runs
+            if acc.reason:  # said while the guest boots
                 ui.warn(acc.reason)
-            # The sidecar and proxy start while the guest boots: it reaches
-            # them only through SLiRP's guestfwd, which connects per use.
-            ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
-            inst.record = replace(inst.record, sidecar=ref)
-            inst.save()
             proxy_listening = None
             if spec.policy is not None:
                 ref, proxy_listening = companions.spawn_proxy(inst.paths, spec)
