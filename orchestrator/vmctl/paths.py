@@ -94,6 +94,20 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def keep_newest(folder: Path, pattern: str, keep: int) -> None:
+    """Remove all but the `keep` newest files matching `pattern`: a probe cache
+    that gains a file per boot, QEMU or kernel stays bounded."""
+
+    def age(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for old in sorted(folder.glob(pattern), key=age, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def check_name(name: str, what: str = "name") -> str:
     """Refuse names that could escape the state folder or break QEMU options."""
     ok = 0 < len(name) <= 40 and name[0] not in "._-" and set(name) <= NAME_CHARS

@@ -129,9 +129,8 @@ def nix_probe(flake: str | None = None) -> str | None:
     reason = nix_available(flake)
     if reason is None or reason.startswith("nix cannot evaluate"):  # answers, not accidents
         with contextlib.suppress(OSError):
-            for stale in cache.parent.glob("probe-*.json"):  # one answer kept: a bounded folder
-                stale.unlink(missing_ok=True)
             cache.write_text(json.dumps({"reason": reason}) + "\n")
+            paths.keep_newest(cache.parent, "probe-*.json", 1)  # one answer: a bounded folder
     return reason
 
 

@@ -150,24 +150,13 @@ def kvm_problem(qemu: str, arch: str, kernel: Path | None = None) -> str | None:
     problem = probe_kvm(qemu, arch, kernel)
     paths.private_dir(cache.parent)
     cache.write_text(json.dumps({"problem": problem, "time": time.time()}) + "\n")
-    _keep_newest(cache.parent, KEEP_VERDICTS)
+    paths.keep_newest(cache.parent, "kvm-*.json", KEEP_VERDICTS)
     return problem
 
 
 #: Verdicts kept: one per kernel in use is all a boot needs; older boots',
 #: older QEMUs' and dropped images' go, so the folder stays bounded.
 KEEP_VERDICTS = 8
-
-
-def _keep_newest(folder: Path, keep: int) -> None:
-    def age(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    for old in sorted(folder.glob("kvm-*.json"), key=age, reverse=True)[keep:]:
-        old.unlink(missing_ok=True)
 
 
 def check_name(requested: str) -> None:
