@@ -128,3 +128,16 @@ def test_a_build_names_what_prune_would_free_once_it_is_worth_a_line(
     assert line.endswith("`vmctl image prune` removes them")
     assert prune.hint(min_bytes=10**9) is None  # too little to mention
     assert (images / "micro-older").exists()  # a hint removes nothing
+
+
+def test_a_hint_that_cannot_measure_the_cache_says_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prune beside the build may remove a folder while it is measured: the build goes on."""
+    from vmctl.images import prune
+
+    def vanished(guests_running: bool) -> prune.Plan:
+        raise FileNotFoundError("micro-older/vmlinux")
+
+    monkeypatch.setattr(prune, "plan", vanished)
+    assert prune.hint(min_bytes=1) is None

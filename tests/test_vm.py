@@ -380,6 +380,15 @@ def test_qemu_refusing_its_arguments_is_named_with_its_own_line(
     assert "error: guest badarg failed to boot: QEMU exited with status 1" in r.stderr, r.stderr
     assert "-no-such-option: invalid option" in r.stderr
     assert not instance_dir(env, "badarg").exists()
+    # The sidecar started before QEMU; it went with the failed boot.
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(instance_dir(env, "badarg")).encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert left == []
 
 
 def test_a_stand_in_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(

@@ -137,7 +137,10 @@ def hint(min_bytes: int = HINT_BYTES) -> str | None:
     Agent installs are left out (a running guest may read them), so the
     figure is what prune frees at least.
     """
-    found = plan(guests_running=True)
+    try:
+        found = plan(guests_running=True)
+    except OSError:  # a folder going while it is measured (a prune beside it): no hint
+        return None
     if found.size < min_bytes:
         return None
     return (
