@@ -97,6 +97,7 @@ def private_dir(path: Path) -> Path:
 def keep_newest(folder: Path, pattern: str, keep: int) -> None:
     """Remove all but the `keep` newest files matching `pattern`: a probe cache
     that gains a file per boot, QEMU or kernel stays bounded."""
+    import contextlib  # not at module level: `vmctl exec`'s fast path imports paths
 
     def age(p: Path) -> float:
         try:
@@ -105,7 +106,8 @@ def keep_newest(folder: Path, pattern: str, keep: int) -> None:
             return 0.0
 
     for old in sorted(folder.glob(pattern), key=age, reverse=True)[keep:]:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # best effort: it never fails the verb that probed
+            old.unlink()
 
 
 def check_name(name: str, what: str = "name") -> str:
