@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmctl import events, paths
+from vmctl.sidecars import hold
 
 MAX_CONNS = 32
 IDLE_S = 300.0
@@ -86,16 +87,23 @@ def launch(ipaths: paths.InstancePaths, config: SidecarConfig, timeout: float = 
     return listening(ipaths, spawn(ipaths, config), timeout)
 
 
-def spawn(ipaths: paths.InstancePaths, config: SidecarConfig) -> subprocess.Popen[bytes]:
-    """Start the sidecar in its own session, not waiting for it (see `listening`)."""
+def spawn(
+    ipaths: paths.InstancePaths, config: SidecarConfig, gate: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the sidecar in its own session, not waiting for it (see `listening`).
+
+    With `gate` (a pipe's read end), it listens at once and starts up once
+    that closes (vmctl.sidecars.hold).
+    """
     write_config(ipaths.sidecar_config, config)
     if config.target_host:
         write_forwarder(ipaths.relay, ipaths.sidecar, config.name)
+    ipaths.sidecar.unlink(missing_ok=True)  # `listening` waits for the new one
+    argv = hold.argv(gate, config.listen, "vmctl.sidecars.guestpath", [str(ipaths.sidecar_config)])
     with open(ipaths.sidecar_log, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "vmctl.sidecars.guestpath", str(ipaths.sidecar_config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ipaths.root,
-            start_new_session=True,
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ipaths.root,
+            start_new_session=True, pass_fds=() if gate is None else (gate,),
         )  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from vmctl import events, paths, routes
 from vmctl.events import Event, EventLog
 from vmctl.procs import ProcessRef
-from vmctl.sidecars import modes
+from vmctl.sidecars import hold, modes
 from vmctl.sidecars.guestlaunch import SidecarConfig
 from vmctl.sidecars.httpclock import RequestClock
 from vmctl.state import StateError, read_json
@@ -84,15 +84,7 @@ class Sidecar:
 
     # ---- receiving descriptors ----
     async def serve(self) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        Path(self.config.listen).unlink(missing_ok=True)
-        old = os.umask(0o177)
-        try:
-            listener.bind(self.config.listen)
-        finally:
-            os.umask(old)
-        listener.listen(256)
-        listener.setblocking(False)
+        listener = hold.listener(self.config.listen, 256)
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vmctl import agents, contract, egress, paths
 from vmctl.procs import ProcessRef
+from vmctl.sidecars import hold
 from vmctl.sidecars.proxy import HEAD_MAX, EgressProxy, ProxyConfig
 
 FD_TIMEOUT_S = 5.0
@@ -152,15 +153,7 @@ def _guest_gone(meta: Path | None) -> bool:
 
 async def serve_sidecar(config: ProxyConfig, path: Path, meta: Path | None = None) -> None:
     proxy = EgressProxy(config)
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old)
-    listener.listen(64)
-    listener.setblocking(False)
+    listener = hold.listener(str(path), 64)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -212,20 +205,22 @@ def spawn_sidecar(
     home: Path,
     meta: Path,
     model: tuple[str, int] | None = None,
+    gate: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a guest's proxy in its own session; `listening` waits for its socket.
 
     It stops on SIGTERM (`vmctl down`), or by itself within seconds once
     the QEMU recorded in `meta` is gone (a killed vmctl, a guest that
-    powered off) or the guest's folder is removed.
+    powered off) or the guest's folder is removed. With `gate` (a pipe's
+    read end), it starts up once that closes (vmctl.sidecars.hold).
     """
-    argv = [sys.executable, "-m", "vmctl.sidecars.proxy_serve", "--socket", str(socket_path)]
-    argv += ["--who-kind", "guest", "--who", who, "--preset", preset]
-    argv += ["--events", str(home / "events"), "--instance-meta", str(meta)]
+    args = ["--socket", str(socket_path), "--who-kind", "guest", "--who", who, "--preset", preset]
+    args += ["--events", str(home / "events"), "--instance-meta", str(meta)]
     for r in resolve:
-        argv += ["--resolve", r]
+        args += ["--resolve", r]
     if model is not None:
-        argv += ["--model", f"{model[0]}:{model[1]}"]
+        args += ["--model", f"{model[0]}:{model[1]}"]
+    argv = hold.argv(gate, str(socket_path), "vmctl.sidecars.proxy_serve", args)
     keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keep} | {"VMCTL_HOME": str(home)}
     socket_path.unlink(missing_ok=True)
@@ -233,6 +228,7 @@ def spawn_sidecar(
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env=env, cwd=socket_path.parent, start_new_session=True,
+            pass_fds=() if gate is None else (gate,),
         )  # fmt: skip
 
 

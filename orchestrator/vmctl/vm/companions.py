@@ -1,10 +1,11 @@
 """The processes beside a guest's QEMU: its sidecar and its egress proxy.
 
-Both start before QEMU, each in its own session, so they serve a detached
-guest and outlive the `vmctl up` that started them; each spawn returns the
-process and a wait for its socket, called once the guest is ready, so
-their Python start-up overlaps the boot (nothing in a guest reaches them
-before it is ready). vmctl.vm.instance records them and stops them with
+Each starts in its own session, so they serve a detached guest and
+outlive the `vmctl up` that started them. Each listens at once but starts
+up only when `vmctl up` closes its gate, once the guest is ready, so its
+Python start-up does not slow the boot (vmctl.sidecars.hold; nothing in a
+guest reaches them before it is ready). Each spawn returns the process and
+a wait for its socket. vmctl.vm.instance records them and stops them with
 the guest.
 """
 
@@ -20,7 +21,7 @@ from vmctl.vm.spec import InstanceRecord, InstanceSpec
 
 
 def spawn_sidecar(
-    ipaths: paths.InstancePaths, spec: InstanceSpec, max_conns: int
+    ipaths: paths.InstancePaths, spec: InstanceSpec, max_conns: int, gate: int | None = None
 ) -> tuple[ProcessRef, Callable[[], None]]:
     """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
 
@@ -34,7 +35,7 @@ def spawn_sidecar(
         workspace=str(spec.workspace) if spec.share == "9p" else "",
     )  # fmt: skip
     try:
-        proc = guestlaunch.spawn(ipaths, config)
+        proc = guestlaunch.spawn(ipaths, config, gate)
     except OSError as e:
         raise VMError(str(e), f"see {ipaths.sidecar_log}") from None
 
@@ -48,7 +49,7 @@ def spawn_sidecar(
 
 
 def spawn_proxy(
-    ipaths: paths.InstancePaths, spec: InstanceSpec
+    ipaths: paths.InstancePaths, spec: InstanceSpec, gate: int | None = None
 ) -> tuple[ProcessRef, Callable[[], None]]:
     """The guest's egress proxy (vmctl.sidecars.proxy_serve), under `--policy`."""
     from vmctl.sidecars import proxy_serve
@@ -57,7 +58,7 @@ def spawn_proxy(
     try:
         proc = proxy_serve.spawn_sidecar(
             ipaths.proxy_socket, spec.name, str(spec.policy), spec.resolve,
-            ipaths.proxy_log, paths.home(), ipaths.meta, spec.model_endpoint,
+            ipaths.proxy_log, paths.home(), ipaths.meta, spec.model_endpoint, gate,
         )  # fmt: skip
     except OSError as e:
         raise VMError(str(e)) from None

@@ -278,6 +278,7 @@ def up(
         virtiofs.check(ids, tuple(getattr(manifest, "transports", ("9p",))))
     check_forwards_free([host for host, _ in spec.forwards])
     inst = new_instance(spec, image, notices)
+    gate, opened = os.pipe()  # the sidecars start up when `opened` closes: see below
     try:
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
@@ -291,10 +292,10 @@ def up(
             inst.save()
         # The sidecar is recorded before QEMU exists: it is what stops a
         # detached guest whose `vmctl up` is killed while it boots, so there
-        # is no moment with a QEMU and nobody watching. It starts up while
-        # QEMU and the guest do; the guest reaches it (and the proxy) only
-        # through SLiRP's guestfwd, which connects per use.
-        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns)
+        # is no moment with a QEMU and nobody watching. It and the proxy
+        # listen at once but start up when `opened` closes: once the guest
+        # is ready, or when this process dies (vmctl.sidecars.hold).
+        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns, gate)
         inst.record = replace(inst.record, sidecar=ref)
         inst.save()
         fd = inst.listen_console()
@@ -305,11 +306,15 @@ def up(
                 ui.warn(acc.reason)
             proxy_listening = None
             if spec.policy is not None:
-                ref, proxy_listening = companions.spawn_proxy(inst.paths, spec)
+                ref, proxy_listening = companions.spawn_proxy(inst.paths, spec, gate)
                 inst.record = replace(inst.record, proxy=ref)
                 inst.save()
+            os.close(gate)
+            gate = -1
             inst.wait_ready(timeout)
-            sidecar_listening()  # long since: it started while QEMU and the guest did
+            os.close(opened)
+            opened = -1
+            sidecar_listening()  # long since: they listened while QEMU and the guest started
             if proxy_listening is not None:
                 proxy_listening()
         if spec.mirrors:
@@ -321,6 +326,10 @@ def up(
     except BaseException:
         inst.close(powerdown_timeout=0)
         raise
+    finally:
+        for fd in (gate, opened):
+            if fd >= 0:
+                os.close(fd)
     return inst
 
 
