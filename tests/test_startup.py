@@ -19,7 +19,8 @@ import pytest
 
 HEAVY = (
     *("rich", "yaml", "asyncio", "pydantic", "jinja2", "aiohttp", "qemu.qmp", "pexpect"),
-    *("importlib.resources", *(["platformdirs"] if sys.platform.startswith("linux") else [])),
+    *("importlib.resources", "argparse"),
+    *(["platformdirs"] if sys.platform.startswith("linux") else []),
 )
 
 

@@ -20,7 +20,6 @@ lines of JSON over the socket.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
@@ -297,6 +296,8 @@ def describe(spec: dict[str, Any], ipaths: InstancePaths, running: bool) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
+    import argparse  # here: `vmctl up` imports this module for `start`, not for this
+
     ap = argparse.ArgumentParser(prog="vmctl.sidecars.mirror")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--name", required=True)
