@@ -3,7 +3,7 @@
 #
 # The node is the flake's guest (nixosModules.default) under nixpkgs' test
 # VM; QEMU gets what vmctl gives it: the fw_cfg files rendered by vmctl's
-# own renderer (`python -m vmctl.agents`), a 9p workspace, the exec port,
+# own renderer (`python -m vmctl.agents`), a 9p workspace, the exec ports,
 # and model-only networking (restrict=on, one guestfwd to 10.0.2.2:8080)
 # where a stand-in OpenAI server answers. Markers, paths and addresses all
 # come from guest-contract.json.
@@ -36,6 +36,19 @@ let
     exec ${hostPkgs.python3}/bin/python3 ${./openai-stand-in.py} ${model}
   '';
 
+  # Every exec port the contract names (`<exec_port>.N`): the guest's exec
+  # agent binds to all of them. The test speaks to port 0 over exec0.sock.
+  execArgs = lib.concatMap (
+    n:
+    let
+      i = toString n;
+    in
+    [
+      ''-chardev socket,id=vmctlexec${i},path="$TMPDIR"/exec${i}.sock,server=on,wait=off''
+      "-device virtserialport,bus=vmctlserial.0,chardev=vmctlexec${i},name=${contract.console.exec_port}.${i}"
+    ]
+  ) (lib.range 0 (contract.console.exec_sessions - 1));
+
   short = f: lib.removePrefix contract.fw_cfg.prefix f.name;
   fwCfgArgs = map (f: "-fw_cfg name=${f.name},file=${expected}/${short f}") contract.fw_cfg.files;
   filesPy = lib.concatMapStringsSep ",\n" (
@@ -64,14 +77,13 @@ in
         qemu.options = fwCfgArgs ++ [
           ''-virtfs local,path="$TMPDIR"/xchg,security_model=none,mount_tag=${ws.tag}''
           "-device virtio-serial-pci,id=vmctlserial"
-          ''-chardev socket,id=vmctlexec,path="$TMPDIR"/exec.sock,server=on,wait=off''
-          "-device virtserialport,bus=vmctlserial.0,chardev=vmctlexec,name=${contract.console.exec_port}"
-        ];
+        ]
+        ++ execArgs;
       };
     };
 
   testScript = ''
-    import base64, json, os, socket
+    import json, os, socket
 
     FILES = [
     ${filesPy}
@@ -103,20 +115,39 @@ in
         assert home_cfg == "${contract.user.name}", home_cfg
 
     with subtest("exec channel runs as the agent user in the workspace"):
+        # The framed protocol of docs/guest-contract.md ("Exec channel"), port 0.
+        def frame(kind: bytes, payload: bytes = b"") -> bytes:
+            return kind + len(payload).to_bytes(2, "big") + payload
+
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(60)
-        s.connect(str(agent.state_dir / "exec.sock"))
-        cmd = base64.b64encode(b"id -un; pwd; printenv OPENCODE_CONFIG LLM_USER_PATH")
-        s.sendall(b"smoketest01 " + cmd + b"\n")
-        reply = b""  # bytes; `out` below is str (the driver type-checks this script)
-        while b"VMCTL-END smoketest01 " not in reply or not reply.endswith(b"\n"):
+        s.connect(str(agent.state_dir / "exec0.sock"))
+        cmd = b"id -un; pwd; printenv OPENCODE_CONFIG LLM_USER_PATH"
+        s.sendall(frame(b"R", b"smoketest01") + frame(b"A", cmd) + frame(b"X", b"- 0 0 -") + frame(b"0"))
+        begin = b"\x1eVMCTL-BEGIN smoketest01\n"
+        buf = b""  # bytes; `out` further down is str (the driver type-checks this script)
+        while begin not in buf:
             chunk = s.recv(4096)
-            assert chunk, reply
-            reply += chunk
+            assert chunk, buf
+            buf += chunk
+        buf = buf.split(begin, 1)[1]
+        stdout = b""
+        status: int | None = None
+        while status is None:
+            while len(buf) < 3 or len(buf) < 3 + int.from_bytes(buf[1:3], "big"):
+                chunk = s.recv(4096)
+                assert chunk, buf
+                buf += chunk
+            end = 3 + int.from_bytes(buf[1:3], "big")
+            kind, payload, buf = buf[:1], buf[3:end], buf[end:]
+            if kind == b"1":
+                stdout += payload
+            elif kind == b"E":
+                status = int(payload)
         s.close()
-        text = reply.decode()
-        assert "VMCTL-END smoketest01 0" in text, text
-        lines = text.split("VMCTL-BEGIN smoketest01\n", 1)[1].splitlines()
+        text = stdout.decode()
+        assert status == 0, (status, text)
+        lines = text.splitlines()
         assert lines[0] == "${contract.user.name}", lines
         assert lines[1] == "${ws.mountpoint}", lines
 
