@@ -82,11 +82,6 @@ def write_forwarder(script: Path, sock: Path, name: str, dest: str = "model") ->
     script.chmod(0o700)
 
 
-def launch(ipaths: paths.InstancePaths, config: SidecarConfig, timeout: float = 15.0) -> int:
-    """Start the sidecar in its own session; its pid once its socket listens."""
-    return listening(ipaths, spawn(ipaths, config), timeout)
-
-
 def spawn(
     ipaths: paths.InstancePaths, config: SidecarConfig, gate: int | None = None
 ) -> subprocess.Popen[bytes]:

@@ -294,7 +294,8 @@ def up(
         # detached guest whose `vmctl up` is killed while it boots, so there
         # is no moment with a QEMU and nobody watching. It and the proxy
         # listen at once but start up when `opened` closes: once the guest
-        # is ready, or when this process dies (vmctl.sidecars.hold).
+        # is ready and up() is done, or when this process dies
+        # (vmctl.sidecars.hold).
         ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns, gate)
         inst.record = replace(inst.record, sidecar=ref)
         inst.save()
@@ -312,8 +313,6 @@ def up(
             os.close(gate)
             gate = -1
             inst.wait_ready(timeout)
-            os.close(opened)
-            opened = -1
             sidecar_listening()  # long since: they listened while QEMU and the guest started
             if proxy_listening is not None:
                 proxy_listening()
@@ -327,9 +326,9 @@ def up(
         inst.close(powerdown_timeout=0)
         raise
     finally:
-        for fd in (gate, opened):
-            if fd >= 0:
-                os.close(fd)
+        if gate >= 0:
+            os.close(gate)
+        os.close(opened)  # last: their start-up would slow this process's own
     return inst
 
 
