@@ -122,7 +122,7 @@ def _guest_path(home: Path) -> dict[str, float]:
     config = guestlaunch.SidecarConfig(
         "bench", str(ip.sidecar), str(ip.meta), "127.0.0.1", PORT, max_conns=HELD
     )
-    pid = guestlaunch.launch(ip, config)
+    pid = guestlaunch.listening(ip, guestlaunch.spawn(ip, config))
     gateway = json.loads((home / "servers/c1/server.json").read_text())["supervisor"]["pid"]
     time.sleep(0.5)
     before = _rss_kb(pid) + _rss_kb(gateway)
