@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, need
-from vmctl import events
+from vmctl import events, paths
 from vmctl.images import choose
 from vmctl.procs import ProcessRef
+from vmctl.sidecars import guestlaunch
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 VMCTL = [sys.executable, "-m", "vmctl"]
@@ -205,6 +206,10 @@ def test_sigkill_of_up_detach_during_boot_leaves_no_qemu(
         except (OSError, ValueError):
             continue
     assert qemu is not None and qemu.alive()
+    # Had the kill landed before the record, the watchdog would find this
+    # QEMU by its folder and -name (the user namespace included).
+    ipaths = paths.InstancePaths(Path(env["VMCTL_HOME"]) / "instances" / "killed")
+    assert guestlaunch.unrecorded_qemu(ipaths) == [qemu]
     # Killed as soon as QEMU is on record: its watchdog is on record already.
     sidecar = ProcessRef.from_json(record["sidecar"])
     proc.send_signal(signal.SIGKILL)

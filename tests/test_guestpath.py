@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from fakes.guest import stand_in_qemu
 from vmctl import events, paths
 from vmctl.procs import ProcessRef
 from vmctl.serve.gateway import Gateway, GatewayConfig
@@ -72,12 +73,18 @@ async def served(home: Path, tmp_path: Path) -> AsyncIterator[int]:
 
 
 def start_sidecar(
-    home: Path, port: int, *, qemu: int | None = None, owner: int | None = None, **kw: float
+    home: Path,
+    port: int,
+    *,
+    qemu: int | None = None,
+    owner: int | None = None,
+    unrecorded: bool = False,
+    **kw: float,
 ) -> tuple[subprocess.Popen[bytes], paths.InstancePaths]:
     ip = paths.instance("box")
     paths.private_dir(ip.root)
     meta = {"name": "box", "started": time.time(), "spec": {}}
-    meta["qemu"] = ProcessRef.of(qemu or os.getpid()).to_json()
+    meta["qemu"] = None if unrecorded else ProcessRef.of(qemu or os.getpid()).to_json()
     meta["owner"] = ProcessRef.of(owner).to_json() if owner else None
     ip.meta.write_text(json.dumps(meta))
     config = guestlaunch.SidecarConfig(
@@ -225,6 +232,25 @@ def test_sidecar_exits_with_qemu_and_stops_a_booting_guest_whose_owner_died(home
     assert qemu.wait(10) == -signal.SIGTERM
     assert proc.wait(5) == 0
     assert [e.reason for e in guest_events(home) if e.kind == "lifecycle"] == ["owner_died"]
+
+
+def test_the_watchdog_finds_a_stand_in_qemu_its_killed_owner_never_recorded(home: Path) -> None:
+    """`vmctl up` SIGKILLed between QEMU's fork and its record: milliseconds
+    no test can aim at, so a stand-in runs where that QEMU would."""
+    ip = paths.instance("box")
+    paths.private_dir(ip.root)
+    stray = stand_in_qemu(ip)
+    owner = subprocess.Popen(["sleep", "60"])
+    proc, _ = start_sidecar(home, 9, owner=owner.pid, unrecorded=True)
+    try:
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        assert stray.wait(10) == -signal.SIGTERM
+        assert proc.wait(5) == 0
+        assert [e.reason for e in guest_events(home) if e.kind == "lifecycle"] == ["owner_died"]
+    finally:
+        stray.kill()
+        stray.wait()
 
 
 def test_request_clock_frames_pipelined_bodies_and_chunks() -> None:

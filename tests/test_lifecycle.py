@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.guest import FakeGuest
+from fakes.guest import FakeGuest, stand_in_qemu
 from vmctl.procs import ProcessRef
 from vmctl.vm import instance
 from vmctl.vm.spec import InstanceRecord
@@ -90,6 +90,31 @@ def test_reap_stops_a_guest_whose_owner_died(guests: list[FakeGuest], tmp_path: 
     InstanceRecord(**{**record.__dict__, "owner": dead_owner}).write(g.paths.meta)
     assert instance.reap() == ["orphan"]
     assert _gone(g) and not g.paths.root.exists()
+
+
+def test_reap_stops_a_stand_in_qemu_that_a_killed_owner_never_recorded(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    """`vmctl up` SIGKILLed between QEMU's fork and its record: milliseconds
+    no test can aim at, so a stand-in runs where that QEMU would."""
+    g = _guest(guests, tmp_path, "unrec", ephemeral=True, detached=False)
+    owner = subprocess.Popen(["true"])
+    owner.wait()
+    record = InstanceRecord.read(g.paths.meta)
+    dead = ProcessRef(owner.pid, "gone")
+    InstanceRecord(**{**record.__dict__, "owner": dead, "qemu": None}).write(g.paths.meta)
+    stray = stand_in_qemu(g.paths)
+    elsewhere = stand_in_qemu(g.paths, cwd=tmp_path)  # the same -name in another folder
+    try:
+        time.sleep(0.2)  # both have exec'd
+        ref = ProcessRef.of(stray.pid)
+        assert instance.reap() == ["unrec"]
+        assert not ref.alive()  # reaped by the ladder, which also collected its status
+        assert elsewhere.poll() is None, "a process outside the guest's folder was signalled"
+    finally:
+        for p in (stray, elsewhere):
+            p.kill()
+            p.wait()
 
 
 def test_reap_keeps_a_live_owned_guest_and_a_stopped_persistent_one(

@@ -206,6 +206,11 @@ class InstancePaths(_Folder):
         return check_socket_path(self.root / "qmp.sock")
 
     @property
+    def qemu_name(self) -> str:
+        """QEMU's `-name` (its run directory is `root`): how an unrecorded QEMU is found."""
+        return f"guest=vmctl-{self.root.name}"
+
+    @property
     def console(self) -> Path:
         return check_socket_path(self.root / "console.sock")
 

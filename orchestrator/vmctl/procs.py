@@ -139,6 +139,32 @@ def hold(proc: subprocess.Popen[bytes]) -> ProcessRef:
     return ProcessRef.of(proc.pid)
 
 
+def unrecorded(root: str, name_arg: str) -> list[ProcessRef]:
+    """Processes running in folder `root` with `-name NAME_ARG` in their argv (Linux).
+
+    A guest's QEMU is on record once its spawn returns. A `vmctl up`
+    SIGKILLed between the fork and that record leaves a QEMU nobody names;
+    this finds it by what it was given (its folder as working directory,
+    its `-name`), so the watchdog and the reaper can still stop it.
+    """
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                if b"-name" not in argv or os.readlink(f"/proc/{entry}/cwd") != root:
+                    continue
+            except OSError:
+                continue  # gone, or not ours to read
+            i = argv.index(b"-name")
+            if argv[i + 1 : i + 2] == [name_arg.encode()]:
+                found.append(ProcessRef.of(int(entry)))
+    return found
+
+
 def wait_gone(ref: ProcessRef, timeout: float) -> bool:
     """Wait until `ref` exits (reaping it if it is our child)."""
     deadline = time.monotonic() + timeout

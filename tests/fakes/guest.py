@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,3 +65,12 @@ class FakeGuest:
         if self.qemu.poll() is None:
             self.qemu.kill()
         self.qemu.wait()
+
+
+def stand_in_qemu(ipaths: paths.InstancePaths, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """A process where a guest's QEMU runs, as an unrecorded QEMU is found:
+    in the instance folder (or `cwd`), with the guest's `-name`."""
+    sleeper = "import time; time.sleep(60)"
+    return subprocess.Popen(
+        [sys.executable, "-c", sleeper, "-name", ipaths.qemu_name], cwd=cwd or ipaths.root
+    )

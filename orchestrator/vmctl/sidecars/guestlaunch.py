@@ -9,13 +9,15 @@ and the spawn that does not wait for the socket.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmctl import events, paths
+from vmctl import events, paths, procs
+from vmctl.procs import ProcessRef
 from vmctl.sidecars import hold
 
 MAX_CONNS = 32
@@ -80,6 +82,11 @@ def write_forwarder(script: Path, sock: Path, name: str, dest: str = "model") ->
         )
     )  # fmt: skip
     script.chmod(0o700)
+
+
+def unrecorded_qemu(ipaths: paths.InstancePaths) -> list[ProcessRef]:
+    """The QEMU of a guest whose `vmctl up` died before recording it, if any."""
+    return procs.unrecorded(os.path.realpath(ipaths.root), ipaths.qemu_name)
 
 
 def spawn(

@@ -46,7 +46,7 @@ from vmctl import events, paths, routes
 from vmctl.events import Event, EventLog
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import hold, modes
-from vmctl.sidecars.guestlaunch import SidecarConfig
+from vmctl.sidecars.guestlaunch import SidecarConfig, unrecorded_qemu
 from vmctl.sidecars.httpclock import RequestClock
 from vmctl.state import StateError, read_json
 
@@ -256,8 +256,11 @@ class Sidecar:
             if qemu is not None:
                 seen_qemu = True
             if owner is not None and not owner.alive():
-                if qemu is not None:
-                    await asyncio.to_thread(qemu.terminate, 5.0)
+                # Killed between QEMU's fork and its record: found by its folder.
+                ipaths = paths.InstancePaths(Path(self.config.meta).parent)
+                stray = [qemu] if qemu is not None else unrecorded_qemu(ipaths)
+                for ref in stray:
+                    await asyncio.to_thread(ref.terminate, 5.0)
                     self.event("lifecycle", "reap", reason="owner_died", detail="vmctl up died")
                 return
             if seen_qemu and (qemu is None or not qemu.alive()):

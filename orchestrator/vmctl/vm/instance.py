@@ -346,6 +346,9 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+    if qemu is None and owner_dead:  # killed before recording QEMU: find it
+        for stray in guestlaunch.unrecorded_qemu(ipaths):
+            stray.terminate(timeout=5.0)
     if qemu is None or not qemu.alive():
         companions.stop_sidecar(record)
         virtiofs.stop(record.virtiofsd)

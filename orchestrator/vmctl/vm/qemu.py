@@ -226,7 +226,7 @@ def qemu_argv(
     listening socket, which QEMU inherits.
     """
     argv = list(ids.prefix) if ids else []
-    argv += [qemu, "-name", f"guest=vmctl-{spec.name}", "-M", machine_option(accel, spec.share)]
+    argv += [qemu, "-name", paths.qemu_name, "-M", machine_option(accel, spec.share)]
     argv += ["-accel", accel.name, "-cpu", accel.cpu, "-m", spec.mem, "-smp", str(spec.cpus)]
     argv += ["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
     if accel.arch == "x86_64":
