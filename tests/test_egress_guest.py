@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import pytest
 
 from conftest import need
 from egress_peers import BODY, HelloServer, TlsServer
+from guests import VMCTL, vmctl
 from vmctl.procs import ProcessRef
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
-VMCTL = [sys.executable, "-m", "vmctl"]
 NAMES = ("pkg.test", "tls.test", "other.test", "late.test", "bad.x.test")
 # CONNECT by hand, then TLS over the same socket (fd 3): busybox wget sends
 # https URLs to a proxy as absolute GETs, which the proxy refuses.
@@ -63,14 +62,6 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HelloServe
     yield hello, tls
     hello.close()
     tls.close()
-
-
-def vmctl(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def ok(env: dict[str, str], *args: str) -> str:

@@ -22,23 +22,15 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, need
+from guests import VMCTL, vmctl
 from vmctl import events, paths
 from vmctl.images import choose
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import guestlaunch
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
-VMCTL = [sys.executable, "-m", "vmctl"]
 HELD = 300
 KEY = "sekrit-key"
-
-
-def vmctl(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def rss_kb(pid: int) -> int:

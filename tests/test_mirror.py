@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, need
+from guests import vmctl
 from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
-VMCTL = [sys.executable, "-m", "vmctl"]
 #: Seconds from the guest's listen() to a working host forward. The target is
 #: 1 s (bench/boot.py measures it); a loaded 2-core TCG host gets slack.
 BOUND_S = 5.0
@@ -42,20 +41,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         for name in ("a", "b"):
             r = vmctl(e, "up", "-d", str(ws), "--name", name, "--image", image, "--detach",
                       "--accel", "tcg", "--timeout", "120", "--net", "model",
-                      "--model-endpoint", "127.0.0.1:9", "--model", "m")  # fmt: skip
+                      "--model-endpoint", "127.0.0.1:9", "--model", "m",
+                      timeout=180)  # fmt: skip
             assert r.returncode == 0, r.stderr
         yield e
     finally:
         for name in ("a", "b"):
             vmctl(e, "down", name, timeout=60)
-
-
-def vmctl(
-    env: dict[str, str], *args: str, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def serve(env: dict[str, str], name: str, port: int) -> None:

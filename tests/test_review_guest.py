@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import need
+from guests import VMCTL, vmctl
 from vmctl.images.choose import resolve_image
 
 pytestmark = pytest.mark.qemu
-VMCTL = [sys.executable, "-m", "vmctl"]
 #: Software emulation, as CI has it (a cached KVM probe can be wrong on nested hosts).
 TCG = ("--accel", "tcg", "--timeout", "120")
 
@@ -50,14 +49,6 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield e
     for root in (home / "instances").glob("*"):
         subprocess.run([*VMCTL, "down", root.name], env=e, timeout=60, check=False)
-
-
-def vmctl(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def test_review_diff_apply_conflict_down_rm(env: dict[str, str], tmp_path: Path) -> None:
