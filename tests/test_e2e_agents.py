@@ -196,12 +196,12 @@ def test_a_small_context_is_said_once_at_vmctl_run_with_the_fix(
 
 
 def test_status_shows_what_up_warned_about(tmp_path: Path) -> None:
-    from vmctl.vm import instance
+    from vmctl.vm import boot
     from vmctl.vm.spec import InstanceSpec
 
     notice = agents.context_notice(agents.AgentEndpoint(agents.GUEST_BASE_URL, ("m",), None, 8192))
     assert notice is not None
-    instance.new_instance(InstanceSpec(name="said", workspace=tmp_path), "micro", [notice])
+    boot.new_instance(InstanceSpec(name="said", workspace=tmp_path), "micro", [notice])
     text = subprocess.run(vmctl_cmd("status", "said"), capture_output=True, text=True, timeout=60)
     assert f"notice          {notice}" in text.stdout.splitlines(), text.stdout + text.stderr
     data = subprocess.run(

@@ -1,6 +1,6 @@
 """`vmctl up`, `exec`, `shell`, `console`, `down`: guests, thinly.
 
-Parsing and rendering only; the lifecycle lives in vmctl.vm.instance. The
+Parsing and rendering only; the lifecycle lives in vmctl.vm (boot, instance). The
 plain `vmctl exec NAME -- CMD` never gets here (entry.py's fast path).
 """
 
@@ -21,7 +21,7 @@ from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.workspace import check_workspace
-from vmctl.vm import instance, terminal, virtiofs
+from vmctl.vm import boot, instance, terminal, virtiofs
 from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary
 from vmctl.vm.console import attach
@@ -156,7 +156,7 @@ def up(
     agents_wanted = tuple(with_agents) if with_agents else None
     try:
         manifest, image_name = choose_image(image, agents_wanted, flake=flake, config=config)
-        inst = instance.up(
+        inst = boot.up(
             spec,
             manifest,
             image=image_name,

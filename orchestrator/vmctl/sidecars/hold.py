@@ -1,7 +1,7 @@
 """A guest's sidecars listen from the start but start up once the guest is ready.
 
 The guest sidecar and the egress proxy start beside QEMU (the sidecar is
-the watchdog of a booting guest; vmctl.vm.instance). Their own start-up
+the watchdog of a booting guest; vmctl.vm.boot). Their own start-up
 (asyncio and vmctl's modules, ~100 ms of CPU each) used to overlap the
 boot, and on a 2-core host under TCG that made the guest ready 0.13 s later
 (median of 11, alternated: a third of `vmctl up`'s overhead over raw QEMU).

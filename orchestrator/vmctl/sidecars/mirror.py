@@ -1,6 +1,6 @@
 """The port mirror: a guest's listening TCP ports, live on the host's 127.0.0.1.
 
-One small process per guest with a network (started by `vm.instance.up`,
+One small process per guest with a network (started by `vm.boot.up`,
 in its own session, so it serves detached guests too):
 `python -m vmctl.sidecars.mirror --root INSTANCE_DIR --name NAME --events FILE`.
 The guest's watcher (data/guest/vmctl-ports-watch.sh) writes

@@ -5,7 +5,7 @@ outlive the `vmctl up` that started them. Each listens at once but starts
 up only when `vmctl up` closes its gate, once the guest is ready, so its
 Python start-up does not slow the boot (vmctl.sidecars.hold; nothing in a
 guest reaches them before it is ready). Each spawn returns the process and
-a wait for its socket. vmctl.vm.instance records them and stops them with
+a wait for its socket. vmctl.vm.boot records them; vmctl.vm.instance stops them with
 the guest.
 """
 
