@@ -49,8 +49,18 @@ def test_powerdown_is_enough_for_a_guest_that_powers_off(
     g = _guest(guests, tmp_path, "polite")
     instance.down("polite")
     assert _gone(g)
-    assert g.qmp.commands == ["qmp_capabilities", "system_powerdown"]
+    assert g.qmp.commands == ["qmp_capabilities", "query-status", "system_powerdown"]
     assert g.paths.meta.exists() and not g.paths.qmp.exists()  # persistent: folder kept
+
+
+def test_a_guest_paused_by_the_disk_floor_is_continued_to_power_off(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    g = _guest(guests, tmp_path, "paused")
+    g.qmp.status = "paused"  # vmctl.sidecars.floor stopped it
+    instance.down("paused")
+    assert _gone(g)
+    assert g.qmp.commands == ["qmp_capabilities", "query-status", "cont", "system_powerdown"]
 
 
 def test_quit_follows_an_ignored_powerdown(guests: list[FakeGuest], tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ overridable with VMCTL_HOME)::
                        run/ (socket, cache, sandbox profile)
     instances/NAME/    instance.json, qmp.sock, console.sock, execN.{in,out,lock},
                        console.log, qemu.log, overlay.qcow2, fwcfg/, relay,
-                       ports.sock, mirror-qmp.sock, forwards.json, mirror.log
+                       ports.sock, mirror-qmp.sock, forwards.json, mirror.log,
+                       disk-floor.json
     clients/NAME/      a host client's private config and data (state/), per-run
                        sockets (run/PID/); its requests are in events/client-NAME.jsonl
     reviews/NAME/      review.json, manifest.json, work/ (the guest's private copy of the
@@ -298,6 +299,11 @@ class InstancePaths(_Folder):
     def forwards(self) -> Path:
         """The mirror's live and skipped forwards, for `vmctl status`."""
         return self.root / "forwards.json"
+
+    @property
+    def disk_floor(self) -> Path:
+        """The workspace's disk floor and whether it paused the guest, for `vmctl status`."""
+        return self.root / "disk-floor.json"
 
     @property
     def mirror_log(self) -> Path:

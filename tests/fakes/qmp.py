@@ -1,9 +1,9 @@
 """A fake QEMU monitor: QMP on a UNIX socket, as `-qmp unix:PATH,server` offers it.
 
-It greets, negotiates capabilities, answers `query-status`, and hands
-`system_powerdown`, `quit` and `cont` to callbacks so a test decides what
-the "guest" does (power off at once, ignore the button, ...). Every
-command received is recorded in `commands`.
+It greets, negotiates capabilities, answers `query-status` (`stop` and
+`cont` set it), and hands `system_powerdown` and `quit` to callbacks so a
+test decides what the "guest" does (power off at once, ignore the button,
+...). Every command received is recorded in `commands`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ class FakeQMP:
     def _answer(self, name: str) -> dict[str, Any]:
         if name == "query-status":
             return {"return": {"status": self.status, "running": self.status == "running"}}
-        if name in ("qmp_capabilities", "cont"):
+        if name in ("stop", "cont"):
+            self.status = "paused" if name == "stop" else "running"
+            return {"return": {}}
+        if name == "qmp_capabilities":
             return {"return": {}}
         if name == "system_powerdown":
             if self.on_powerdown:

@@ -17,6 +17,7 @@ from vmctl import events, inventory, paths, ui
 from vmctl.errors import ConfigError, NotFoundError
 from vmctl.events import safe
 from vmctl.serve import server
+from vmctl.sidecars import floor as floor_of
 from vmctl.vm.instance import list_instances
 
 verbs = typer.Typer()
@@ -165,6 +166,8 @@ def status(
                 continue
             if key == "mirror" and isinstance(value, dict):
                 value = _mirror_line(value)
+            if key == "disk_floor":
+                value = _floor_line(value if isinstance(value, dict) else None, name)
             print(f"{key:15} {', '.join(value) if isinstance(value, list) else value}")
         notices = data.get("notices")  # what `up` warned about (tools off, ...)
         for notice in notices if isinstance(notices, list) else []:
@@ -179,10 +182,23 @@ def _mirror_line(m: dict[str, Any]) -> str:
     return f"on: {live}" + (f" ({skipped})" if skipped else "")
 
 
+def _floor_line(f: dict[str, Any] | None, name: str) -> str:
+    if not f:
+        return "off"
+    floor, free = floor_of.human(f["floor"]), floor_of.human(f["free"])
+    if not f["paused"]:
+        return f"{floor} ({free} free)"
+    back = floor_of.human(f["floor"] + floor_of.RESUME_MARGIN)
+    return (
+        f"paused the guest: {free} free, under {floor}; it continues once {back} is free "
+        f"(or `vmctl down {name}`)"
+    )
+
+
 _SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
 _GUEST_KEYS = (
     "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
-    "review", "mirror", "workspace", "share", "console_log",
+    "review", "mirror", "workspace", "share", "disk_floor", "console_log",
 )  # fmt: skip
 
 

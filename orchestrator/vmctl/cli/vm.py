@@ -21,6 +21,7 @@ from vmctl.cli.argv import passthrough
 from vmctl.errors import ConfigError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.workspace import check_workspace
+from vmctl.sidecars import floor
 from vmctl.vm import boot, instance, terminal, virtiofs
 from vmctl.vm.accel import check_name as check_accel
 from vmctl.vm.accel import qemu_binary
@@ -112,6 +113,12 @@ def up(
         envvar="VMCTL_SHARE",
         help="Workspace transport: auto (= 9p) | 9p | virtiofs (Linux, faster; see docs).",
     ),
+    disk_floor: str | None = typer.Option(
+        None,
+        "--disk-floor",
+        envvar="VMCTL_DISK_FLOOR",
+        help="Pause the guest while DIR's disk has less free (default 5%, at most 1G; 0: off).",
+    ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     signal.signal(signal.SIGTERM, _sigterm)
@@ -135,6 +142,7 @@ def up(
     elif resolve:
         raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     transport = virtiofs.requested(share, review)
+    floor_bytes = None if disk_floor is None else floor.parse_size(disk_floor)
     shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,
@@ -152,6 +160,7 @@ def up(
         fw_cfg=tuple(files),
         mirror=not no_mirror,
         share=transport,
+        disk_floor=floor_bytes,
     )
     agents_wanted = tuple(with_agents) if with_agents else None
     try:

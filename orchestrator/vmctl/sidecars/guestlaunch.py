@@ -38,6 +38,8 @@ class SidecarConfig:
     idle_s: float = IDLE_S
     slow_s: float = SLOW_S
     workspace: str = ""  # the writable workspace whose x bits cross (vmctl.sidecars.modes)
+    disk_floor: int = 0  # bytes; 0: no floor (vmctl.sidecars.floor)
+    disk_path: str = ""  # the workspace whose filesystem the floor watches
 
 
 def write_config(path: Path, config: SidecarConfig) -> None:

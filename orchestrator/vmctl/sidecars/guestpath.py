@@ -25,7 +25,9 @@ It carries the workspace's executable bits between host and guest
 
 It also watches its guest: it exits when QEMU is gone, and when the
 `vmctl up` that owns a guest still booting dies (even by SIGKILL), it stops
-that QEMU first, so nothing is left running.
+that QEMU first, so nothing is left running. And it keeps the workspace's
+disk floor: below it the guest is paused until space is back
+(vmctl.sidecars.floor).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pathlib import Path
 from vmctl import events, paths, routes
 from vmctl.events import Event, EventLog
 from vmctl.procs import ProcessRef
-from vmctl.sidecars import hold, modes
+from vmctl.sidecars import floor, hold, modes
 from vmctl.sidecars.guestlaunch import SidecarConfig, unrecorded_qemu
 from vmctl.sidecars.httpclock import RequestClock
 from vmctl.state import StateError, read_json
@@ -243,8 +245,15 @@ class Sidecar:
 
     # ---- the guest's lifetime ----
     async def watch_guest(self) -> None:
-        """Exit when QEMU is gone; stop a booting guest whose owner died."""
+        """Exit when QEMU is gone; stop a booting guest whose owner died; keep the floor."""
         seen_qemu = False
+        ipaths = paths.InstancePaths(Path(self.config.meta).parent)
+        guard = None
+        if self.config.disk_floor > 0 and self.config.disk_path:
+            guard = floor.Guard(
+                self.config.disk_path, self.config.disk_floor, ipaths.qmp, ipaths.disk_floor,
+                self.event,
+            )  # fmt: skip
         while True:
             await asyncio.sleep(WATCH_S)
             try:
@@ -257,7 +266,6 @@ class Sidecar:
                 seen_qemu = True
             if owner is not None and not owner.alive():
                 # Killed between QEMU's fork and its record: found by its folder.
-                ipaths = paths.InstancePaths(Path(self.config.meta).parent)
                 stray = [qemu] if qemu is not None else unrecorded_qemu(ipaths)
                 for ref in stray:
                     await asyncio.to_thread(ref.terminate, 5.0)
@@ -265,6 +273,8 @@ class Sidecar:
                 return
             if seen_qemu and (qemu is None or not qemu.alive()):
                 return
+            if guard is not None and qemu is not None:
+                await asyncio.to_thread(guard.tick)
 
 
 def _ref(data: object) -> ProcessRef | None:

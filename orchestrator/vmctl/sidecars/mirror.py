@@ -14,13 +14,12 @@ now and then. It exits when QEMU closes the port (the guest stopped).
 
 What it can spend is bounded: one process, at most `max_ports` forwards
 (the contract's `mirror` section), report lines of at most 1 KiB. Only the
-foundations are imported (sidecars never import `vm`): its QMP is a dozen
-lines of JSON over the socket.
+foundations are imported (sidecars never import `vm`): its QMP is
+vmctl.sidecars.monitor.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
@@ -34,6 +33,7 @@ from vmctl import contract
 from vmctl.events import Event, EventLog, now, subject_file
 from vmctl.paths import InstancePaths, events_dir
 from vmctl.procs import ProcessRef, hold, wait_gone
+from vmctl.sidecars.monitor import Monitor
 from vmctl.state import StateError, read_json, write_json
 
 NETDEV = "n0"
@@ -44,44 +44,7 @@ RESERVED = frozenset({int(contract.raw()["network"]["model_port"])})  # vmctl se
 MAX_LINE = 1024
 RETRY_S = 10.0
 CONNECT_TIMEOUT_S = 20.0
-QMP_TIMEOUT_S = 5.0
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
-
-
-class Monitor:
-    """The minimum of QMP: negotiate, then run human-monitor-command lines."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(QMP_TIMEOUT_S)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self._reply()  # greeting
-        self._send({"execute": "qmp_capabilities"})
-        self._reply()
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def _reply(self) -> dict[str, Any]:
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("QMP closed")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if isinstance(msg, dict) and "event" not in msg:
-                return msg
-
-    def hmp(self, command: str) -> str:
-        """The monitor's text output ("" on success for hostfwd_*)."""
-        self._send({"execute": "human-monitor-command", "arguments": {"command-line": command}})
-        msg = self._reply()
-        if "error" in msg:
-            return str(msg["error"].get("desc", "error"))
-        return str(msg.get("return", ""))
 
 
 def parse_report(line: bytes, max_ports: int) -> set[int] | None:

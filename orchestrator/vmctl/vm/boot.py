@@ -21,7 +21,7 @@ from pathlib import Path
 from vmctl import contract, paths, ui
 from vmctl.errors import VMError
 from vmctl.procs import ProcessRef
-from vmctl.sidecars import guestlaunch, mirror
+from vmctl.sidecars import floor, guestlaunch, mirror
 from vmctl.state import StateError
 from vmctl.vm import accel, companions, idmap, virtiofs
 from vmctl.vm.instance import Instance, reap_one
@@ -64,6 +64,7 @@ def up(
     if spec.share == "virtiofs":
         virtiofs.check(ids, tuple(getattr(manifest, "transports", ("9p",))))
     check_forwards_free([host for host, _ in spec.forwards])
+    disk_floor = floor.resolve(spec.workspace, spec.disk_floor)
     inst = new_instance(spec, image, notices)
     gate, opened = os.pipe()  # the sidecars start up when `opened` closes: see below
     try:
@@ -83,7 +84,9 @@ def up(
         # listen at once but start up when `opened` closes: once the guest
         # is ready and up() is done, or when this process dies
         # (vmctl.sidecars.hold).
-        ref, sidecar_listening = companions.spawn_sidecar(inst.paths, spec, max_conns, gate)
+        ref, sidecar_listening = companions.spawn_sidecar(
+            inst.paths, spec, max_conns, gate, disk_floor
+        )
         inst.record = replace(inst.record, sidecar=ref)
         inst.save()
         fd = inst.listen_console()

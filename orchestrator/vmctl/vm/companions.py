@@ -21,18 +21,23 @@ from vmctl.vm.spec import InstanceRecord, InstanceSpec
 
 
 def spawn_sidecar(
-    ipaths: paths.InstancePaths, spec: InstanceSpec, max_conns: int, gate: int | None = None
+    ipaths: paths.InstancePaths,
+    spec: InstanceSpec,
+    max_conns: int,
+    gate: int | None = None,
+    disk_floor: int = 0,
 ) -> tuple[ProcessRef, Callable[[], None]]:
     """The guest's sidecar: its model path (net model), the workspace's x bits, its watchdog.
 
-    It exits with QEMU, and stops a QEMU whose `vmctl up` died before the
-    guest was ready.
+    It exits with QEMU, stops a QEMU whose `vmctl up` died before the guest
+    was ready, and pauses the guest below the workspace's `disk_floor`.
     """
     host, port = spec.model_endpoint if spec.net == "model" and spec.model_endpoint else ("", 0)
     config = guestlaunch.SidecarConfig(
         spec.name, str(ipaths.sidecar), str(ipaths.meta), host, port, max_conns,
         # virtio-fs carries real modes itself; only 9p's mapped modes need the reconciler.
         workspace=str(spec.workspace) if spec.share == "9p" else "",
+        disk_floor=disk_floor, disk_path=str(spec.workspace),
     )  # fmt: skip
     try:
         proc = guestlaunch.spawn(ipaths, config, gate)

@@ -25,7 +25,7 @@ from vmctl import contract, paths
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, die_with_parent, wait_gone
-from vmctl.sidecars import guestlaunch, mirror
+from vmctl.sidecars import floor, guestlaunch, mirror
 from vmctl.state import StateError
 from vmctl.vm import companions, console, virtiofs
 from vmctl.vm.console import ExecChannel
@@ -191,6 +191,8 @@ class Instance:
         with contextlib.suppress(VMError), self.qmp(timeout=2.0) as mon:
             if powerdown_timeout > 0:
                 with contextlib.suppress(VMError):
+                    if mon.query_status().get("status") == "paused":  # by the disk floor
+                        mon.cont()  # a paused guest cannot act on the powerdown
                     mon.powerdown()
                 if self._wait_exit(powerdown_timeout):
                     return
@@ -299,6 +301,7 @@ def status(name: str) -> dict[str, object]:
         except VMError as e:
             data["state"] = f"unreachable ({e.message})"
     data["mirror"] = mirror.describe(inst.record.to_json()["spec"], inst.paths, inst.alive())
+    data["disk_floor"] = floor.describe(inst.paths.disk_floor) if inst.alive() else None
     return data
 
 

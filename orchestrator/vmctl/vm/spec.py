@@ -86,6 +86,9 @@ class InstanceSpec:
     #: The workspace's transport (guest contract `workspace.transports`), chosen
     #: by vmctl.vm.virtiofs.choose.
     share: str = "9p"
+    #: Pause the guest while the workspace's filesystem has less free (bytes;
+    #: vmctl.sidecars.floor); None: its default, 0: no floor.
+    disk_floor: int | None = None
 
     @property
     def mirrors(self) -> bool:
@@ -102,6 +105,8 @@ class InstanceSpec:
         m = MEM_RE.match(self.mem)
         if not m or int(m.group(1)) * (1024 if m.group(2) == "G" else 1) < 128:
             raise ConfigError(f"--mem {self.mem!r} is not a size of at least 128M", "e.g. 2G")
+        if self.disk_floor is not None and self.disk_floor < 0:
+            raise ConfigError(f"--disk-floor {self.disk_floor} is negative", "0 turns it off")
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus {self.cpus} is out of range", "use 1 to 64")
         if self.policy is not None:
