@@ -129,6 +129,7 @@ async def test_streaming_is_not_buffered_and_audited(gateway: tuple[str, Path]) 
     assert line["tokens_in"] == 7 and line["tokens_out"] == 3
     assert int(str(line["bytes_down"])) > 0 and int(str(line["bytes_up"])) > 0
     assert line["who_kind"] == "host" and line["server"] == "gateway"
+    assert line["address"] == "127.0.0.1"  # the peer, so callers from several hosts differ
 
 
 async def test_model_server_down_is_502(tmp_path: Path) -> None:

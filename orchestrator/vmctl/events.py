@@ -59,6 +59,7 @@ class Event:
     status: int | None = None
     host: str | None = None
     port: int | None = None
+    #: An IP address: egress, the destination's; a host request, the caller's (its peer).
     address: str | None = None
     decision: str | None = None
     rule: str | None = None
@@ -267,6 +268,8 @@ def parse_since(text: str) -> str:
 def render(e: Event) -> str:
     """One line for a terminal; everything that came from outside is escaped."""
     who = f"{e.who_kind}:{e.who}"
+    if e.kind == "request" and e.address:  # the peer of a host request (egress: the target's)
+        who += f"@{e.address}"
     parts = [e.time, who, e.action]
     if e.status is not None:
         parts.append(str(e.status))

@@ -169,6 +169,8 @@ class Gateway:
             self._logs[(who_kind, who)] = log
         method = events.safe(request.method)[:32]
         path = events.safe(request.raw_path)[:2048]
+        if (who_kind, who) == HOST_CALLER and request.remote and "address" not in fields:
+            fields["address"] = events.safe(request.remote)[:64]  # the peer: one of many hosts
         event = Event(
             "request", who_kind, who, "gateway", f"{method} {path}", method=method, path=path,
             server=self.config.name, **fields,
