@@ -217,3 +217,16 @@ def test_discard_drops_the_copy_and_says_so_in_the_log(ws: Path) -> None:
     assert [(e.action, e.detail) for e in log] == [
         ("discard", "1 unapplied change(s) of the review copy dropped")
     ]
+
+
+def test_settle_keeps_changes_and_says_so_drops_a_clean_copy_or_discards(ws: Path) -> None:
+    review, _ = snapshot.create("box", ws)
+    assert snapshot.settle("box", drop_changes=False) is None  # nothing changed: it just goes
+    assert not review.paths.root.exists()
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "new.txt").write_text("x\n")
+    line = snapshot.settle("box", drop_changes=False)
+    assert line is not None and "1 unapplied change(s) kept" in line and review.paths.root.exists()
+    line = snapshot.settle("box", drop_changes=True)
+    assert line == "box: review copy discarded (1 unapplied change(s) dropped)"
+    assert not review.paths.root.exists() and not (ws / "new.txt").exists()

@@ -108,3 +108,31 @@ def test_review_diff_apply_conflict_down_rm(env: dict[str, str], tmp_path: Path)
     assert vmctl(env, "rm", "rev").returncode == 0
     assert not (Path(env["VMCTL_HOME"]) / "reviews" / "rev").exists()
     assert vmctl(env, "diff", "rev").returncode != 0
+
+
+def test_stop_is_down_for_a_review_guest_and_a_kept_copy_stays_visible(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    ws = tmp_path / "project"
+    ws.mkdir()
+    (ws / "app.py").write_text("v1\n")
+    up = ["up", "-d", str(ws), "--name", "rev2", "--image", env["TEST_MANIFEST"]]
+    r = vmctl(env, *up, "--review", "--ephemeral", "--detach", "--net", "none", *TCG)
+    assert r.returncode == 0, r.stderr
+    r = vmctl(env, "exec", "rev2", "--", "sh", "-c", "echo v2 > /workspace/app.py")
+    assert r.returncode == 0, r.stderr
+
+    r = vmctl(env, "stop", "rev2")  # the shared verb keeps the changes, and says so, as `down`
+    assert r.returncode == 0 and "1 unapplied change(s) kept" in r.stdout, r.stdout + r.stderr
+    status = json.loads(vmctl(env, "status", "rev2", "--json").stdout)
+    assert status["kind"] == "review" and str(ws) in status["review"]
+    listed = json.loads(vmctl(env, "ls", "-a", "--json").stdout)["reviews"]
+    assert listed == [{"name": "rev2", "source": str(ws)}]
+    again = vmctl(env, "stop", "rev2")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "kept review copy" in again.stderr and "vmctl apply rev2" in again.stderr
+    assert (ws / "app.py").read_text() == "v1\n"
+    assert vmctl(env, "apply", "rev2").returncode == 0
+    assert (ws / "app.py").read_text() == "v2\n"
+    assert vmctl(env, "rm", "rev2").returncode == 0
+    assert "rev2" not in vmctl(env, "ls", "-a").stdout

@@ -8,6 +8,7 @@ says which verb fits the other (`wrong_kind`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -18,21 +19,45 @@ from vmctl.review import snapshot
 from vmctl.serve import server
 from vmctl.vm import instance
 
-Kind = Literal["server", "guest"]
+Kind = Literal["server", "guest", "review"]
 
 
 def kinds(name: str) -> list[Kind]:
-    """What `name` is: a server, a guest, both, or nothing (folders with a record)."""
+    """What `name` is: a server, a guest, both, or nothing (folders with a record).
+
+    A review copy whose guest is gone (an ephemeral `up --review`, changes
+    kept) is a `review` of its own, so `status`, `ls -a` and `rm` all see it.
+    """
     found: list[Kind] = []
     if paths.server(name).meta.is_file():
         found.append("server")
     if paths.instance(name).meta.is_file():
         found.append("guest")
+    elif snapshot.exists(name):
+        found.append("review")
     return found
+
+
+def kept_reviews() -> list[dict[str, str]]:
+    """Review copies whose guest is gone: name and the folder their changes are for."""
+    out = []
+    for root in sorted(paths.reviews_dir().iterdir()):
+        with contextlib.suppress(VmctlError, ValueError):  # a stray or unreadable folder
+            if not paths.instance(root.name).meta.is_file() and snapshot.exists(root.name):
+                out.append({"name": root.name, "source": str(snapshot.load(root.name).source)})
+    return out
 
 
 def _missing(name: str) -> NotFoundError:
     return NotFoundError(f"nothing named {name!r}", "see `vmctl ls --all`")
+
+
+def require(name: str) -> list[Kind]:
+    """`kinds(name)`, or the one "nothing named" error."""
+    found = kinds(name)
+    if not found:
+        raise _missing(name)
+    return found
 
 
 def wrong_kind(name: str, wanted: Kind, verb: str) -> VmctlError | None:
@@ -63,6 +88,11 @@ def stop(name: str) -> list[Kind]:
         elif kind == "guest" and _running(name, kind):
             instance.down(name)
             stopped.append(kind)
+    if found == ["review"]:
+        raise VmctlError(
+            f"{name} is a kept review copy, nothing runs",
+            f"vmctl diff {name}; then vmctl apply {name} or vmctl rm {name}",
+        )
     if not stopped:
         raise VmctlError(f"{name} is not running", f"remove it with `vmctl rm {name}`")
     return stopped
@@ -96,6 +126,10 @@ def status(name: str) -> list[dict[str, object]]:
             info = server.get_server(name)
             data = info.to_json()
             data["state"] = "running" if info.running else "stopped"
+        elif kind == "review":
+            source = snapshot.load(name).source
+            data = {"name": name, "state": "kept (its guest is gone)"}
+            data["review"] = f"{source} (vmctl diff {name}; vmctl apply {name})"
         else:
             data = instance.status(name)
             if snapshot.exists(name):

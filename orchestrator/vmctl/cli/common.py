@@ -26,15 +26,19 @@ verbs = typer.Typer()
 @verbs.command("ls")
 def ls(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
-    all_: bool = typer.Option(False, "--all", "-a", help="Include stopped servers and guests."),
+    all_: bool = typer.Option(
+        False, "--all", "-a", help="Include stopped servers and guests, and kept review copies."
+    ),
 ) -> None:
     """List model servers and guest instances (dead ones are reaped on the way)."""
     servers = server.list_servers(include_stopped=all_)
     instances = [i for i in list_instances() if i.running or all_]
+    reviews = inventory.kept_reviews() if all_ else []
     if as_json:
         out = {
             "servers": [s.to_json() for s in servers],
             "instances": [i.to_json() for i in instances],
+            "reviews": reviews,
         }
         print(json.dumps(out, indent=2))
         return
@@ -49,7 +53,9 @@ def ls(
         pid = str(i.pid) if i.running else ""
         policy = f" policy={i.policy}" if i.policy else ""
         table.add_row("vm", i.name, i.state, f"net={i.net}{policy}", i.workspace, pid)
-    if not servers and not instances:
+    for r in reviews:  # an ephemeral review guest's copy, its changes kept
+        table.add_row("review", r["name"], "kept", f"vmctl diff {r['name']}", r["source"], "")
+    if not servers and not instances and not reviews:
         print("nothing running (start a model with `vmctl serve`, a guest with `vmctl up`)")
         return
     Console().print(table)
@@ -141,11 +147,23 @@ def events_(
 
 
 @verbs.command()
-def stop(name: str = typer.Argument(..., help="A server or guest (see `vmctl ls`).")) -> None:
+def stop(
+    name: str = typer.Argument(..., help="A server or guest (see `vmctl ls`)."),
+    discard: bool = typer.Option(
+        False, "--discard", help="Drop a --review guest's unapplied changes."
+    ),
+) -> None:
     """Stop a server (llama-server, gateway) or a guest (powerdown, quit, kill)."""
+    inventory.require(name)  # an unknown name is one error, not a failed "stopping"
     with ui.step(f"stopping {name}"):
-        inventory.stop(name)
+        stopped = inventory.stop(name)
     print(f"stopped {name}")
+    if "guest" in stopped:  # as `vmctl down`: a review copy is kept or dropped, and said
+        from vmctl.review import snapshot  # only a guest's stop needs it
+
+        line = snapshot.settle(name, discard)
+        if line:
+            print(line)
 
 
 @verbs.command()
@@ -159,7 +177,7 @@ def status(
         print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
         return
     for data in found:
-        keys = _SERVER_KEYS if data["kind"] == "server" else _GUEST_KEYS
+        keys = {"server": _SERVER_KEYS, "review": _REVIEW_KEYS}.get(str(data["kind"]), _GUEST_KEYS)
         for key in keys:
             value = data.get(key)
             if key == "review" and value is None:
@@ -196,6 +214,7 @@ def _floor_line(f: dict[str, Any] | None, name: str) -> str:
 
 
 _SERVER_KEYS = ("kind", "name", "state", "pid", "url", "alias", "model", "sandbox", "audit", "log")
+_REVIEW_KEYS = ("kind", "name", "state", "review")
 _GUEST_KEYS = (
     "kind", "name", "state", "pid", "uptime_s", "net", "policy", "model_endpoint", "forwards",
     "review", "mirror", "workspace", "share", "disk_floor", "console_log",

@@ -18,7 +18,7 @@ import typer
 
 from vmctl import endpoint, paths, ui
 from vmctl.cli.argv import passthrough
-from vmctl.errors import ConfigError, VMError
+from vmctl.errors import ConfigError, NotFoundError, VMError
 from vmctl.images.choose import choose_image
 from vmctl.sandbox.workspace import check_workspace
 from vmctl.sidecars import floor
@@ -196,9 +196,7 @@ def up(
 
 def _review_copy(name: str, ws: Path) -> Path:
     """Snapshot `ws` for a --review guest; the guest shares only the copy."""
-    from vmctl.errors import NotFoundError
-    from vmctl.review import snapshot
-    from vmctl.vm import instance
+    from vmctl.review import snapshot  # only --review needs it (and its diffing)
 
     try:
         if instance.Instance.load(name).alive():  # its copy is in use: never replace it
@@ -214,22 +212,11 @@ def _review_copy(name: str, ws: Path) -> Path:
 
 def _review_left(name: str, discard: bool) -> None:
     """After `down`: keep (and say so) or drop a review guest's unapplied changes."""
-    from vmctl.review import changes, snapshot
+    from vmctl.review import snapshot  # only a review guest's stop needs it
 
-    if not snapshot.exists(name):
-        return
-    pending = changes.changes(snapshot.load(name))
-    if discard:
-        snapshot.discard(name, len(pending))
-        print(f"{name}: review copy discarded ({len(pending)} unapplied change(s) dropped)")
-        return
-    if not pending:
-        snapshot.drop(name)
-        return
-    print(
-        f"{name}: {len(pending)} unapplied change(s) kept in its review copy until "
-        f"`vmctl apply {name}` or `vmctl rm {name}` (see `vmctl diff {name}`)"
-    )
+    line = snapshot.settle(name, discard)
+    if line:
+        print(line)
 
 
 def _foreground(inst: Any) -> None:

@@ -164,6 +164,30 @@ def discard(name: str, pending: int) -> None:
         log.write(event)
 
 
+def settle(name: str, drop_changes: bool) -> str | None:
+    """After a review guest stops (`down`, `stop`): keep or drop its copy; the line to say.
+
+    Unapplied changes are kept (and said) until `vmctl apply` or `vmctl rm`;
+    `drop_changes` (`--discard`) drops them, audited; a copy with nothing to
+    land just goes.
+    """
+    from vmctl.review.changes import changes
+
+    if not exists(name):
+        return None
+    pending = changes(load(name))
+    if drop_changes:
+        discard(name, len(pending))
+        return f"{name}: review copy discarded ({len(pending)} unapplied change(s) dropped)"
+    if not pending:
+        drop(name)
+        return None
+    return (
+        f"{name}: {len(pending)} unapplied change(s) kept in its review copy until "
+        f"`vmctl apply {name}` or `vmctl rm {name}` (see `vmctl diff {name}`)"
+    )
+
+
 def drop_if_clean(name: str) -> None:
     """Make room for a new review of `name`, refusing to lose unapplied changes."""
     from vmctl.review.changes import changes
