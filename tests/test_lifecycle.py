@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fakes.guest import FakeGuest, stand_in_qemu
+from vmctl import events, paths
 from vmctl.procs import ProcessRef
 from vmctl.vm import instance
 from vmctl.vm.spec import InstanceRecord
@@ -31,6 +32,12 @@ def _guest(guests: list[FakeGuest], tmp_path: Path, name: str, **kw: object) -> 
     g = FakeGuest(name, tmp_path, **kw)  # type: ignore[arg-type]
     guests.append(g)
     return g
+
+
+def told(name: str) -> list[tuple[str, str | None]]:
+    """The guest's lifecycle lines (`vmctl logs NAME`): (action, reason)."""
+    found = events.read_file(events.subject_file(paths.events_dir(), "guest", name))
+    return [(e.action, e.reason) for e in found if e.kind == "lifecycle"]
 
 
 def _gone(g: FakeGuest, timeout: float = 5.0) -> bool:
@@ -51,6 +58,8 @@ def test_powerdown_is_enough_for_a_guest_that_powers_off(
     assert _gone(g)
     assert g.qmp.commands == ["qmp_capabilities", "query-status", "system_powerdown"]
     assert g.paths.meta.exists() and not g.paths.qmp.exists()  # persistent: folder kept
+    assert told("polite") == [("down", "stopped")]
+    assert instance.reap() == [] and told("polite") == [("down", "stopped")]  # not a crash
 
 
 def test_a_guest_paused_by_the_disk_floor_is_continued_to_power_off(
@@ -100,6 +109,21 @@ def test_reap_stops_a_guest_whose_owner_died(guests: list[FakeGuest], tmp_path: 
     InstanceRecord(**{**record.__dict__, "owner": dead_owner}).write(g.paths.meta)
     assert instance.reap() == ["orphan"]
     assert _gone(g) and not g.paths.root.exists()
+    assert told("orphan") == [("reap", "owner_died")]
+
+
+def test_a_qemu_gone_without_down_is_reaped_once_and_said(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    gone = _guest(guests, tmp_path, "crashed", ephemeral=True)
+    kept = _guest(guests, tmp_path, "crashedp")
+    for g in (gone, kept):
+        g.qemu.kill()
+        g.qemu.wait()
+    assert instance.reap() == ["crashed"]
+    assert instance.reap() == []  # the persistent one is said once, not at every `ls`
+    for name in ("crashed", "crashedp"):
+        assert told(name) == [("reap", "qemu_exited")]
 
 
 def test_reap_stops_a_stand_in_qemu_that_a_killed_owner_never_recorded(

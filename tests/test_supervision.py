@@ -96,11 +96,13 @@ def test_killed_llama_server_is_restarted_and_streams_end_with_an_error(home: Pa
         while time.monotonic() < deadline and lifecycle(home).count("ready") < 2:
             time.sleep(0.2)
         assert time.monotonic() - killed < 10  # restarted within the first backoff step
-        assert lifecycle(home) == ["ready", "crash", "restart", "ready"]
+        assert lifecycle(home) == ["serve", "ready", "crash", "restart", "ready"]
         assert llama_pid(home) != old
         out: list[bytes] = []
         stream(port, "/v1/chat/completions", {"stream": True, "max_tokens": 2}, out)
         assert b"[DONE]" in b"".join(out)
+        subprocess.run([*VMCTL, "stop", "s1"], env=env, timeout=60, check=True)
+        assert lifecycle(home)[-1] == "stop"
         cut = [
             e
             for e in events.read_all((home / "events").glob("*.jsonl"))
@@ -120,7 +122,10 @@ def test_restart_no_lets_the_server_stop(home: Path) -> None:
         while time.monotonic() < deadline and json.loads(meta.read_text())["state"] != "stopped":
             time.sleep(0.2)
         assert json.loads(meta.read_text())["state"] == "stopped"
-        assert lifecycle(home) == ["ready", "crash"]
+        assert lifecycle(home) == ["serve", "ready", "crash", "stop"]
+        (stopped,) = [e for e in events.read_all((home / "events").glob("*.jsonl"))
+                      if e.action == "stop"]  # fmt: skip
+        assert stopped.reason == "failed" and "llama-server died" in str(stopped.detail)
     finally:
         subprocess.run([*VMCTL, "stop", "s1"], env=env, timeout=60, check=False)
 

@@ -6,6 +6,8 @@ daemon that dies, a missing workspace. Each boots its own guest through the
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -148,3 +150,23 @@ def test_a_stand_in_virtiofs_daemon_that_dies_is_named_and_nothing_is_left(
     assert "error: guest vfsdead failed to boot" in r.stderr, r.stderr
     assert "virtiofsd: cannot serve this folder" in r.stderr, r.stderr
     assert not instance_dir(env, "vfsdead").exists()
+
+
+def test_the_guest_log_tells_up_down_and_a_qemu_killed_from_outside(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    args = up_args(env, tmp_path, "told", "--ephemeral", "--detach", "--net", "none")
+    assert vmctl(env, *args).returncode == 0
+    assert vmctl(env, "down", "told").returncode == 0
+    assert vmctl(env, *args).returncode == 0
+    pid = json.loads((instance_dir(env, "told") / "instance.json").read_text())["qemu"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    no_trace(env, "told", pid, 5)
+    assert "told" not in vmctl(env, "ls").stdout  # reaped on the way
+    log = Path(env["VMCTL_HOME"]) / "events" / "guest-told.jsonl"
+    said = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [(e["action"], e.get("reason")) for e in said if e["kind"] == "lifecycle"]
+    assert steps == [("up", "ready"), ("down", "stopped"), ("up", "ready"), ("reap", "qemu_exited")]
+    assert "net none, share 9p, ready in" in said[0]["detail"]
+    text = vmctl(env, "logs", "told").stdout
+    assert "guest:told up (ready)" in text and "guest:told reap (qemu_exited)" in text

@@ -176,6 +176,21 @@ class EventLog:
         self.close()
 
 
+def lifecycle(
+    events_dir: Path, who_kind: str, who: str, by: str, action: str, **fields: Any
+) -> None:
+    """One lifecycle step (serve, up, down, crash, reap, ...) in the subject's file.
+
+    Best effort: an audit line that cannot be written (a full disk, a name
+    the file system refuses) never fails the step it describes.
+    """
+    with (
+        contextlib.suppress(OSError, ValueError),
+        EventLog(subject_file(events_dir, who_kind, who)) as log,
+    ):
+        log.write(Event("lifecycle", who_kind, who, by, action, **fields))
+
+
 def subject_file(events_dir: Path, who_kind: str, name: str) -> Path:
     """The file of one subject; refuses names that could leave `events_dir`."""
     subject = f"{who_kind}-{name}"

@@ -76,14 +76,10 @@ def _record(
 
 def lifecycle(config: ServerConfig, action: str, **fields: object) -> None:
     """One lifecycle event (serve, ready, restart, crash, stop) in the server's file."""
-    path = events.subject_file(paths.events_dir(), "server", config.name)
-    with contextlib.suppress(OSError), events.EventLog(path) as log:
-        log.write(
-            events.Event(
-                "lifecycle", "server", config.name, "supervisor", action,
-                server=config.name, **fields,  # type: ignore[arg-type]
-            )
-        )  # fmt: skip
+    events.lifecycle(
+        paths.events_dir(), "server", config.name, "supervisor", action, server=config.name,
+        **fields,
+    )  # fmt: skip
 
 
 BACKOFF_S = 0.5
@@ -179,6 +175,9 @@ async def supervise(
     llama: ProcessRef | None = None
     proc: subprocess.Popen[bytes] | None = None
     started = time.time()
+    sandbox = "sandboxed" if config.sandbox else "NOT sandboxed (--no-sandbox)"
+    lifecycle(config, "serve", model=config.alias, detail=f"{config.host}:{config.port}, {sandbox}")
+    failed: BaseException | None = None
     try:
         if not config.sandbox:
             ui.warn(
@@ -226,6 +225,9 @@ async def supervise(
                 continue
             _record(config, llama, "ready", started).write(sp.meta)
             lifecycle(config, "ready", model=config.alias, detail=f"restarted (try {failures})")
+    except BaseException as e:
+        failed = e
+        raise
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -236,7 +238,12 @@ async def supervise(
                 proc.wait(timeout=1)
         await gateway.close()
         shutil.rmtree(sp.runtime, ignore_errors=True)
-        with contextlib.suppress(OSError):
+        if failed is None or isinstance(failed, KeyboardInterrupt | asyncio.CancelledError):
+            lifecycle(config, "stop", reason="stopped")
+        else:
+            why = getattr(failed, "message", None) or type(failed).__name__
+            lifecycle(config, "stop", reason="failed", detail=str(why)[:500])
+        with contextlib.suppress(OSError):  # last: "stopped" means the audit is written
             _record(config, llama, "stopped", started).write(sp.meta)
 
 

@@ -102,7 +102,7 @@ def up(
                 inst.save()
             os.close(gate)
             gate = -1
-            inst.wait_ready(timeout)
+            took = inst.wait_ready(timeout)
             sidecar_listening()  # long since: they listened while QEMU and the guest started
             if proxy_listening is not None:
                 proxy_listening()
@@ -110,10 +110,13 @@ def up(
             ref = mirror.start(inst.paths, spec.name, [h for h, _ in spec.forwards])
             inst.record = replace(inst.record, mirror_sidecar=ref)
             inst.save()
+        how = f"{image}, {acc.name}, net {spec.net}, share {spec.share}"
+        inst.event("up", reason="ready", detail=f"{how}, ready in {took:.1f} s")
         if detach:
             inst.release()
-    except BaseException:
-        inst.close(powerdown_timeout=0)
+    except BaseException as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else "boot_failed"
+        inst.close(powerdown_timeout=0, reason=why, detail=getattr(e, "message", None))
         raise
     finally:
         if gate >= 0:

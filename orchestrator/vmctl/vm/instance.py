@@ -21,7 +21,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from vmctl import contract, paths
+from vmctl import contract, events, paths
 from vmctl.errors import NotFoundError, VMError
 from vmctl.logtail import tail_lines
 from vmctl.procs import ProcessRef, die_with_parent, wait_gone
@@ -202,17 +202,38 @@ class Instance:
         ref.terminate(timeout=5.0)
         self._wait_exit(1.0)
 
-    def close(self, powerdown_timeout: float = POWERDOWN_TIMEOUT_S) -> None:
-        """Stop QEMU and, for an ephemeral guest, remove its folder. Idempotent."""
+    def event(self, action: str, **fields: object) -> None:
+        """One lifecycle step in this guest's event log (`vmctl logs NAME`)."""
+        events.lifecycle(paths.events_dir(), "guest", self.name, "vmctl", action, **fields)
+
+    def close(
+        self,
+        powerdown_timeout: float = POWERDOWN_TIMEOUT_S,
+        reason: str = "stopped",
+        detail: str | None = None,
+    ) -> None:
+        """Stop QEMU and, for an ephemeral guest, remove its folder. Idempotent.
+
+        The guest's log says how it ended: `down` with `reason`, or, for a
+        QEMU that had already exited, `down` (status 0: the guest powered
+        off) or `crash`.
+        """
         if self._closed:
             return
         self._closed = True
+        gone = self.qemu is not None and not self.alive()  # it went before we stopped it
         for held in (self._listener, self._console):
             if held is not None:
                 held.close()
         try:
             self.shutdown(powerdown_timeout)
         finally:
+            status = self.proc.poll() if self.proc is not None else None
+            if gone:
+                said = "QEMU exited" if status is None else f"QEMU exited with status {status}"
+                self.event("crash" if status else "down", reason="qemu_exited", detail=said)
+            else:
+                self.event("down", reason=reason, detail=detail)
             companions.stop_sidecar(self.record)
             virtiofs.stop(self.record.virtiofsd)
             mirror.stop(self.record.mirror_sidecar)
@@ -228,6 +249,10 @@ class Instance:
                 socks = (self.paths.qmp, self.paths.console, self.paths.virtiofs_socket)
                 for sock in (*socks, *fifos):
                     sock.unlink(missing_ok=True)
+                # Stopped: no QEMU on record, so no reaper takes it for one that died.
+                self.record = replace(self.record, qemu=None, owner=None)
+                with contextlib.suppress(OSError):
+                    self.save()
 
     def __enter__(self) -> Instance:
         return self
@@ -238,7 +263,7 @@ class Instance:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(reason="interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped")
 
 
 def reap_one(ipaths: paths.InstancePaths) -> bool:
@@ -255,9 +280,13 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
+        inst.event("reap", reason="owner_died", detail="its vmctl up died; QEMU stopped")
+    elif qemu is not None:  # QEMU went without a `vmctl down`: a crash or a poweroff inside
+        inst.event("reap", reason="qemu_exited", detail="QEMU was gone; cleaned up")
     if qemu is None and owner_dead:  # killed before recording QEMU: find it
         for stray in guestlaunch.unrecorded_qemu(ipaths):
             stray.terminate(timeout=5.0)
+            inst.event("reap", reason="owner_died", detail="its vmctl up died before QEMU ran")
     if qemu is None or not qemu.alive():
         companions.stop_sidecar(record)
         virtiofs.stop(record.virtiofsd)
@@ -265,6 +294,9 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
+    if qemu is not None or owner is not None:  # said once: the record now has neither
+        with contextlib.suppress(OSError):
+            replace(record, qemu=None, owner=None).write(ipaths.meta)
     return False
 
 
