@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmctl import paths
-from vmctl.events import Event, EventLog, safe, subject_file
+from vmctl import events, paths
+from vmctl.events import safe
 from vmctl.review.changes import Change, changes
 from vmctl.review.entries import DIR, FILE, LINK, Entry, read_entry
 from vmctl.review.snapshot import Review
@@ -178,9 +178,7 @@ def apply(review: Review, wanted: list[str] | None = None) -> Outcome:
 def record(name: str, out: Outcome) -> None:
     """One lifecycle event per `apply`: what landed in the user's folder, what did not."""
     detail = json.dumps({k: v for k, v in out.to_json().items() if v}, sort_keys=True)
-    event = Event(
-        kind="lifecycle", who_kind="guest", who=name, by="vmctl", action="apply",
-        decision="deny" if out.conflicts or out.refused else "allow", detail=detail[:4000],
-    )  # fmt: skip
-    with EventLog(subject_file(paths.events_dir(), "guest", name)) as log:
-        log.write(event)
+    decision = "deny" if out.conflicts or out.refused else "allow"
+    events.lifecycle(
+        paths.events_dir(), "guest", name, "vmctl", "apply", decision=decision, detail=detail[:4000]
+    )

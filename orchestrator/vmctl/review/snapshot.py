@@ -153,15 +153,11 @@ def drop(name: str) -> bool:
 
 def discard(name: str, pending: int) -> None:
     """Drop a review copy on purpose (`down --discard`), audited."""
-    from vmctl.events import Event, EventLog, subject_file
+    from vmctl import events
 
     drop(name)
-    event = Event(
-        kind="lifecycle", who_kind="guest", who=name, by="vmctl", action="discard",
-        detail=f"{pending} unapplied change(s) of the review copy dropped",
-    )  # fmt: skip
-    with EventLog(subject_file(paths.events_dir(), "guest", name)) as log:
-        log.write(event)
+    detail = f"{pending} unapplied change(s) of the review copy dropped"
+    events.lifecycle(paths.events_dir(), "guest", name, "vmctl", "discard", detail=detail)
 
 
 def settle(name: str, drop_changes: bool) -> str | None:
