@@ -104,6 +104,8 @@ def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
     assert "model" not in out.stderr and not out.stdout
     out = run("up", "-d", str(tmp_path), "--accel", "fast", "--detach")
     assert_one_line(out, "--accel 'fast'", "tcg")
+    out = run("up", "-d", str(tmp_path), "--model-endpoint", "nope", "--detach")
+    assert_one_line(out, "invalid --model-endpoint 'nope'", "HOST:PORT")
     assert "image:" not in out.stderr
     out = run("up", "-d", str(tmp_path), "--share", "vfs", "--net", "none", "--detach")
     assert_one_line(out, "--share 'vfs'", "virtiofs")
@@ -173,7 +175,9 @@ def test_workspace_home_refused() -> None:
 
 
 def test_stop_unknown_server() -> None:
-    assert_one_line(run("stop", "nosuch"), "vmctl ls")
+    out = run("stop", "nosuch")
+    assert_one_line(out, "vmctl ls")
+    assert "stopping" not in out.stderr
 
 
 def test_down_unknown_guest_is_one_line() -> None:
@@ -216,7 +220,13 @@ def test_serve_options_checked_before_anything_starts(args: tuple[str, ...], opt
 
 @pytest.mark.parametrize(
     ("args", "option"),
-    [(("--mem", "5"), "--mem"), (("--cpus", "0"), "--cpus"), (("-p", "0:80"), "-p")],
+    [
+        (("--mem", "5"), "--mem"),
+        (("--cpus", "0"), "--cpus"),
+        (("-p", "0:80"), "-p"),
+        (("--timeout", "-5"), "--timeout"),
+        (("--disk-floor", "lots"), "--disk-floor"),
+    ],
 )
 def test_up_options_name_the_option(tmp_path: Path, args: tuple[str, ...], option: str) -> None:
     out = run("up", "-d", str(tmp_path), "--net", "none", *args)

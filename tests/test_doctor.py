@@ -31,6 +31,9 @@ def test_reports_every_part_with_a_fix_when_missing() -> None:
     checks = doctor()
     names = {"qemu", "accelerator", "llama-server", "nix", "embedded model", "guest image"}
     assert names | {"workspace owner"} <= set(checks)
+    clients = checks["host clients"]
+    said = clients["detail"] + (clients["fix"] or "")
+    assert all(c in said for c in ("llm", "opencode", "claude", "codex"))  # every run client
     for check in checks.values():
         assert isinstance(check["ok"], bool) and check["detail"]
         if not check["ok"]:

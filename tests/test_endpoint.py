@@ -110,9 +110,10 @@ def test_other_endpoints_take_api_key_then_the_environment(
 def test_endpoint_and_server_together_and_bad_urls_are_refused() -> None:
     with pytest.raises(ConfigError, match="both name an endpoint"):
         endpoint.locate("127.0.0.1:1", server="x")
-    for bad in ("ftp://h:1", "http://h:1/path", "http://:1", "h:99999"):
+    for bad in ("ftp://h:1", "http://h:1/path", "http://:1", "h:99999", "nope", "h:"):
         with pytest.raises(ConfigError, match="invalid --endpoint"):
             endpoint.locate(bad)
+    assert endpoint.parse_origin("http://h")[2] == 80  # a URL keeps its scheme's port
     with pytest.raises(ConfigError, match="invalid --api-key"):
         endpoint.locate("127.0.0.1:1", api_key="two words")
 

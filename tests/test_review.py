@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmctl import events, paths
-from vmctl.errors import VMError
+from vmctl.errors import ConfigError, VMError
 from vmctl.review import changes, land, snapshot
 from vmctl.review.entries import MODE_XATTR
 
@@ -104,9 +104,23 @@ def test_conflicting_user_edit_is_refused_and_listed(ws: Path) -> None:
     review, _ = snapshot.create("box", ws)
     (review.paths.work / "README").write_text("agent readme\n")
     (ws / "README").write_text("the user's own edit\n")
+    (change,) = changes.changes(snapshot.load("box"))
+    shown = changes.unified(snapshot.load("box"), change)
+    assert "apply will refuse it" in shown and "no text diff" in shown and "binary" not in shown
     out = land.apply(snapshot.load("box"))
     assert out.applied == [] and [p for p, _ in out.conflicts] == ["README"]
     assert (ws / "README").read_text() == "the user's own edit\n"
+
+
+def test_paths_outside_or_unknown_to_the_review_are_named(ws: Path) -> None:
+    review, _ = snapshot.create("box", ws)
+    (review.paths.work / "README").write_text("agent readme\n")
+    for path, said in (("/etc/passwd", "outside the workspace"), ("../x", "outside"),
+                       ("typo.txt", "in neither the review copy nor its snapshot")):  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            land.apply(snapshot.load("box"), [path])
+    assert [c.path for c in changes.changes(snapshot.load("box"), [f"{ws}/README"])] == ["README"]
+    assert [c.path for c in changes.changes(snapshot.load("box"), ["/workspace/src"])] == []
 
 
 def test_hostile_nodes_never_land(ws: Path) -> None:

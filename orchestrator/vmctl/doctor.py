@@ -174,7 +174,7 @@ def _image() -> Check:
 
 def _clients() -> Check:
     found, missing = [], []
-    for name in ("llm", "opencode", "claude"):
+    for name in ("llm", "opencode", "claude", "codex"):
         try:
             found.append(f"{name}={registry.get(name).find(None)}")
         except VmctlError:

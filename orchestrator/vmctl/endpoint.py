@@ -83,15 +83,18 @@ def guest_origin(host: str, port: int, net: str) -> str:
 def parse_origin(value: str, option: str = "--endpoint") -> tuple[str, str, int]:
     """`http(s)://HOST:PORT[/v1]` or `HOST:PORT` -> (origin, host, port)."""
     text = value.strip().rstrip("/").removesuffix("/v1")
-    if "://" not in text:
+    bare = "://" not in text  # HOST:PORT: the port is not optional (`nope` is a typo, not :80)
+    if bare:
         text = "http://" + text
     parts = urlsplit(text)
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or (-1 if bare else 443 if parts.scheme == "https" else 80)
     except ValueError:
         port = -1
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port < 1:
-        raise ConfigError(f"invalid {option} {value!r}", "use e.g. http://127.0.0.1:8080")
+        raise ConfigError(
+            f"invalid {option} {value!r}", "use HOST:PORT or a URL, e.g. 127.0.0.1:8080"
+        )
     host = parts.hostname
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"{parts.scheme}://{netloc}", host, port

@@ -122,6 +122,8 @@ def up(
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""
     signal.signal(signal.SIGTERM, _sigterm)
+    if not timeout > 0:
+        raise ConfigError(f"--timeout {timeout} is not a positive number of seconds", "e.g. 120")
     instance.reap()
     ws = _workspace(directory)
     qemu_binary()  # a missing QEMU is reported before any image work

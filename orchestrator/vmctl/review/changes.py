@@ -104,6 +104,9 @@ def normalize(review: Review, path: str) -> str:
         if p == root or p.startswith(root.rstrip("/") + "/"):
             p = p[len(root) :]
             break
+    else:
+        if p.startswith("/"):  # /etc/passwd is not the workspace's etc/passwd
+            raise ConfigError(f"path {path!r} is outside the workspace", "give paths inside it")
     p = os.path.normpath(p.strip("/")) if p.strip("/") else "."
     if p == ".." or p.startswith("../"):
         raise ConfigError(f"path {path!r} is outside the workspace", "give paths inside it")
@@ -118,6 +121,12 @@ def changes(review: Review, wanted: list[str] | None = None) -> list[Change]:
     """Every change under the `wanted` paths (all when empty), sorted by path."""
     sel = [normalize(review, w) for w in wanted or []]
     now = scan(review.paths.work, review.manifest)
+    for w, given in zip(sel, wanted or [], strict=True):  # a typo is named, not "nothing"
+        if w and not any(selected(rel, [w]) for rel in (*review.manifest, *now)):
+            raise ConfigError(
+                f"{given!r} is in neither the review copy nor its snapshot",
+                f"see `vmctl diff {review.name} --stat`",
+            )
     out = []
     for rel in sorted(set(review.manifest) | set(now)):
         if not selected(rel, sel):
@@ -165,6 +174,7 @@ def unified(review: Review, change: Change) -> str:
     if not (old_file or new_file) or change.kind == "mode":
         return "\n".join(lines)
     before: list[str] | None = []
+    base_kept = True
     if old_file:
         user = read_entry(review.source / rel)
         base_kept = user is not None and user.same_content(old)
@@ -172,6 +182,9 @@ def unified(review: Review, change: Change) -> str:
         if not base_kept:
             lines.append("  (the user's file changed since the snapshot: apply will refuse it)")
     after = _read_text(review.paths.work / rel) if new_file else []
+    if not base_kept and after is not None:  # the snapshot keeps hashes, not the old text
+        lines.append("  no text diff: the snapshot's text is gone from your folder")
+        return "\n".join(lines)
     if before is None or after is None:
         size = new.size if new else 0
         lines.append(f"  binary or large file ({size} bytes), not shown")
