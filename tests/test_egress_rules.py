@@ -191,6 +191,9 @@ def test_policy_cli_round_trip_and_bad_input(vmctl_home: Path) -> None:
         (("allow", "foo*bar"), "cannot parse"),
         (("deny", "x.org", "--for", "nosuch"), "'nosuch' is neither a guest nor a client"),
         (("rm", "never.test"), "no global rule for never.test"),
+        (("rm", "x.org", "--for", "nosuch"), "'nosuch' is neither a guest nor a client"),
+        (("ls", "--for", "nosuch"), "'nosuch' is neither a guest nor a client"),
+        (("log", "--for", "nosuch"), "'nosuch' is neither a guest nor a client"),
     ]:
         r = vmctl(vmctl_home, "policy", *args)
         assert r.returncode != 0 and says in r.stderr, (args, r.stderr)
@@ -204,6 +207,24 @@ def test_policy_cli_round_trip_and_bad_input(vmctl_home: Path) -> None:
     assert vmctl(vmctl_home, "policy", "rm", "*.npmjs.org:443").returncode == 0
     r = vmctl(vmctl_home, "policy", "ls", "--json")
     assert [x["target"] for x in json.loads(r.stdout)["rules"]] == ["pypi.org"]
+    r = vmctl(vmctl_home, "policy", "allow", "a.test:80", "--for", "codex", "--json")
+    assert json.loads(r.stdout) == {
+        "result": "added",
+        "rule": {"action": "allow", "target": "a.test:80", "for": "codex",
+                 "label": "allow a.test:80 (for codex)"},
+    }  # fmt: skip
+
+
+def test_a_removed_guests_rules_can_still_be_listed_and_removed(vmctl_home: Path) -> None:
+    """Rules outlive the guest they were for: its name stays usable where they are."""
+    from vmctl import egress
+
+    egress.add_rule(egress.parse_rule("allow", "old.test:443", "gone-box"))
+    r = vmctl(vmctl_home, "policy", "ls", "--for", "gone-box", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["rules"][0]["for"] == "gone-box"
+    r = vmctl(vmctl_home, "policy", "rm", "old.test:443", "--for", "gone-box", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["result"] == "removed"
+    assert egress.load_rules() == []
 
 
 def test_policy_adds_the_proxy_guestfwd_on_the_guarded_path() -> None:

@@ -18,17 +18,22 @@ group = typer.Typer(
     no_args_is_help=True,
 )
 
-FOR_HELP = "A guest or client (llm, opencode, claude, shell) name; default: every one."
+FOR_HELP = "A guest or client (llm, opencode, claude, codex, shell) name; default: every one."
+JSON_HELP = "The rule as JSON, for scripts."
 
 
-def _scope(name: str | None) -> str | None:
-    """`--for NAME`: an existing guest instance or a known client, else one clear line."""
+def _scope(name: str | None, known: bool = False) -> str | None:
+    """`--for NAME`: a guest instance, a client, or a name `known` to the caller; else one line.
+
+    `known`: the rules or the log already name it (a guest since removed
+    keeps its rules and its attempts until they are removed).
+    """
     if name is None:
         return None
     from vmctl.clients.registry import CLIENTS
 
     paths.check_name(name, "--for name")
-    if name in CLIENTS or paths.instance(name).meta.exists():
+    if known or name in CLIENTS or paths.instance(name).meta.exists():
         return name
     raise ConfigError(
         f"--for {name!r} is neither a guest nor a client",
@@ -36,38 +41,49 @@ def _scope(name: str | None) -> str | None:
     )
 
 
-def _add(action: str, target: str, for_: str | None) -> None:
+def _said(what: str, rule: egress.Rule, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"result": what, "rule": egress.describe([rule])[0]}, indent=2))
+    else:
+        print(f"{what}: {rule.label}")
+
+
+def _add(action: str, target: str, for_: str | None, as_json: bool) -> None:
     rule = egress.parse_rule(action, target, _scope(for_))
     added = egress.add_rule(rule)
-    print(f"{'added' if added else 'already there'}: {rule.label}")
+    _said("added" if added else "already there", rule, as_json)
 
 
 @group.command("allow")
 def allow(
     target: str = typer.Argument(..., help="HOST[:PORT], *.DOMAIN[:PORT] or CIDR:PORT."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Allow a destination (a deny for the same destination still wins)."""
-    _add("allow", target, for_)
+    _add("allow", target, for_, as_json)
 
 
 @group.command("deny")
 def deny(
     target: str = typer.Argument(..., help="HOST[:PORT], *.DOMAIN[:PORT] or CIDR:PORT."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Deny a destination; deny wins over every allow and every preset."""
-    _add("deny", target, for_)
+    _add("deny", target, for_, as_json)
 
 
 @group.command("rm")
 def rm(
     target: str = typer.Argument(..., help="The rule's destination, as `policy ls` shows it."),
     for_: str | None = typer.Option(None, "--for", help=FOR_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Remove the rule for a destination (global, or the one `--for NAME`)."""
-    scope = paths.check_name(for_, "--for name") if for_ else None
-    print(f"removed: {egress.remove_rule(target, scope).label}")
+    scoped = {r.scope for r in egress.load_rules()}
+    scope = _scope(for_, known=for_ in scoped)
+    _said("removed", egress.remove_rule(target, scope), as_json)
 
 
 @group.command("ls")
@@ -78,7 +94,8 @@ def ls(
     """The stored rules (global and per name) and the presets."""
     rules = egress.load_rules()
     if for_ is not None:
-        rules = [r for r in rules if r.scope in (None, _scope(for_))]
+        scope = _scope(for_, known=any(r.scope == for_ for r in rules))
+        rules = [r for r in rules if r.scope in (None, scope)]
     presets = {
         p.name: {"description": p.description, "allow": [r.target for r in p.rules]}
         for p in egress.presets().values()
@@ -102,7 +119,9 @@ def log(
     """Egress attempts, host by host: counts, first and last seen, decision, rule."""
     from vmctl.egress_log import aggregate, egress_events
 
-    rows = aggregate(egress_events(for_))
+    attempts = egress_events(for_)
+    _scope(for_, known=bool(attempts))
+    rows = aggregate(attempts)
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
