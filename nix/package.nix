@@ -37,7 +37,10 @@ let
     platformdirs
     aiohttp
     pyyaml
-  ];
+  ]
+  # Imported by vmctl.models (huggingface_hub 2.x's HTTP client); optional here
+  # so that a nixpkgs without it still evaluates.
+  ++ lib.optional (python3Packages ? httpx2) python3Packages.httpx2;
 in
 python3Packages.buildPythonApplication {
   pname = project.name;
