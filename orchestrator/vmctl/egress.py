@@ -282,7 +282,7 @@ def address_kind(addr: IPAddress) -> str:
 
 
 def rules_file() -> Path:
-    return paths.private_dir(paths.home() / "policy") / "rules.json"
+    return paths.policy_rules()
 
 
 def load_rules(path: Path | None = None) -> list[Rule]:

@@ -16,6 +16,7 @@ overridable with VMCTL_HOME)::
     models/            digests recorded at download (models--ORG--REPO/), GGUF checks
                        (gguf-checked/)
     sandbox/           rendered sandbox profiles of `vmctl run` / `vmctl sandbox exec`
+    policy/            rules.json: the egress rules of `vmctl policy`
     events/            one event log per subject (guest-NAME.jsonl, server-NAME.jsonl,
                        client-NAME.jsonl); outlives its subject until `vmctl rm`
 
@@ -154,66 +155,66 @@ class _Folder:
         return f"{type(self).__name__}(root={self.root!r})"
 
 
+class _At:
+    """One file of a state folder, named once: `log = _At("server.log")`.
+
+    A socket's path is checked against `sun_path` each time it is asked for.
+    """
+
+    __slots__ = ("rel", "socket")
+
+    def __init__(self, rel: str, socket: bool = False) -> None:
+        self.rel, self.socket = rel, socket
+
+    def __get__(self, folder: _Folder, owner: type | None = None) -> Path:
+        path = folder.root / self.rel
+        return check_socket_path(path) if self.socket else path
+
+
 class ServerPaths(_Folder):
     """Files of one `vmctl serve` instance."""
 
-    @property
-    def meta(self) -> Path:
-        return self.root / "server.json"
-
-    @property
-    def config(self) -> Path:
-        """The ServerConfig a detached supervisor starts from."""
-        return self.root / "config.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "server.log"
-
-    @property
-    def runtime(self) -> Path:
-        """Removed when the server stops."""
-        return self.root / "run"
-
-    @property
-    def socket(self) -> Path:
-        return check_socket_path(self.runtime / "llama.sock")
-
-    @property
-    def routes(self) -> Path:
-        """The gateway's socket for vmctl's sidecars (vmctl.routes)."""
-        return check_socket_path(self.runtime / "routes.sock")
-
-    @property
-    def cache(self) -> Path:
-        """The only folder llama-server may write."""
-        return self.runtime / "cache"
-
-    @property
-    def sandbox_dir(self) -> Path:
-        """Rendered sandbox profile, for `sandbox-exec -f`."""
-        return self.runtime / "sandbox"
+    meta = _At("server.json")
+    config = _At("config.json")  # the ServerConfig a detached supervisor starts from
+    log = _At("server.log")
+    runtime = _At("run")  # removed when the server stops
+    socket = _At("run/llama.sock", socket=True)
+    routes = _At("run/routes.sock", socket=True)  # the gateway's, for sidecars (vmctl.routes)
+    cache = _At("run/cache")  # the only folder llama-server may write
+    sandbox_dir = _At("run/sandbox")  # the rendered profile, for `sandbox-exec -f`
 
 
 class InstancePaths(_Folder):
     """Files of one guest instance."""
 
-    @property
-    def meta(self) -> Path:
-        return self.root / "instance.json"
-
-    @property
-    def qmp(self) -> Path:
-        return check_socket_path(self.root / "qmp.sock")
+    meta = _At("instance.json")
+    qmp = _At("qmp.sock", socket=True)
+    console = _At("console.sock", socket=True)
+    console_log = _At("console.log")
+    qemu_log = _At("qemu.log")
+    overlay = _At("overlay.qcow2")
+    fwcfg = _At("fwcfg")  # files handed to the guest through fw_cfg
+    relay = _At("relay")  # the guestfwd forwarder script (no commas: it sits inside -netdev)
+    #: The guest sidecar's socket, where forwarders hand over guest connections;
+    #: vmctl.vm.execchan spells it too, without importing this module (test_modes).
+    sidecar = _At("sidecar.sock", socket=True)
+    sidecar_config = _At("sidecar.json")
+    sidecar_log = _At("sidecar.log")
+    proxy_socket = _At("proxy.sock", socket=True)  # the egress proxy, for its guestfwd
+    proxy_connect = _At("proxy-connect")  # the proxy's guestfwd script (no commas)
+    proxy_log = _At("proxy.log")
+    ports = _At("ports.sock", socket=True)  # listening-port reports (the contract's `mirror`)
+    mirror_qmp = _At("mirror-qmp.sock", socket=True)  # the mirror's own: it never holds qmp
+    forwards = _At("forwards.json")  # the mirror's live and skipped forwards, for status
+    mirror_log = _At("mirror.log")
+    disk_floor = _At("disk-floor.json")  # the floor and whether it paused the guest
+    virtiofs_socket = _At("virtiofs.sock", socket=True)  # `--share virtiofs`, bound by vmctl
+    virtiofs_log = _At("virtiofsd.log")
 
     @property
     def qemu_name(self) -> str:
         """QEMU's `-name` (its run directory is `root`): how an unrecorded QEMU is found."""
         return f"guest=vmctl-{self.root.name}"
-
-    @property
-    def console(self) -> Path:
-        return check_socket_path(self.root / "console.sock")
 
     def exec(self, slot: int) -> Path:
         """Base name of exec port `slot`'s FIFO pair (QEMU's `pipe` chardev)."""
@@ -232,108 +233,13 @@ class InstancePaths(_Folder):
             base.with_name(base.name + ".lock"),
         )
 
-    @property
-    def console_log(self) -> Path:
-        return self.root / "console.log"
-
-    @property
-    def qemu_log(self) -> Path:
-        return self.root / "qemu.log"
-
-    @property
-    def overlay(self) -> Path:
-        return self.root / "overlay.qcow2"
-
-    @property
-    def fwcfg(self) -> Path:
-        """Files handed to the guest through fw_cfg."""
-        return self.root / "fwcfg"
-
-    @property
-    def relay(self) -> Path:
-        """The guestfwd forwarder script (no commas: it sits inside -netdev)."""
-        return self.root / "relay"
-
-    @property
-    def sidecar(self) -> Path:
-        """The guest sidecar's socket, where forwarders hand over guest connections.
-
-        vmctl.vm.execchan.ExecChannel.for_instance spells it too, without
-        importing this module (tests/test_modes.py holds the two equal).
-        """
-        return check_socket_path(self.root / "sidecar.sock")
-
-    @property
-    def sidecar_config(self) -> Path:
-        return self.root / "sidecar.json"
-
-    @property
-    def sidecar_log(self) -> Path:
-        return self.root / "sidecar.log"
-
-    @property
-    def proxy_socket(self) -> Path:
-        """The guest's egress proxy sidecar listens here for the guestfwd connector."""
-        return check_socket_path(self.root / "proxy.sock")
-
-    @property
-    def proxy_connect(self) -> Path:
-        """The guestfwd script for the proxy address (no commas, like `relay`)."""
-        return self.root / "proxy-connect"
-
-    @property
-    def proxy_log(self) -> Path:
-        return self.root / "proxy.log"
-
-    @property
-    def ports(self) -> Path:
-        """The guest's listening-port reports (virtio-serial, see the contract's `mirror`)."""
-        return check_socket_path(self.root / "ports.sock")
-
-    @property
-    def mirror_qmp(self) -> Path:
-        """A QMP monitor of the port mirror's own, so it never holds `qmp.sock`."""
-        return check_socket_path(self.root / "mirror-qmp.sock")
-
-    @property
-    def forwards(self) -> Path:
-        """The mirror's live and skipped forwards, for `vmctl status`."""
-        return self.root / "forwards.json"
-
-    @property
-    def disk_floor(self) -> Path:
-        """The workspace's disk floor and whether it paused the guest, for `vmctl status`."""
-        return self.root / "disk-floor.json"
-
-    @property
-    def mirror_log(self) -> Path:
-        return self.root / "mirror.log"
-
-    @property
-    def virtiofs_socket(self) -> Path:
-        """The workspace's vhost-user socket (`--share virtiofs`), bound by vmctl."""
-        return check_socket_path(self.root / "virtiofs.sock")
-
-    @property
-    def virtiofs_log(self) -> Path:
-        return self.root / "virtiofsd.log"
-
 
 class ReviewPaths(_Folder):
     """Files of one review copy (`vmctl up --review`); only `work` is shared with the guest."""
 
-    @property
-    def meta(self) -> Path:
-        return self.root / "review.json"
-
-    @property
-    def manifest(self) -> Path:
-        """The snapshot: every entry of `work` as it was at boot (type, hash, mode)."""
-        return self.root / "manifest.json"
-
-    @property
-    def work(self) -> Path:
-        return self.root / "work"
+    meta = _At("review.json")
+    manifest = _At("manifest.json")  # the snapshot: every entry of `work` at boot
+    work = _At("work")
 
 
 class ClientPaths(_Folder):
@@ -368,6 +274,11 @@ def clients_dir() -> Path:
 def events_dir() -> Path:
     """Event logs (see vmctl.events): kept apart so they outlive their subject."""
     return private_dir(home() / "events")
+
+
+def policy_rules() -> Path:
+    """The egress rules of `vmctl policy` (vmctl.egress), in a 0700 folder."""
+    return private_dir(home() / "policy") / "rules.json"
 
 
 def reviews_dir() -> Path:
