@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmctl import events, paths, procs
+from vmctl.logtail import tail_lines
+from vmctl.poll import Timeout, wait_until
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import hold
 
@@ -115,11 +116,17 @@ def listening(
     ipaths: paths.InstancePaths, proc: subprocess.Popen[bytes], timeout: float = 15.0
 ) -> int:
     """The spawned sidecar's pid once its socket listens; OSError if it died or hung."""
-    deadline = time.monotonic() + timeout
-    while not ipaths.sidecar.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = ipaths.sidecar_log.read_text(errors="replace")[-400:]
-            raise OSError(f"the guest sidecar did not start: {tail.strip()}")
-        time.sleep(0.02)
+
+    def died() -> str | None:
+        return None if proc.poll() is None else f"exited with status {proc.returncode}"
+
+    try:
+        wait_until(
+            lambda: True if ipaths.sidecar.exists() else None,
+            timeout=timeout, what="the guest sidecar", interval=0.02, abort=died,
+        )  # fmt: skip
+    except Timeout as e:
+        proc.kill()
+        said = tail_lines(ipaths.sidecar_log, 3) or e.last
+        raise OSError(f"the guest sidecar did not start: {said}") from None
     return proc.pid

@@ -32,6 +32,7 @@ from typing import Any
 from vmctl import contract
 from vmctl.events import Event, EventLog, now, subject_file
 from vmctl.paths import InstancePaths, events_dir
+from vmctl.poll import Timeout, wait_until
 from vmctl.procs import ProcessRef, hold, wait_gone
 from vmctl.sidecars.monitor import Monitor
 from vmctl.state import StateError, read_json, write_json
@@ -171,17 +172,19 @@ class Mirror:
 
 
 def _connect(path: Path) -> socket.socket:
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while True:
+    def attempt() -> socket.socket:
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(str(path))
-            return s
         except OSError:
             s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            raise
+        return s
+
+    try:
+        return wait_until(attempt, timeout=CONNECT_TIMEOUT_S, what=f"{path.name}")
+    except Timeout as e:
+        raise ConnectionError(str(e)) from None
 
 
 def run(ipaths: InstancePaths, name: str, events: Path, static: set[int]) -> None:

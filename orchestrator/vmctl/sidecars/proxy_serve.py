@@ -23,10 +23,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from vmctl import agents, contract, egress, paths
+from vmctl.logtail import tail_lines
+from vmctl.poll import Timeout, wait_until
 from vmctl.procs import ProcessRef
 from vmctl.sidecars import hold
 from vmctl.sidecars.proxy import HEAD_MAX, EgressProxy, ProxyConfig
@@ -234,12 +235,18 @@ def spawn_sidecar(
 
 def listening(proc: subprocess.Popen[bytes], socket_path: Path, log: Path) -> ProcessRef:
     """The spawned proxy once its socket exists; OSError if it died or hung."""
-    deadline = time.monotonic() + 20
-    while not socket_path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise OSError(f"the egress proxy did not start (see {log})")
-        time.sleep(0.05)
+
+    def died() -> str | None:
+        return None if proc.poll() is None else f"exited with status {proc.returncode}"
+
+    try:
+        wait_until(
+            lambda: True if socket_path.exists() else None,
+            timeout=20, what="the egress proxy", interval=0.05, abort=died,
+        )  # fmt: skip
+    except Timeout:
+        proc.kill()
+        raise OSError(f"the egress proxy did not start: {tail_lines(log, 3) or log}") from None
     return ProcessRef.of(proc.pid)
 
 

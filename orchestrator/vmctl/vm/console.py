@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vmctl import contract
 from vmctl.errors import VMError
+from vmctl.poll import Timeout, wait_until
 from vmctl.vm.execchan import ExecChannel
 
 __all__ = ["ExecChannel", "attach", "expect_ready", "listen", "wait_for_marker"]
@@ -126,10 +127,10 @@ def expect_ready(
 
 def _gone(abort: Callable[[], str | None], wait: float = 2.0) -> str | None:
     """Why QEMU went, once it has: its sockets close a moment before it can be reaped."""
-    deadline = time.monotonic() + wait
-    while (reason := abort()) is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return reason
+    try:
+        return wait_until(abort, timeout=wait, what="QEMU's exit", interval=0.02)
+    except Timeout:
+        return None
 
 
 def attach(
