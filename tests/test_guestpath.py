@@ -4,7 +4,8 @@ libslirp's guestfwd `cmd:` starts the forwarder with one end of a UNIX
 socketpair as its stdin and stdout; these tests do the same, keep the other
 end as "the guest", and run the real sidecar process against a real gateway
 (with a stand-in llama-server behind it) found the way the sidecar finds it:
-through a running server's folder under VMCTL_HOME.
+through a running server's folder under VMCTL_HOME (tests/gateway_peer.py).
+The host-client bridge's routes are tested in test_bridge.py.
 """
 
 from __future__ import annotations
@@ -17,59 +18,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from fakes.guest import stand_in_qemu
+from gateway_peer import REQ, home, read_until_closed, served
 from vmctl import events, paths
 from vmctl.procs import ProcessRef
-from vmctl.serve.gateway import Gateway, GatewayConfig
 from vmctl.sidecars import guestlaunch
 from vmctl.sidecars.httpclock import RequestClock
 
-REQ = b"GET /v1/models HTTP/1.1\r\nHost: 10.0.2.2\r\nX-Vmctl-Who: host\r\n\r\n"
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "h"
-    monkeypatch.setenv("VMCTL_HOME", str(h))
-    return h
-
-
-@pytest.fixture
-async def served(home: Path, tmp_path: Path) -> AsyncIterator[int]:
-    """A gateway registered as server `s1` (its route socket where the sidecar looks)."""
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "m"}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(tmp_path / "llama.sock")).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    sp = paths.server("s1")
-    paths.private_dir(sp.root)
-    paths.private_dir(sp.runtime)
-    meta = {"name": "s1", "host": "127.0.0.1", "port": port}
-    meta["supervisor"] = ProcessRef.of(os.getpid()).to_json()
-    sp.meta.write_text(json.dumps(meta))
-    cfg = GatewayConfig(
-        "127.0.0.1", port, tmp_path / "llama.sock", paths.events_dir(), name="s1",
-        routes=sp.routes,
-    )  # fmt: skip
-    gw = Gateway(cfg)
-    await gw.start()
-    yield port
-    await gw.close()
-    await runner.cleanup()
+__all__ = ["home", "served"]  # fixtures, used by name
 
 
 def start_sidecar(
@@ -123,18 +84,6 @@ def guest_connect(ip: paths.InstancePaths) -> socket.socket:
     fwd_end.close()
     guest.settimeout(5)
     return guest
-
-
-async def read_until_closed(sock: socket.socket, wait: float = 5) -> bytes:
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    out = b""
-    try:
-        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), wait):
-            out += chunk
-    except (TimeoutError, ConnectionError):
-        pass
-    return out
 
 
 def guest_events(home: Path) -> list[events.Event]:
@@ -268,122 +217,6 @@ def test_request_clock_frames_pipelined_bodies_and_chunks() -> None:
     assert c.started == 5.0  # a trickled head keeps its first byte's time
     c.feed(b"y\r\n", 9.0)
     assert c.started == 5.0
-
-
-async def test_a_bridged_host_client_is_named_by_its_route(home: Path, served: int) -> None:
-    """`vmctl run`'s bridge takes the same kind of route: the gateway names the client."""
-    from vmctl.sidecars.bridge import HostRelay
-
-    sock = home / "ep.sock"
-    with HostRelay(sock, "127.0.0.1", served, who="opencode"):
-        c = socket.socket(socket.AF_UNIX)
-        await asyncio.get_running_loop().sock_connect(c, str(sock))
-        c.sendall(REQ[:-2] + b"Connection: close\r\n\r\n")
-        assert (await read_until_closed(c)).startswith(b"HTTP/1.1 200")
-        c.close()
-    log = home / "events" / "client-opencode.jsonl"
-    deadline = time.monotonic() + 10  # the bridge's own line comes once the gateway hangs up
-    while "connection" not in log.read_text() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    (e, c) = events.read_file(log)
-    assert (e.kind, e.who_kind, e.who, e.server, e.status) == (
-        "request",
-        "client",
-        "opencode",
-        "s1",
-        200,
-    )
-    assert (c.kind, c.by, c.detail) == ("connection", "bridge", "1 requests")
-
-
-def test_a_bridged_client_on_a_plain_endpoint_is_audited_request_by_request(home: Path) -> None:
-    """No gateway in front: the bridge writes each keep-alive request's event."""
-    import http.server
-    import threading
-
-    from vmctl.sidecars.bridge import HostRelay
-
-    class Plain(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    sock = home / "ep.sock"
-    try:
-        with HostRelay(sock, "127.0.0.1", server.server_address[1], who="llm"):
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(sock))
-            c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert c.recv(4096).startswith(b"HTTP/1.1 200")
-            c.sendall(b"GET /v1/a\x1b]2;x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            while c.recv(4096):
-                pass
-            c.close()
-            deadline = time.monotonic() + 10
-            path = home / "events" / "client-llm.jsonl"
-            while time.monotonic() < deadline and "connection" not in (
-                path.read_text() if path.exists() else ""
-            ):
-                time.sleep(0.05)
-    finally:
-        server.shutdown()
-        server.server_close()
-    found = list(events.read_file(path))
-    assert [(e.kind, e.who_kind, e.who, e.by) for e in found] == [
-        ("request", "client", "llm", "bridge"),
-        ("request", "client", "llm", "bridge"),
-        ("connection", "client", "llm", "bridge"),
-    ]
-    assert found[0].path == "/v1/models" and found[2].detail == "2 requests (unrouted)"
-    assert int(found[2].bytes_down or 0) > 0
-
-
-def test_a_bridged_client_holding_too_many_connections_is_refused_and_audited(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each held connection costs vmctl a thread: past the cap they are closed, audited."""
-    from vmctl.sidecars import bridge
-
-    monkeypatch.setattr(bridge, "MAX_CONNS", 3)
-    upstream = socket.socket()
-    upstream.bind(("127.0.0.1", 0))
-    upstream.listen(16)  # accepts, never answers: the client's connections stay open
-    held: list[socket.socket] = []
-    sock = home / "ep.sock"
-    try:
-        with bridge.HostRelay(sock, "127.0.0.1", upstream.getsockname()[1], who="llm"):
-            for _ in range(5):
-                c = socket.socket(socket.AF_UNIX)
-                c.connect(str(sock))
-                held.append(c)
-            log = home / "events" / "client-llm.jsonl"
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and (
-                not log.exists() or log.read_text().count("too_many_connections") < 2
-            ):
-                time.sleep(0.05)
-            refused = [e for e in events.read_file(log) if e.action == "refuse"]
-            assert [(e.reason, e.who) for e in refused] == [("too_many_connections", "llm")] * 2
-            for c in held[3:]:  # the refused two were closed at once
-                c.settimeout(5)
-                assert c.recv(1) == b""
-            for c in held[:3]:  # the first three are still carried
-                c.settimeout(0.2)
-                with pytest.raises(TimeoutError):
-                    c.recv(1)
-    finally:
-        for c in held:
-            c.close()
-        upstream.close()
 
 
 async def test_the_egress_proxy_takes_the_model_address_through_the_guests_route(
