@@ -20,8 +20,10 @@ import pytest
 
 from fakes.qmp import FakeQMP
 from guests import VMCTL, env, up_args, vmctl
+from vmctl import paths
 from vmctl.errors import ConfigError
 from vmctl.sidecars import floor
+from vmctl.vm.execchan import ExecChannel
 
 __all__ = ["env"]  # the module-scoped fixture, used by name
 MIB = 1 << 20
@@ -52,12 +54,17 @@ def test_the_guard_pauses_below_the_floor_and_continues_past_the_margin(tmp_path
     mon = FakeQMP(tmp_path / "qmp.sock")
     said: list[tuple[str, str, dict[str, object]]] = []
     free = [900 * MIB]
+    ipaths = paths.InstancePaths(tmp_path)
     guard = floor.Guard(
-        str(tmp_path), 1 << 30, tmp_path / "qmp.sock", tmp_path / "disk-floor.json",
+        str(tmp_path), 1 << 30, ipaths.qmp, ipaths.disk_floor,
         lambda kind, action, **f: said.append((kind, action, f)), free=lambda _: free[0],
+        marker=ipaths.paused,
     )  # fmt: skip
+    chan = ExecChannel.for_instance(tmp_path, "box")  # what `vmctl exec` looks at
+    assert not chan.paused()
     guard.tick()
     assert mon.commands == ["qmp_capabilities", "stop"] and mon.status == "paused"
+    assert chan.paused()  # `vmctl exec` says why it waits
     assert said[0][:2] == ("lifecycle", "pause") and said[0][2]["reason"] == "disk_floor"
     assert floor.describe(tmp_path / "disk-floor.json") == {
         "floor": 1 << 30, "free": 900 * MIB, "paused": True,
@@ -69,7 +76,7 @@ def test_the_guard_pauses_below_the_floor_and_continues_past_the_margin(tmp_path
     guard.tick()
     guard.tick()
     assert [c for c in mon.commands if c != "qmp_capabilities"] == ["stop", "cont"]
-    assert mon.status == "running"
+    assert mon.status == "running" and not chan.paused()
     assert [a for _, a, _ in said] == ["pause", "resume"]
     assert floor.describe(tmp_path / "disk-floor.json")["paused"] is False  # type: ignore[index]
 
@@ -167,9 +174,14 @@ def test_a_guest_filling_the_disk_is_paused_and_goes_on_once_space_is_back(
         assert writer.poll() is None
         text = vmctl(env, "status", name).stdout
         assert "paused the guest" in text and "vmctl down floor" in text
+        waiting = subprocess.Popen(
+            [*VMCTL, "exec", name, "--", "true"], env=env, stderr=subprocess.PIPE, text=True
+        )  # a command sent now waits for the guest, and says why
 
         ballast.unlink()  # the user makes room: the guest goes on by itself
         _until("running again", lambda: _status(env, name)["state"] == "running")
+        _, said = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0 and "floor is paused: its workspace's disk" in said, said
         _, err = writer.communicate(timeout=180)
         assert writer.returncode == 0, err
         assert (ws / "big").stat().st_size == 192 * MIB  # nothing of the agent's work lost

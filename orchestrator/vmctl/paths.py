@@ -208,6 +208,9 @@ class InstancePaths(_Folder):
     forwards = _At("forwards.json")  # the mirror's live and skipped forwards, for status
     mirror_log = _At("mirror.log")
     disk_floor = _At("disk-floor.json")  # the floor and whether it paused the guest
+    #: Present while the disk floor holds the guest paused: `vmctl exec` says so
+    #: (vmctl.vm.execchan spells it too, without importing this module).
+    paused = _At("paused")
     virtiofs_socket = _At("virtiofs.sock", socket=True)  # `--share virtiofs`, bound by vmctl
     virtiofs_log = _At("virtiofsd.log")
 

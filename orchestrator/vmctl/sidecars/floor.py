@@ -95,10 +95,15 @@ class Guard:
         state: Path,
         event: Callable[..., None],
         free: Callable[[str], int] = free_bytes,
+        marker: Path | None = None,
     ) -> None:
         self.workspace, self.floor, self.qmp, self.state = workspace, floor, qmp, state
         self.event = event
         self.free = free
+        #: Present while paused, for `vmctl exec` to say so (InstancePaths.paused).
+        self.marker = marker
+        if marker is not None:
+            marker.unlink(missing_ok=True)  # a persistent guest stopped while paused
         self.paused = False  # by this guard: a pause of anyone else's is never continued
         self._shown = False
 
@@ -127,6 +132,12 @@ class Guard:
         return True
 
     def _said(self, action: str, free: int) -> None:
+        if self.marker is not None:
+            with contextlib.suppress(OSError):
+                if self.paused:
+                    self.marker.touch()
+                else:
+                    self.marker.unlink(missing_ok=True)
         detail = f"{human(free)} free on the workspace's filesystem, floor {human(self.floor)}"
         self.event("lifecycle", action, reason="disk_floor", detail=detail)
         self._show(free)

@@ -252,7 +252,7 @@ class Sidecar:
         if self.config.disk_floor > 0 and self.config.disk_path:
             guard = floor.Guard(
                 self.config.disk_path, self.config.disk_floor, ipaths.qmp, ipaths.disk_floor,
-                self.event,
+                self.event, marker=ipaths.paused,
             )  # fmt: skip
         while True:
             await asyncio.sleep(WATCH_S)

@@ -94,11 +94,18 @@ class ExecChannel:
         slots: list[tuple[StrPath, StrPath, StrPath]],
         name: str = "guest",
         sidecar: StrPath | None = None,
+        paused: StrPath | None = None,
     ):
         self.slots = slots
         self.name = name
         #: The guest sidecar's socket, asked to `settle` after each command.
         self.sidecar = sidecar
+        #: The disk floor's marker: the guest is paused while it exists.
+        self.paused_marker = paused
+
+    def paused(self) -> bool:
+        """Whether the disk floor holds the guest paused (a command waits until space is back)."""
+        return self.paused_marker is not None and os.path.exists(self.paused_marker)
 
     def running(self) -> bool:
         """Whether QEMU holds the exec FIFOs open (a cheap liveness check, no pid files)."""
@@ -116,7 +123,7 @@ class ExecChannel:
         slots: list[tuple[StrPath, StrPath, StrPath]] = []
         while os.path.exists((base := os.path.join(root, f"exec{len(slots)}")) + ".in"):
             slots.append((base + ".in", base + ".out", base + ".lock"))
-        return cls(slots, name, os.path.join(root, "sidecar.sock"))
+        return cls(slots, name, os.path.join(root, "sidecar.sock"), os.path.join(root, "paused"))
 
     def _open(self, slot: int) -> tuple[int, int]:
         fifo_in, fifo_out, _ = self.slots[slot]

@@ -10,6 +10,7 @@ included, reaches the guest; a resize here is sent as a window change.
 from __future__ import annotations
 
 import os
+import sys
 
 from vmctl.vm.execchan import ExecChannel, Tty
 
@@ -43,8 +44,20 @@ def _stdin() -> int | None:
     return 0
 
 
+def say_if_paused(chan: ExecChannel) -> None:
+    """A guest the disk floor paused runs nothing until space is back: say so, not hang."""
+    if chan.paused():
+        print(
+            f"vmctl: {chan.name} is paused: its workspace's disk is under the floor; this waits "
+            f"until space is back (see `vmctl status {chan.name}`)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run(chan: ExecChannel, command: str) -> int:
     """The command's exit status; 141 when our stdout closed (as SIGPIPE would)."""
+    say_if_paused(chan)
     try:
         return chan.run(command, fd_sink(1), on_stderr=fd_sink(2), stdin=_stdin())
     except BrokenPipeError:
@@ -71,6 +84,7 @@ def run_tty(chan: ExecChannel, command: str) -> int:
     import termios
     import tty
 
+    say_if_paused(chan)
     rows, cols = _size()
     resize, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_handler = signal.signal(signal.SIGWINCH, lambda *_: None)
