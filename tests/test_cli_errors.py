@@ -111,6 +111,8 @@ def test_up_typos_are_named_before_model_or_image_work(tmp_path: Path) -> None:
     assert_one_line(out, "--share 'vfs'", "virtiofs")
     out = run("up", "-d", str(tmp_path), "--share", "virtiofs", "--review", "--net", "none")
     assert_one_line(out, "--review", "drop --share virtiofs")
+    out = run("up", "-d", str(tmp_path), "--review", "--net", "none", "--disk-floor", "1000T")
+    assert_one_line(out, "under the disk floor", "--disk-floor")  # before the copy spends more
     assert not list(Path(os.environ["VMCTL_HOME"]).glob("reviews/*"))
 
 

@@ -175,12 +175,14 @@ def test_sidecar_exits_with_qemu_and_stops_a_booting_guest_whose_owner_died(home
     # `vmctl up` (the owner) SIGKILLed while the guest boots: QEMU is stopped too.
     owner = subprocess.Popen(["sleep", "60"])
     qemu = subprocess.Popen(["sleep", "60"])
-    proc, _ = start_sidecar(home, 9, qemu=qemu.pid, owner=owner.pid)
+    proc, ip = start_sidecar(home, 9, qemu=qemu.pid, owner=owner.pid)
     os.kill(owner.pid, signal.SIGKILL)
     owner.wait()
     assert qemu.wait(10) == -signal.SIGTERM
     assert proc.wait(5) == 0
     assert [e.reason for e in guest_events(home) if e.kind == "lifecycle"] == ["owner_died"]
+    meta = json.loads(ip.meta.read_text())  # said once: no reaper finds them to say it again
+    assert meta["qemu"] is None and meta["owner"] is None and meta["name"] == "box"
 
 
 def test_the_watchdog_finds_a_stand_in_qemu_its_killed_owner_never_recorded(home: Path) -> None:

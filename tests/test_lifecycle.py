@@ -62,14 +62,36 @@ def test_powerdown_is_enough_for_a_guest_that_powers_off(
     assert instance.reap() == [] and told("polite") == [("down", "stopped")]  # not a crash
 
 
-def test_a_guest_paused_by_the_disk_floor_is_continued_to_power_off(
+def test_a_paused_guest_is_continued_to_power_off_but_one_the_floor_paused_is_quit(
     guests: list[FakeGuest], tmp_path: Path
 ) -> None:
     g = _guest(guests, tmp_path, "paused")
-    g.qmp.status = "paused"  # vmctl.sidecars.floor stopped it
+    g.qmp.status = "paused"  # by someone else: it needs to run to act on the button
     instance.down("paused")
     assert _gone(g)
     assert g.qmp.commands == ["qmp_capabilities", "query-status", "cont", "system_powerdown"]
+    g = _guest(guests, tmp_path, "floored")
+    g.qmp.status = "paused"
+    g.paths.paused.touch()  # the disk floor's: continuing it would let it write past the floor
+    g.paths.disk_floor.write_text('{"floor": 1, "free": 0, "paused": true}')
+    instance.down("floored")
+    assert _gone(g)
+    assert g.qmp.commands == ["qmp_capabilities", "quit"]
+    assert not g.paths.paused.exists() and not g.paths.disk_floor.exists()  # none outlives it
+
+
+def test_a_down_from_elsewhere_is_said_once_and_a_stopped_guest_says_nothing(
+    guests: list[FakeGuest], tmp_path: Path
+) -> None:
+    for name, ephemeral in (("twice", False), ("twicee", True)):
+        g = _guest(guests, tmp_path, name, ephemeral=ephemeral)
+        owner_view = instance.Instance.load(name)  # a foreground `vmctl up` holds this
+        instance.down(name)  # `vmctl down` from another terminal
+        assert _gone(g)
+        owner_view.close()
+        assert told(name) == [("down", "stopped")]
+    instance.down("twice")  # already stopped: nothing ran, nothing to say
+    assert told("twice") == [("down", "stopped")]
 
 
 def test_quit_follows_an_ignored_powerdown(guests: list[FakeGuest], tmp_path: Path) -> None:
@@ -149,6 +171,23 @@ def test_reap_stops_a_stand_in_qemu_that_a_killed_owner_never_recorded(
         for p in (stray, elsewhere):
             p.kill()
             p.wait()
+
+
+def test_reap_leaves_a_booting_guest_alone(guests: list[FakeGuest], tmp_path: Path) -> None:
+    """Owner alive, QEMU not yet started (another `vmctl up` or an `ls` meanwhile)."""
+    for name, ephemeral in (("booting", True), ("bootingp", False)):
+        g = _guest(guests, tmp_path, name, ephemeral=ephemeral, detached=False)
+        sidecar = subprocess.Popen(["sleep", "60"])
+        record = InstanceRecord.read(g.paths.meta)
+        changed = {"qemu": None, "sidecar": ProcessRef.of(sidecar.pid)}
+        InstanceRecord(**{**record.__dict__, **changed}).write(g.paths.meta)
+        try:
+            assert instance.reap() == []
+            assert g.paths.root.exists() and sidecar.poll() is None
+            assert InstanceRecord.read(g.paths.meta).owner == record.owner
+        finally:
+            sidecar.kill()
+            sidecar.wait()
 
 
 def test_reap_keeps_a_live_owned_guest_and_a_stopped_persistent_one(

@@ -128,9 +128,10 @@ def test_stop_is_down_for_a_review_guest_and_a_kept_copy_stays_visible(
     assert status["kind"] == "review" and str(ws) in status["review"]
     listed = json.loads(vmctl(env, "ls", "-a", "--json").stdout)["reviews"]
     assert listed == [{"name": "rev2", "source": str(ws)}]
-    again = vmctl(env, "stop", "rev2")
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert "kept review copy" in again.stderr and "vmctl apply rev2" in again.stderr
+    for verb in ("stop", "down"):
+        again = vmctl(env, verb, "rev2")
+        assert again.returncode != 0 and "Traceback" not in again.stderr
+        assert "kept review copy" in again.stderr and "vmctl apply rev2" in again.stderr
     assert (ws / "app.py").read_text() == "v1\n"
     assert vmctl(env, "apply", "rev2").returncode == 0
     assert (ws / "app.py").read_text() == "v2\n"

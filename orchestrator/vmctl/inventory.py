@@ -65,6 +65,9 @@ def wrong_kind(name: str, wanted: Kind, verb: str) -> VmctlError | None:
     found = kinds(name)
     if wanted in found or not found:
         return None
+    if found == ["review"]:  # its guest is gone: only the copy's verbs fit
+        fits = f"vmctl diff {name}; then vmctl apply {name} or vmctl rm {name}"
+        return VmctlError(f"{name} is a kept review copy: nothing runs", fits)
     fits = f"vmctl stop {name}" if verb == "down" else "see `vmctl ls`"
     return VmctlError(f"{name} is a {found[0]}: `vmctl {verb}` is for {wanted}s", fits)
 

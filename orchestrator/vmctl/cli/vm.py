@@ -145,6 +145,8 @@ def up(
         raise ConfigError("--resolve needs the egress proxy", "use --policy or --net model")
     transport = virtiofs.requested(share, review)
     floor_bytes = None if disk_floor is None else floor.parse_size(disk_floor)
+    # Before a review copy spends more of that disk (boot.up checks the copy's again).
+    floor.resolve(paths.reviews_dir() if review else ws, floor_bytes)
     shared = _review_copy(name, ws) if review else ws
     spec = InstanceSpec(
         name=name,

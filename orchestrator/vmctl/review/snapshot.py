@@ -147,7 +147,7 @@ def drop(name: str) -> bool:
     rp = paths.review(name)
     if not rp.root.exists():
         return False
-    shutil.rmtree(rp.root)
+    shutil.rmtree(rp.root, ignore_errors=True)  # another vmctl may be settling it too
     return True
 
 

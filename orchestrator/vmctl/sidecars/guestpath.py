@@ -50,7 +50,7 @@ from vmctl.procs import ProcessRef
 from vmctl.sidecars import floor, hold, modes
 from vmctl.sidecars.guestlaunch import SidecarConfig, unrecorded_qemu
 from vmctl.sidecars.httpclock import RequestClock
-from vmctl.state import StateError, read_json
+from vmctl.state import StateError, read_json, write_json
 
 WATCH_S = 0.5
 CHUNK = 65536
@@ -267,9 +267,14 @@ class Sidecar:
             if owner is not None and not owner.alive():
                 # Killed between QEMU's fork and its record: found by its folder.
                 stray = [qemu] if qemu is not None else unrecorded_qemu(ipaths)
-                for ref in stray:
+                stopped = [ref for ref in stray if ref.alive()]
+                for ref in stopped:
                     await asyncio.to_thread(ref.terminate, 5.0)
-                    self.event("lifecycle", "reap", reason="owner_died", detail="vmctl up died")
+                how = "QEMU stopped" if stopped else "no QEMU left running"
+                self.event("lifecycle", "reap", reason="owner_died", detail=f"vmctl up died; {how}")
+                # Said here, once: the record no longer names them, so no reaper says it again.
+                with contextlib.suppress(OSError):
+                    write_json(Path(self.config.meta), {**meta, "qemu": None, "owner": None})
                 return
             if seen_qemu and (qemu is None or not qemu.alive()):
                 return

@@ -68,6 +68,7 @@ def up(
     inst = new_instance(spec, image, notices)
     gate, opened = os.pipe()  # the sidecars start up when `opened` closes: see below
     try:
+        inst.forget_floor()  # a reused persistent folder: its last guard's state is stale
         paths.private_dir(inst.paths.fwcfg)
         for name in spec.fw_cfg:
             (inst.paths.fwcfg / Path(name).name).write_bytes((fwcfg or {})[name])

@@ -188,10 +188,13 @@ class Instance:
         if ref is None or not ref.alive():
             self._wait_exit(0.5)
             return
+        # Paused by the disk floor: continuing it for a powerdown would let it write
+        # past the floor (and the guard cannot pause it again while we hold QMP).
+        floor_paused = self.paths.paused.exists()
         with contextlib.suppress(VMError), self.qmp(timeout=2.0) as mon:
-            if powerdown_timeout > 0:
+            if powerdown_timeout > 0 and not floor_paused:
                 with contextlib.suppress(VMError):
-                    if mon.query_status().get("status") == "paused":  # by the disk floor
+                    if mon.query_status().get("status") == "paused":  # by someone else
                         mon.cont()  # a paused guest cannot act on the powerdown
                     mon.powerdown()
                 if self._wait_exit(powerdown_timeout):
@@ -205,6 +208,19 @@ class Instance:
     def event(self, action: str, **fields: object) -> None:
         """One lifecycle step in this guest's event log (`vmctl logs NAME`)."""
         events.lifecycle(paths.events_dir(), "guest", self.name, "vmctl", action, **fields)
+
+    def forget_floor(self) -> None:
+        """The disk floor's state is its running guard's: none survives the guest."""
+        for stale in (self.paths.paused, self.paths.disk_floor):
+            stale.unlink(missing_ok=True)
+
+    def _ended_elsewhere(self) -> bool:
+        """Whether another vmctl (`down` from another terminal, a reaper) ended this QEMU
+        and said so: the record is gone, or no longer names the QEMU we know."""
+        try:
+            return InstanceRecord.read(self.paths.meta).qemu != self.qemu
+        except StateError:
+            return True
 
     def close(
         self,
@@ -225,14 +241,15 @@ class Instance:
         for held in (self._listener, self._console):
             if held is not None:
                 held.close()
+        ran = self.qemu is not None or self.proc is not None
         try:
             self.shutdown(powerdown_timeout)
         finally:
             status = self.proc.poll() if self.proc is not None else None
-            if gone:
+            if gone and not self._ended_elsewhere():
                 said = "QEMU exited" if status is None else f"QEMU exited with status {status}"
                 self.event("crash" if status else "down", reason="qemu_exited", detail=said)
-            else:
+            elif not gone and (ran or reason != "stopped"):  # a stopped guest: nothing to say
                 self.event("down", reason=reason, detail=detail)
             companions.stop_sidecar(self.record)
             virtiofs.stop(self.record.virtiofsd)
@@ -249,6 +266,7 @@ class Instance:
                 socks = (self.paths.qmp, self.paths.console, self.paths.virtiofs_socket)
                 for sock in (*socks, *fifos):
                     sock.unlink(missing_ok=True)
+                self.forget_floor()
                 # Stopped: no QEMU on record, so no reaper takes it for one that died.
                 self.record = replace(self.record, qemu=None, owner=None)
                 with contextlib.suppress(OSError):
@@ -276,24 +294,27 @@ def reap_one(ipaths: paths.InstancePaths) -> bool:
     owner = record.owner
     owner_dead = owner is not None and not owner.alive()
     qemu = inst.qemu
+    if qemu is None and owner is not None and not owner_dead:
+        return False  # booting: its `vmctl up` has not started QEMU yet
     if qemu is not None and qemu.alive():
         if not owner_dead:
             return False
         qemu.terminate(timeout=5.0)
-        inst.event("reap", reason="owner_died", detail="its vmctl up died; QEMU stopped")
-    elif qemu is not None:  # QEMU went without a `vmctl down`: a crash or a poweroff inside
-        inst.event("reap", reason="qemu_exited", detail="QEMU was gone; cleaned up")
+        inst.event("reap", reason="owner_died", detail="vmctl up died; QEMU stopped")
+    elif qemu is not None:  # gone without a `vmctl down`: a crash, a poweroff inside
+        why = "owner_died" if owner_dead else "qemu_exited"
+        inst.event("reap", reason=why, detail="QEMU was gone; cleaned up")
     if qemu is None and owner_dead:  # killed before recording QEMU: find it
         for stray in guestlaunch.unrecorded_qemu(ipaths):
             stray.terminate(timeout=5.0)
-            inst.event("reap", reason="owner_died", detail="its vmctl up died before QEMU ran")
-    if qemu is None or not qemu.alive():
-        companions.stop_sidecar(record)
-        virtiofs.stop(record.virtiofsd)
+            inst.event("reap", reason="owner_died", detail="vmctl up died before QEMU ran")
+    companions.stop_sidecar(record)
+    virtiofs.stop(record.virtiofsd)
     companions.stop_proxy(record)
     if inst.ephemeral:
         shutil.rmtree(ipaths.root, ignore_errors=True)
         return True
+    inst.forget_floor()
     if qemu is not None or owner is not None:  # said once: the record now has neither
         with contextlib.suppress(OSError):
             replace(record, qemu=None, owner=None).write(ipaths.meta)
@@ -334,6 +355,9 @@ def status(name: str) -> dict[str, object]:
             data["state"] = f"unreachable ({e.message})"
     data["mirror"] = mirror.describe(inst.record.to_json()["spec"], inst.paths, inst.alive())
     data["disk_floor"] = floor.describe(inst.paths.disk_floor) if inst.alive() else None
+    if isinstance(data["disk_floor"], dict):  # the guard writes it on changes: free is now
+        with contextlib.suppress(OSError):
+            data["disk_floor"]["free"] = floor.free_bytes(inst.record.workspace)
     return data
 
 
