@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import StubFactory
 from fakes.qmp import FakeQMP
 from guests import VMCTL, env, up_args, vmctl
 from vmctl import paths
@@ -56,9 +58,9 @@ def test_the_guard_pauses_below_the_floor_and_continues_past_the_margin(tmp_path
     free = [900 * MIB]
     ipaths = paths.InstancePaths(tmp_path)
     guard = floor.Guard(
-        str(tmp_path), 1 << 30, ipaths.qmp, ipaths.disk_floor,
+        str(tmp_path), 1 << 30, floor.qmp_switches(ipaths.qmp),
         lambda kind, action, **f: said.append((kind, action, f)), free=lambda _: free[0],
-        marker=ipaths.paused,
+        state=ipaths.disk_floor, marker=ipaths.paused,
     )  # fmt: skip
     chan = ExecChannel.for_instance(tmp_path, "box")  # what `vmctl exec` looks at
     assert not chan.paused()
@@ -84,7 +86,7 @@ def test_the_guard_pauses_below_the_floor_and_continues_past_the_margin(tmp_path
 def test_a_guard_that_cannot_reach_qemu_tries_again_next_tick(tmp_path: Path) -> None:
     said: list[str] = []
     guard = floor.Guard(
-        str(tmp_path), 1 << 30, tmp_path / "qmp.sock", tmp_path / "disk-floor.json",
+        str(tmp_path), 1 << 30, floor.qmp_switches(tmp_path / "qmp.sock"),
         lambda kind, action, **f: said.append(action), free=lambda _: 0,
     )  # fmt: skip
     guard.tick()  # no monitor yet: nothing happened, nothing said
@@ -192,3 +194,69 @@ def test_a_guest_filling_the_disk_is_paused_and_goes_on_once_space_is_back(
     finally:
         vmctl(env, "down", name, timeout=90)
     assert not (Path(env["VMCTL_HOME"]) / "instances" / name).exists()
+
+
+# ---- the same floor for a host client (`vmctl run`) ----
+
+#: 192 MiB in 1 MiB steps, as an agent's build would write them: a few
+#: seconds, so the floor (checked twice a second) is crossed halfway.
+WRITER = (
+    "import time\n"
+    "with open('big', 'ab') as f:\n"
+    "    for _ in range(192):\n"
+    "        f.write(bytes(1 << 20)); f.flush(); time.sleep(0.02)\n"
+)
+
+
+def test_a_stopped_process_tree_is_continued_whole(tmp_path: Path) -> None:
+    """The client's switches reach every process below it, forked ones included."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        time.sleep(0.3)
+        tree = floor.process_tree(parent.pid)
+        assert len(tree) == 3 and tree[0] == parent.pid
+        pause, resume = floor.process_switches(parent.pid)
+        assert pause()
+        states = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in tree]
+        assert states == ["T", "T", "T"]
+        assert resume()
+        states = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in tree]
+        assert "T" not in states
+    finally:
+        for pid in floor.process_tree(parent.pid):
+            os.kill(pid, 9)
+        parent.wait()
+
+
+@pytest.mark.slow
+def test_a_host_client_filling_the_disk_is_paused_and_goes_on_once_space_is_back(
+    bwrap_bin: Path, workspace: Path, ballast: Path, http_stub: StubFactory
+) -> None:
+    model = http_stub(lambda req: (200, b'{"object": "list", "data": [{"id": "m"}]}'))
+    limit = floor.free_bytes(workspace) - 96 * MIB
+    argv = [*VMCTL, "run", "shell", "-w", str(workspace), "--endpoint", model.url,
+            "--disk-floor", str(limit), "--", os.path.realpath(sys.executable), "-I", "-S",
+            "-c", WRITER]  # fmt: skip
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = Path(os.environ["VMCTL_HOME"]) / "events" / "client-shell.jsonl"
+        _until("paused", lambda: log.exists() and '"pause"' in log.read_text())
+        size = (workspace / "big").stat().st_size
+        assert 90 * MIB < size < 192 * MIB
+        time.sleep(1.5)
+        assert (workspace / "big").stat().st_size == size, "a paused client went on writing"
+        assert client.poll() is None
+        ballast.unlink()
+        _, err = client.communicate(timeout=180)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err
+    assert "shell paused:" in err and "Ctrl-C stops it" in err  # the user is told at once
+    assert (workspace / "big").stat().st_size == 192 * MIB
+    said = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(e["action"], e["reason"], e["who_kind"]) for e in said] == [
+        ("pause", "disk_floor", "client"),
+        ("resume", "disk_floor", "client"),
+    ]

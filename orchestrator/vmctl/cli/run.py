@@ -9,6 +9,7 @@ import typer
 
 from vmctl.cli.argv import passthrough
 from vmctl.clients import launch, registry
+from vmctl.sidecars import floor
 
 verbs = typer.Typer()
 
@@ -40,6 +41,13 @@ def run(
     resolve: list[str] = typer.Option(
         [], "--resolve", help="HOST:ADDR: the egress proxy resolves HOST to ADDR (as curl's)."
     ),
+    disk_floor: str | None = typer.Option(
+        None,
+        "--disk-floor",
+        envvar="VMCTL_DISK_FLOOR",
+        help="Pause the client while the folder's disk has less free (default 5%, at most 1G; "
+        "0: off).",
+    ),
 ) -> None:
     """Run llm, opencode, claude, codex or a shell against the local model, sandboxed.
 
@@ -56,6 +64,7 @@ def run(
         sandbox=not no_sandbox,
         policy=policy,
         resolve=tuple(resolve),
+        disk_floor=None if disk_floor is None else floor.parse_size(disk_floor),
     )
     code = launch.run(req)
     sys.stdout.flush()

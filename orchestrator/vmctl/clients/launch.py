@@ -17,12 +17,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmctl import agents, egress, paths, ui
+from vmctl import agents, egress, events, paths, ui
 from vmctl.clients.registry import Client, get, python_runtime
 from vmctl.endpoint import Target, find_endpoint
 from vmctl.errors import ClientError, ConfigError
 from vmctl.sandbox import launch as sandbox
 from vmctl.sandbox.resolve import SandboxContext
+from vmctl.sidecars import floor
 from vmctl.sidecars.bridge import HostRelay
 from vmctl.sidecars.proxy_serve import client_proxy
 
@@ -44,6 +45,8 @@ class RunRequest:
     #: Egress preset (vmctl.egress): the proxy is bridged in; None: the model only.
     policy: str | None = None
     resolve: tuple[str, ...] = ()
+    #: `--disk-floor` in bytes (vmctl.sidecars.floor); None: its default, 0: off.
+    disk_floor: int | None = None
 
 
 def run(req: RunRequest) -> int:
@@ -55,6 +58,7 @@ def run(req: RunRequest) -> int:
     elif req.resolve:
         raise ConfigError("--resolve needs the egress proxy", "pass --policy")
     ws = sandbox.check_workspace(req.workspace)
+    watch = _FloorWatch(client.name, ws, floor.resolve(ws, req.disk_floor))
     binary = client.find(req.client_bin)
     target = find_endpoint(req.endpoint, server=req.server, api_key=req.api_key)
     notice = agents.context_notice(target.endpoint(), (client.name,))
@@ -67,7 +71,7 @@ def run(req: RunRequest) -> int:
         ui.warn(f"--no-sandbox: {client.name} runs UNCONFINED, with your files and network")
         env = client.configure(target.endpoint(), state)
         cmd = sandbox.unsandboxed_command(client.argv(binary, req.args), env, client.profile)
-        return _launch(cmd.argv, cmd.env, ws)
+        return _launch(cmd.argv, cmd.env, ws, watch)
     sandbox.check_available()
     read, exe = client.needs(binary)
     if sys.platform != "linux":
@@ -81,8 +85,8 @@ def run(req: RunRequest) -> int:
         argv = client.argv(binary, req.args)
         cmd = sandbox.sandboxed_command(client.profile, argv, ctx, env=env)
         cmd.write_files()
-        return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
-    return _run_bridged(client, binary, target, ws, state, req, (read, exe))
+        return _launch(cmd.argv, cmd.env, cmd.cwd or ws, watch)
+    return _run_bridged(client, binary, target, ws, state, req, (read, exe), watch)
 
 
 def _run_bridged(
@@ -93,6 +97,7 @@ def _run_bridged(
     state: Path,
     req: RunRequest,
     needs: tuple[tuple[Path, ...], tuple[Path, ...]],
+    watch: _FloorWatch,
 ) -> int:
     """Linux: relays on UNIX sockets outside, the bridge listening inside.
 
@@ -127,19 +132,46 @@ def _run_bridged(
         inner += client.argv(binary, req.args)
         stack.enter_context(HostRelay(sock, target.host, target.port, client.name))
         cmd = sandbox.sandboxed_command(client.profile, inner, ctx, env=env)
-        return _launch(cmd.argv, cmd.env, cmd.cwd or ws)
+        return _launch(cmd.argv, cmd.env, cmd.cwd or ws, watch)
     raise AssertionError("unreachable")
 
 
-def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> int:
-    """Run to completion; Ctrl-C stops the child (its own session) and waits."""
+@dataclass
+class _FloorWatch:
+    """The workspace's disk floor for one client run (0: none): paused below it, told."""
+
+    client: str
+    workspace: Path
+    floor_bytes: int
+
+    def start(self, pid: int) -> floor.ProcessWatch | None:
+        if self.floor_bytes <= 0:
+            return None
+        return floor.ProcessWatch(pid, str(self.workspace), self.floor_bytes, self.said)
+
+    def said(self, kind: str, action: str, **fields: object) -> None:
+        events.lifecycle(paths.events_dir(), "client", self.client, "vmctl", action, **fields)
+        if action == "pause":
+            ui.warn(
+                f"{self.client} paused: {fields.get('detail')}; it goes on once "
+                f"{floor.human(self.floor_bytes + floor.RESUME_MARGIN)} is free (Ctrl-C stops it)"
+            )
+        else:
+            ui.info(f"{self.client} goes on: {fields.get('detail')}")
+
+
+def _launch(argv: list[str], env: dict[str, str], cwd: Path, watch: _FloorWatch) -> int:
+    """Run to completion under the disk floor; Ctrl-C stops the child and waits."""
     try:
         proc = subprocess.Popen(argv, env=env, cwd=cwd)
     except OSError as e:
         raise ClientError(f"cannot start {argv[0]}: {e.strerror}") from e
+    floor_watch = watch.start(proc.pid)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
+        if floor_watch is not None:
+            floor_watch.stop()  # a stopped client cannot act on the SIGTERM
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -147,4 +179,7 @@ def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> int:
             proc.kill()
             proc.wait()
         raise
+    finally:
+        if floor_watch is not None:
+            floor_watch.stop()
     return 128 - code if code < 0 else code

@@ -1,4 +1,4 @@
-"""The workspace's disk floor: a guest that would fill the host's disk is paused.
+"""The workspace's disk floor: an agent that would fill the host's disk is paused.
 
 The workspace is the user's folder and the agent's writes there are its
 work, so vmctl does not cap them (Lima and Docker do not cap bind mounts
@@ -15,9 +15,13 @@ audited (`lifecycle` events `pause`/`resume`, reason `disk_floor`) and
 shown by `vmctl status` (disk-floor.json). Only a pause of its own is ever
 continued.
 
-The floor: `vmctl up --disk-floor SIZE` or `VMCTL_DISK_FLOOR`; by default
-5% of the filesystem, at most 1 GiB; `0` turns it off. `vmctl up` refuses
-to start a guest on a filesystem already below its floor.
+`vmctl run` keeps the same floor for a host client, which writes the folder
+itself: its process tree is stopped (SIGSTOP) and continued (SIGCONT), and
+the user is told on the terminal.
+
+The floor: `--disk-floor SIZE` (`vmctl up`, `vmctl run`) or
+`VMCTL_DISK_FLOOR`; by default 5% of the filesystem, at most 1 GiB; `0`
+turns it off. Neither starts on a filesystem already below its floor.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +43,7 @@ from vmctl.state import StateError, read_json, write_json
 DEFAULT_CAP = 1 << 30
 DEFAULT_SHARE = 0.05
 RESUME_MARGIN = 64 << 20
+TICK_S = 0.5
 ENV = "VMCTL_DISK_FLOOR"
 _SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -84,20 +92,30 @@ def resolve(path: Path, requested: int | None) -> int:
     return floor
 
 
+Switch = Callable[[], bool]  # pause or resume; False: not now, try at the next tick
+
+
 class Guard:
-    """Pause below the floor, continue above it plus the margin; called once per tick."""
+    """Pause below the floor, resume above it plus the margin; called once per tick.
+
+    What pausing means is the caller's: QMP `stop`/`cont` for a guest
+    (`qmp_switches`), SIGSTOP/SIGCONT of the process tree for a host client
+    (`process_switches`).
+    """
 
     def __init__(
         self,
         workspace: str,
         floor: int,
-        qmp: Path,
-        state: Path,
+        switches: tuple[Switch, Switch],
         event: Callable[..., None],
+        *,
+        state: Path | None = None,
         free: Callable[[str], int] = free_bytes,
         marker: Path | None = None,
     ) -> None:
-        self.workspace, self.floor, self.qmp, self.state = workspace, floor, qmp, state
+        self.workspace, self.floor, self.state = workspace, floor, state
+        self.pause, self.resume = switches
         self.event = event
         self.free = free
         #: Present while paused, for `vmctl exec` to say so (InstancePaths.paused).
@@ -116,20 +134,12 @@ class Guard:
         if not self._shown:  # for `vmctl status` from the start
             self._shown = True
             self._show(free)
-        if not self.paused and free < self.floor and self._qmp("stop"):
+        if not self.paused and free < self.floor and self.pause():
             self.paused = True
             self._said("pause", free)
-        elif self.paused and free >= self.floor + RESUME_MARGIN and self._qmp("cont"):
+        elif self.paused and free >= self.floor + RESUME_MARGIN and self.resume():
             self.paused = False
             self._said("resume", free)
-
-    def _qmp(self, command: str) -> bool:
-        try:
-            with Monitor(self.qmp) as mon:
-                mon.execute(command)
-        except (OSError, ValueError):  # ConnectionError, a timeout, a garbled reply
-            return False
-        return True
 
     def _said(self, action: str, free: int) -> None:
         if self.marker is not None:
@@ -143,9 +153,87 @@ class Guard:
         self._show(free)
 
     def _show(self, free: int) -> None:
+        if self.state is None:
+            return
         state = {"floor": self.floor, "free": free, "paused": self.paused, "since": time.time()}
         with contextlib.suppress(OSError):  # the folder of a guest going away
             write_json(self.state, state)
+
+
+def qmp_switches(qmp: Path) -> tuple[Switch, Switch]:
+    """A guest's pause and resume: QMP `stop` and `cont` on a short connection."""
+
+    def command(name: str) -> bool:
+        try:
+            with Monitor(qmp) as mon:
+                mon.execute(name)
+        except (OSError, ValueError):  # ConnectionError, a timeout, a garbled reply
+            return False
+        return True
+
+    return (lambda: command("stop")), (lambda: command("cont"))
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (`ps`: Linux and macOS alike)."""
+    out = subprocess.run(
+        ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
+    ).stdout
+    kids: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            kids.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += kids.get(pid, [])
+    return found
+
+
+def process_switches(root: int) -> tuple[Switch, Switch]:
+    """A host client's pause and resume: SIGSTOP and SIGCONT to its whole process tree.
+
+    Pausing scans again until no new process appears (one forked between a
+    scan and its signal is caught by the next), at most three times.
+    """
+
+    def signal_tree(sig: int, passes: int) -> bool:
+        done: set[int] = set()
+        for _ in range(passes):
+            new = [p for p in process_tree(root) if p not in done]
+            if not new:
+                break
+            for pid in new:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    os.kill(pid, sig)
+            done.update(new)
+        return True
+
+    return (lambda: signal_tree(signal.SIGSTOP, 3)), (lambda: signal_tree(signal.SIGCONT, 1))
+
+
+class ProcessWatch:
+    """A host client's floor: a thread ticks a `Guard` over its process tree until `stop`."""
+
+    def __init__(self, pid: int, workspace: str, floor: int, event: Callable[..., None]):
+        self.guard = Guard(workspace, floor, process_switches(pid), event)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disk-floor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(TICK_S):
+            self.guard.tick()
+
+    def stop(self) -> None:
+        """No more ticks; a client left paused is continued (it must act on a SIGTERM)."""
+        self._done.set()
+        self._thread.join(5)
+        if self.guard.paused:
+            self.guard.resume()
+            self.guard.paused = False
 
 
 def describe(state: Path) -> dict[str, object] | None:

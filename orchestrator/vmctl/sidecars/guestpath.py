@@ -251,8 +251,8 @@ class Sidecar:
         guard = None
         if self.config.disk_floor > 0 and self.config.disk_path:
             guard = floor.Guard(
-                self.config.disk_path, self.config.disk_floor, ipaths.qmp, ipaths.disk_floor,
-                self.event, marker=ipaths.paused,
+                self.config.disk_path, self.config.disk_floor, floor.qmp_switches(ipaths.qmp),
+                self.event, state=ipaths.disk_floor, marker=ipaths.paused,
             )  # fmt: skip
         while True:
             await asyncio.sleep(WATCH_S)
