@@ -47,6 +47,9 @@ echo "    edit it, write made/by-agent/hello.py, run a shell command. Everything
 echo "    For a real model: vmctl serve qwen3.5-35b-a3b, then vmctl up ... --with $agent."
 echo
 
+# A previous demo's guest lines outlive it (events stay until `vmctl rm`): start afresh.
+"$vmctl" rm demo-vm >/dev/null 2>&1 || true
+
 mkdir -p "$workspace"
 printf '# notes\nstatus: draft\n' >"$workspace/notes.txt"
 echo "--- on the host, before: $workspace"
@@ -65,7 +68,7 @@ echo "--- inside the guest: $agent, as the agent user, in /workspace"
 
 echo "--- on the host, after"
 (cd "$workspace" && find . -type f | sort && cat notes.txt && cat made/by-agent/answer.txt)
-echo "--- the guest's network audit (one line per connection through the relay)"
+echo "--- the guest's audit: its lifecycle, and one line per model request through its sidecar"
 "$vmctl" logs demo-vm
 echo "--- what the stand-in answered (one line per request)"
 cat "$runtime/stand-in.jsonl" | cut -c1-160
