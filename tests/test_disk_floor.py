@@ -96,6 +96,21 @@ def test_a_guard_that_cannot_reach_qemu_tries_again_next_tick(tmp_path: Path) ->
     assert said == ["pause"] and mon.commands == ["qmp_capabilities", "stop"]
 
 
+def test_a_switch_that_fails_never_takes_the_guard_down(tmp_path: Path) -> None:
+    """The guard runs inside the guest's sidecar: an error there is "not now"."""
+
+    def broken() -> bool:
+        raise RuntimeError("no way to pause")
+
+    said: list[str] = []
+    guard = floor.Guard(
+        str(tmp_path), 1 << 30, (broken, broken), lambda kind, action, **f: said.append(action),
+        free=lambda _: 0,
+    )  # fmt: skip
+    guard.tick()
+    assert said == [] and not guard.paused
+
+
 # ---- the user's story, with a real guest ----
 
 

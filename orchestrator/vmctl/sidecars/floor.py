@@ -134,12 +134,20 @@ class Guard:
         if not self._shown:  # for `vmctl status` from the start
             self._shown = True
             self._show(free)
-        if not self.paused and free < self.floor and self.pause():
+        if not self.paused and free < self.floor and self._switch(self.pause):
             self.paused = True
             self._said("pause", free)
-        elif self.paused and free >= self.floor + RESUME_MARGIN and self.resume():
+        elif self.paused and free >= self.floor + RESUME_MARGIN and self._switch(self.resume):
             self.paused = False
             self._said("resume", free)
+
+    @staticmethod
+    def _switch(switch: Switch) -> bool:
+        """A switch that fails is "not now": the guard must never take its sidecar down."""
+        try:
+            return switch()
+        except Exception:
+            return False
 
     def _said(self, action: str, free: int) -> None:
         if self.marker is not None:
@@ -174,16 +182,30 @@ def qmp_switches(qmp: Path) -> tuple[Switch, Switch]:
     return (lambda: command("stop")), (lambda: command("cont"))
 
 
+def _parents() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process: /proc on Linux (no `ps` needed), else `ps`."""
+    if not os.path.isdir("/proc/self"):
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
+        ).stdout
+        pairs = [line.split() for line in out.splitlines()]
+        return [(int(a), int(b)) for a, b, *_ in pairs if a.isdigit() and b.isdigit()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),  # gone meanwhile
+                open(f"/proc/{entry}/stat", "rb") as f,
+            ):
+                found.append((int(entry), int(f.read().rsplit(b")", 1)[1].split()[1])))
+    return found
+
+
 def process_tree(root: int) -> list[int]:
-    """`root` and every process below it (`ps`: Linux and macOS alike)."""
-    out = subprocess.run(
-        ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
-    ).stdout
+    """`root` and every process below it."""
     kids: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            kids.setdefault(int(fields[1]), []).append(int(fields[0]))
+    for pid, parent in _parents():
+        kids.setdefault(parent, []).append(pid)
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -202,7 +224,10 @@ def process_switches(root: int) -> tuple[Switch, Switch]:
     def signal_tree(sig: int, passes: int) -> bool:
         done: set[int] = set()
         for _ in range(passes):
-            new = [p for p in process_tree(root) if p not in done]
+            try:
+                new = [p for p in process_tree(root) if p not in done]
+            except OSError:  # no `ps` (not Linux): not now
+                return bool(done)
             if not new:
                 break
             for pid in new:
