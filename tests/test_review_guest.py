@@ -132,6 +132,7 @@ def test_stop_is_down_for_a_review_guest_and_a_kept_copy_stays_visible(
         again = vmctl(env, verb, "rev2")
         assert again.returncode != 0 and "Traceback" not in again.stderr
         assert "kept review copy" in again.stderr and "vmctl apply rev2" in again.stderr
+        assert "stopping" not in again.stderr  # one line, not a failed step first
     assert (ws / "app.py").read_text() == "v1\n"
     assert vmctl(env, "apply", "rev2").returncode == 0
     assert (ws / "app.py").read_text() == "v2\n"

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmctl import events, inventory, paths, ui
-from vmctl.errors import ConfigError, NotFoundError
+from vmctl.errors import ConfigError, NotFoundError, VmctlError
 from vmctl.events import safe
 from vmctl.serve import server
 from vmctl.sidecars import floor as floor_of
@@ -154,7 +154,10 @@ def stop(
     ),
 ) -> None:
     """Stop a server (llama-server, gateway) or a guest (powerdown, quit, kill)."""
-    inventory.require(name)  # an unknown name is one error, not a failed "stopping"
+    # Before "stopping": an unknown name is one error, and so is a kept review
+    # copy (nothing runs; its own verbs are named).
+    if inventory.require(name) == ["review"]:
+        raise inventory.wrong_kind(name, "guest", "stop") or VmctlError(f"{name} is not running")
     with ui.step(f"stopping {name}"):
         stopped = inventory.stop(name)
     print(f"stopped {name}")

@@ -44,9 +44,8 @@ def run(
     disk_floor: str | None = typer.Option(
         None,
         "--disk-floor",
-        envvar="VMCTL_DISK_FLOOR",
-        help="Pause the client while the folder's disk has less free (default 5%, at most 1G; "
-        "0: off).",
+        envvar=floor.ENV,
+        help=floor.help_text("the client"),
     ),
 ) -> None:
     """Run llm, opencode, claude, codex or a shell against the local model, sandboxed.

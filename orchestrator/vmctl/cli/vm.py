@@ -116,8 +116,8 @@ def up(
     disk_floor: str | None = typer.Option(
         None,
         "--disk-floor",
-        envvar="VMCTL_DISK_FLOOR",
-        help="Pause the guest while DIR's disk has less free (default 5%, at most 1G; 0: off).",
+        envvar=floor.ENV,
+        help=floor.help_text("the guest"),
     ),
 ) -> None:
     """Boot a guest that sees DIR at /workspace (QEMU arguments after `--`)."""

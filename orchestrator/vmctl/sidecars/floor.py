@@ -57,6 +57,14 @@ def parse_size(text: str, option: str = "--disk-floor") -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+def help_text(what: str) -> str:
+    """The `--disk-floor` help of `vmctl up` and `vmctl run`, from the defaults here."""
+    return (
+        f"Pause {what} while the folder's disk has less free "
+        f"(default {DEFAULT_SHARE:.0%}, at most {human(DEFAULT_CAP)}; 0: off)."
+    )
+
+
 def human(n: int) -> str:
     """Bytes as the largest binary unit that keeps one decimal: 1.5 GiB."""
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
